@@ -1,0 +1,31 @@
+# Quick start:  make audit   (set up .venv, run the safety audit)
+#               make test    (set up .venv, run the test suite)
+# GPU users: make audit TORCH=torch  (or install your own torch build into .venv first).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: audit audit-quick test setup clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+audit: setup
+	$(BIN)/safetylab audit
+
+audit-quick: setup
+	$(BIN)/safetylab audit --quick
+
+test: setup
+	$(BIN)/python -m pytest -n 2
+
+clean:
+	rm -rf $(VENV) runs
