@@ -1,0 +1,230 @@
+"""The ``safetylab`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from safetylab.core.errors import SafetylabError
+
+app = typer.Typer(help="safetylab: measure and manage the safety of ML models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+world_app = typer.Typer(help="The assistant world: prompts, preferences, the gold judge.", no_args_is_help=True)
+train_app = typer.Typer(help="Train the world's language models.", no_args_is_help=True)
+app.add_typer(world_app, name="world")
+app.add_typer(train_app, name="train")
+
+Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
+Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default: standard output).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+_state = {"debug": False}
+
+
+# ---------------------------------------------------------------------------- audit
+@app.command()
+def audit(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/audit"),
+    quick: Annotated[bool, typer.Option(help="Smaller models and data, same stages (about 2 minutes).")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    config: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of AuditConfig fields.")] = None,
+) -> None:
+    """Run the safety audit on the built-in assistant world and write report.html and report.json."""
+    from safetylab.audit import AuditConfig, audit_config, run_audit
+    from safetylab.core.config import config_from_dict, config_to_dict, read_config_file
+
+    chosen = audit_config(quick=quick, seed=seed, device=device)
+    if config is not None:
+        merged = _merge(config_to_dict(chosen), read_config_file(config))
+        chosen = config_from_dict(AuditConfig, merged, where=str(config))
+    if out == Path("runs/audit") and quick:
+        out = Path("runs/audit-quick")
+    json_path, html_path = run_audit(chosen, out, log=lambda s: print(s, flush=True))
+    print(f"report: {html_path}\n        {json_path}")
+
+
+# ---------------------------------------------------------------------------- world
+@world_app.command("sample")
+def world_sample(
+    n: Annotated[int, typer.Option(help="Number of prompts (kinds in turn).")] = 60,
+    split: Annotated[str, typer.Option(help="train or test.")] = "train",
+    style: Annotated[Optional[str], typer.Option(help="Response style (default: each kind's good style).")] = None,
+    seed: Seed = 0,
+    out: Out = None,
+) -> None:
+    """Prompts with reference responses, as JSONL."""
+    from safetylab.world import World, WorldConfig
+
+    _emit(World(WorldConfig(seed=seed)).sample(n, split, style), out)
+
+
+@world_app.command("preferences")
+def world_preferences(
+    labeler: Annotated[str, typer.Option(help="Labeler preset: ideal, careful or typical.")] = "typical",
+    n: Annotated[int, typer.Option(help="Number of comparisons.")] = 1000,
+    split: Annotated[str, typer.Option(help="train or test.")] = "train",
+    seed: Seed = 0,
+    out: Out = None,
+) -> None:
+    """A preference data set: JSONL {"prompt","chosen","rejected"} plus metadata."""
+    from safetylab.world import World, WorldConfig
+    from safetylab.world.labelers import preset
+
+    preset(labeler)
+    _emit(World(WorldConfig(seed=seed)).preferences(n, labeler, split), out)
+
+
+@world_app.command("judge")
+def world_judge(
+    file: Annotated[Path, typer.Argument(help='JSONL of {"prompt","response"} lines.')],
+    seed: Annotated[int, typer.Option(help="Seed of the world the prompts come from.")] = 0,
+    out: Out = None,
+) -> None:
+    """Score every response with the gold judge: one score record per input line."""
+    from safetylab.core.io import read_jsonl
+    from safetylab.world import World, WorldConfig
+
+    world = World(WorldConfig(seed=seed))
+    records = []
+    for number, line in enumerate(read_jsonl(file, required=("prompt", "response")), start=1):
+        request = world.parser.parse(line["prompt"])
+        if request is None:
+            raise SafetylabError(f"{file}, line {number}: the prompt is not a prompt of the world with seed {seed}: "
+                                 f"{line['prompt']!r}")
+        records.append({"line": number, **world.judge.score(request, line["response"]).to_dict()})
+    _emit(records, out)
+
+
+# ---------------------------------------------------------------------------- train
+@train_app.command("base")
+def train_base(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/base"),
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    conversations: Annotated[int, typer.Option(help="Conversations in the corpus.")] = 12_000,
+    quick: Annotated[bool, typer.Option(help="The quick audit's model size.")] = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """Pre-train the base model on the world corpus (resumes an interrupted run in --out)."""
+    from safetylab.audit import audit_config
+    from safetylab.core.runs import RunDir
+    from safetylab.models.train import pretrain
+    from safetylab.world import World
+
+    cfg = audit_config(quick, seed, device)
+    train = replace(cfg.base, steps=steps or cfg.base.steps)
+    lines = World(cfg.world).corpus(conversations)
+    run = RunDir(out, {"model": asdict(cfg.model), "train": asdict(train), "world": asdict(cfg.world),
+                       "conversations": conversations})
+    pretrain(lines, cfg.model, train, run)
+    print(f"model: {run.artifacts / 'model'}")
+
+
+@train_app.command("sft")
+def train_sft(
+    base: Annotated[Path, typer.Option(help="Base model directory (save_pretrained).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/sft"),
+    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    demonstrations: Annotated[Optional[Path], typer.Option(help='JSONL of {"prompt","response"} (default: the world\'s).')] = None,
+    n: Annotated[int, typer.Option(help="Number of world demonstrations when no file is given.")] = 3_000,
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """Fine-tune a model on demonstrations, loss on the response tokens only."""
+    from safetylab.audit import audit_config
+    from safetylab.core.io import read_jsonl
+    from safetylab.core.runs import RunDir
+    from safetylab.models.lm import load_model
+    from safetylab.models.train import finetune
+    from safetylab.world import World
+
+    cfg = audit_config(False, seed, device)
+    train = replace(cfg.sft, steps=steps or cfg.sft.steps)
+    if demonstrations is not None:
+        pairs = [(d["prompt"], d["response"]) for d in read_jsonl(demonstrations, required=("prompt", "response"))]
+    else:
+        pairs = [(d["prompt"], d["response"]) for d in World(cfg.world).demonstrations(n)]
+    model, tokenizer = load_model(base)
+    run = RunDir(out, {"base": str(base), "train": asdict(train), "demonstrations": str(demonstrations or n)})
+    finetune(model, tokenizer, pairs, train, run)
+    print(f"model: {run.artifacts / 'model'}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model directory (save_pretrained).")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference model for KL.")] = None,
+    per_kind: Annotated[int, typer.Option(help="Held-out prompts per request kind.")] = 60,
+    seed: Seed = 0,
+    out: Out = None,
+) -> None:
+    """Evaluate a policy on held-out world prompts with the gold judge, by request kind."""
+    from safetylab.core.seeding import seed_everything
+    from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy
+    from safetylab.models.lm import load_model
+    from safetylab.world import World, WorldConfig
+
+    world = World(WorldConfig(seed=seed))
+    policy, tokenizer = load_model(model)
+    ref = load_model(reference)[0] if reference is not None else None
+    config = EvalConfig(per_kind=per_kind)
+    seed_everything(seed)
+    result = evaluate_policy(policy, tokenizer, world.judge, world.evaluation_set(per_kind, config.jailbroken), ref,
+                             config)
+    rows = {**result["by_kind"], "all": result["overall"]}
+    if out is not None:
+        from safetylab.core.io import atomic_write_text
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kind", "n", *METRICS, title=f"{model}: gold-judge evaluation")
+    for kind, m in rows.items():
+        table.add_row(kind, str(m["n"]), *("–" if m[k] is None else f"{m[k]:.3f}" for k in METRICS))
+    Console().print(table)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _emit(records: list[dict], out: Optional[Path]) -> None:
+    from safetylab.core.io import dumps_line, write_jsonl
+
+    if out is None:
+        for record in records:
+            sys.stdout.write(dumps_line(record) + "\n")
+    else:
+        write_jsonl(out, records)
+        print(f"wrote {len(records)} lines to {out}", file=sys.stderr)
+
+
+def main() -> None:
+    try:
+        app()
+    except SafetylabError as e:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished checkpoints and stages are kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,135 @@
+"""Per-token log-probabilities of responses, and KL between two policies, for any HF causal LM.
+
+Every algorithm that needs log-probs calls these; nobody writes them twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from safetylab.world.world import chat
+
+Template = Callable[[str], str]
+
+
+@dataclass
+class Batch:
+    """Right-padded ``prompt + response + eos`` token ids; ``response_mask`` marks response and eos."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
+                 max_length: int | None = None) -> Batch:
+    """Tokenize prompt (through ``template``) and response separately, so the boundary is exact.
+
+    ``max_length`` truncates the response side; a prompt longer than it is an error.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    rows, masks = [], []
+    for prompt, response in zip(prompts, responses):
+        p = tokenizer(template(prompt))["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if max_length is not None:
+            if len(p) >= max_length:
+                raise ValueError(f"prompt of {len(p)} tokens does not fit max_length={max_length}: {prompt!r}")
+            r = r[: max_length - len(p)]
+        rows.append(p + r)
+        masks.append([0] * len(p) + [1] * len(r))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    response_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])
+    return Batch(input_ids, attention, response_mask)
+
+
+def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] without materialising the full log-softmax:
+    ``logits[label] − logsumexp(logits)``."""
+    logits = logits.float()
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def batch_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of each sequence's tokens after the first: ``(logprobs, mask)`` of shape
+    ``[B, T−1]``; ``mask`` selects response tokens, and masked-out entries are 0."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    mask = batch.response_mask[:, 1:].to(logits.dtype)
+    return gather_logprobs(logits, batch.input_ids[:, 1:]) * mask, mask
+
+
+def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
+             batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of ``responses`` (eos included) given ``prompts`` under ``model``.
+
+    Returns ``(logprobs, mask)``, both ``[N, T]`` with responses left-aligned; sum over ``T`` for
+    sequence log-probs. Works with any HF causal LM and its tokenizer.
+    """
+    device = next(model.parameters()).device
+    rows: list[torch.Tensor] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
+                             template).to(device)
+        lp, mask = batch_logprobs(model, batch)
+        for row_lp, row_mask in zip(lp, mask.bool()):
+            rows.append(row_lp[row_mask])
+    width = max(len(r) for r in rows)
+    out = torch.zeros(len(rows), width, device=device)
+    mask = torch.zeros(len(rows), width, device=device)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return out, mask
+
+
+def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sequence estimates of KL(p ‖ q) from tokens sampled from p (Schulman 2020,
+    "Approximating KL divergence"), with ``r = log p − log q`` per token:
+
+    - k1 = Σ r                       unbiased, high variance, can be negative
+    - k2 = Σ ½ r²                    biased, low variance
+    - k3 = Σ (e^{−r} − 1) + r        unbiased, non-negative, low variance
+    """
+    r = (logp - logq) * mask
+    return {
+        "k1": r.sum(-1),
+        "k2": (0.5 * r.pow(2) * mask).sum(-1),
+        "k3": ((torch.expm1(-r) + r) * mask).sum(-1),
+    }
+
+
+def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence KL(p ‖ q) = Σ_t Σ_v p(v|s_t) (log p(v|s_t) − log q(v|s_t)) over the masked
+    positions: exact at each visited state, so its mean over samples of p is an unbiased,
+    lower-variance estimate of the sequence KL than k1."""
+    logp = torch.log_softmax(logits_p.float(), -1)
+    logq = torch.log_softmax(logits_q.float(), -1)
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    return (per_token * mask).sum(-1)
+
+
+@torch.no_grad()
+def policy_kl(policy, reference, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+              template: Template = chat, batch_size: int = 64) -> torch.Tensor:
+    """Per-sequence KL(policy ‖ reference) along ``responses`` sampled from ``policy``
+    (see :func:`full_kl`). Both models must share ``tokenizer``."""
+    device = next(policy.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
+                             template).to(device)
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        logits_p = policy(**kwargs).logits[:, :-1]
+        logits_q = reference(**kwargs).logits[:, :-1]
+        out.append(full_kl(logits_p, logits_q, batch.response_mask[:, 1:].float()))
+    return torch.cat(out)

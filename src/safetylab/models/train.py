@@ -1,0 +1,203 @@
+"""Causal-LM training under Hugging Face ``accelerate``: pre-training and supervised fine-tuning.
+
+One short loop serves both: pre-training puts the loss on every token, SFT only on response
+tokens (eos included). Batches are a pure function of (seed, step), so a run resumed from a
+checkpoint repeats the uninterrupted run bit for bit on CPU; ``accelerate launch`` splits each
+global batch across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from safetylab.core.devices import select_device
+from safetylab.core.errors import SafetylabError
+from safetylab.core.progress import Progress
+from safetylab.core.runs import RunDir
+from safetylab.core.seeding import seed_everything
+from safetylab.models.lm import ModelConfig, build_model, load_model, save_model
+from safetylab.models.tokenizer import train_tokenizer
+from safetylab.world.world import chat
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    max_length: int = 96
+    grad_clip: float = 1.0
+    log_every: int = 25
+    checkpoint_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Example:
+    """Token ids and a 0/1 loss mask of the same length."""
+
+    ids: list[int]
+    loss_mask: list[int]
+
+
+def text_examples(tokenizer, lines: Sequence[str], max_length: int) -> list[Example]:
+    """Pre-training examples: the loss is on every token."""
+    out = []
+    for line in lines:
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"][:max_length]
+        out.append(Example(ids, [1] * len(ids)))
+    return out
+
+
+def chat_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Example]:
+    """SFT examples: ``chat(prompt)`` then ``response <eos>``, the loss on the response side only."""
+    out = []
+    for prompt, response in pairs:
+        p = tokenizer(chat(prompt), add_special_tokens=False)["input_ids"]
+        r = tokenizer(f"{response} <eos>", add_special_tokens=False)["input_ids"]
+        ids = (p + r)[:max_length]
+        out.append(Example(ids, ([0] * len(p) + [1] * len(r))[:max_length]))
+    return out
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The examples of global batch ``step``: consecutive slices of per-epoch permutations."""
+    out: list[int] = []
+    position = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), n - offset)
+        out.extend(order[offset:offset + take].tolist())
+        position += take
+    return out
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad; labels are the ids where the loss mask is 1 and −100 elsewhere."""
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    attention = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, e in enumerate(examples):
+        row = torch.tensor(e.ids)
+        ids[i, : len(row)] = row
+        attention[i, : len(row)] = 1
+        labels[i, : len(row)] = row.masked_fill(torch.tensor(e.loss_mask) == 0, -100)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to 10% (the nanoGPT schedule)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig, run: RunDir,
+             description: str = "train"):
+    """Train ``model`` on ``examples`` for ``config.steps`` steps, resuming from the run's latest
+    checkpoint if there is one. Logs ``loss``, ``lr`` and ``tokens`` to ``metrics.jsonl``."""
+    if not examples:
+        raise SafetylabError(f"{run.path}: no training examples")
+    device = select_device(config.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  betas=(0.9, 0.95))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start = _resume(accelerator, run)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model.train()
+    losses, tokens = [], 0
+    with Progress(description, config.steps - start) as progress:
+        for step in range(start, config.steps):
+            indices = batch_indices(len(examples), config.batch_size, config.seed, step)[rank::world]
+            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices],
+                                                                     tokenizer.pad_token_id).items()}
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            tokens += int((batch["labels"] != -100).sum())
+            progress.advance(1, loss=losses[-1])
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                if accelerator.is_main_process:
+                    run.log(done, loss=round(sum(losses) / len(losses), 6), lr=round(lr_at(step, config), 8),
+                            tokens=tokens)
+                losses, tokens = [], 0
+            if done % config.checkpoint_every == 0 and done < config.steps:
+                _checkpoint(accelerator, run, done)
+    model.eval()
+    return accelerator.unwrap_model(model)
+
+
+def _checkpoint(accelerator: Accelerator, run: RunDir, step: int) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        def write(directory: Path) -> None:
+            accelerator.save_state(str(directory), safe_serialization=True)
+            (directory / "step.json").write_text(json.dumps({"step": step}))
+        run.save_checkpoint(step, write)
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, run: RunDir) -> int:
+    latest = run.latest_checkpoint()
+    if latest is None:
+        run.truncate_metrics(lambda r: False)
+        return 0
+    step, directory = latest
+    try:
+        accelerator.load_state(str(directory))
+    except Exception as e:  # noqa: BLE001 - any failure means the checkpoint cannot be trusted
+        raise SafetylabError(f"{directory}: corrupt checkpoint ({type(e).__name__}: {e}); delete it to restart "
+                             "from the one before") from None
+    run.truncate_metrics(lambda r: r["step"] <= step)
+    print(f"resuming {run.path} from step {step}", flush=True)
+    return step
+
+
+
+def pretrain(lines: Sequence[str], model_config: ModelConfig, config: TrainConfig, run: RunDir):
+    """Train the world tokenizer and a fresh model on ``lines``; save both to ``artifacts/model``.
+
+    A finished run (its model saved) is loaded instead of retrained.
+    """
+    final = run.artifacts / "model"
+    if final.exists():
+        return load_model(final)
+    tokenizer = train_tokenizer(lines)
+    seed_everything(config.seed)
+    model = build_model(model_config, tokenizer)
+    model = train_lm(model, tokenizer, text_examples(tokenizer, lines, config.max_length), config, run, "pre-train")
+    save_model(model, tokenizer, final)
+    return model, tokenizer
+
+
+def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig, run: RunDir):
+    """Supervised fine-tuning on (prompt, response) pairs; saves to ``artifacts/model``."""
+    final = run.artifacts / "model"
+    if final.exists():
+        return load_model(final)
+    seed_everything(config.seed)
+    model = train_lm(model, tokenizer, chat_examples(tokenizer, pairs, config.max_length), config, run, "sft")
+    save_model(model, tokenizer, final)
+    return model, tokenizer
