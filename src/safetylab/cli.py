@@ -62,13 +62,14 @@ def world_sample(
     n: Annotated[int, typer.Option(help="Number of prompts (kinds in turn).")] = 60,
     split: Annotated[str, typer.Option(help="train or test.")] = "train",
     style: Annotated[Optional[str], typer.Option(help="Response style (default: each kind's good style).")] = None,
+    kind: Annotated[Optional[list[str]], typer.Option(help="Request kind (repeatable; default: all).")] = None,
     seed: Seed = 0,
     out: Out = None,
 ) -> None:
     """Prompts with reference responses, as JSONL."""
-    from safetylab.world import World, WorldConfig
+    from safetylab.world import KINDS, World, WorldConfig
 
-    _emit(World(WorldConfig(seed=seed)).sample(n, split, style), out)
+    _emit(World(WorldConfig(seed=seed)).sample(n, split, style, kinds=tuple(kind or KINDS)), out)
 
 
 @world_app.command("preferences")
@@ -216,7 +217,19 @@ def _emit(records: list[dict], out: Optional[Path]) -> None:
         print(f"wrote {len(records)} lines to {out}", file=sys.stderr)
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, tied-weight notes) would drown the audit's own log."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app()
     except SafetylabError as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_text, dumps_line
+from safetylab.core.io import atomic_write_bytes, atomic_write_text, dumps_line
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -49,6 +49,7 @@ class RunDir:
             atomic_write_text(saved, json.dumps(self.config, indent=2) + "\n")
         for sub in ("checkpoints", "artifacts", "plots"):
             (self.path / sub).mkdir(exist_ok=True)
+        self._drop_torn_metrics_line()
 
     # ----------------------------------------------------------------- files
     def file(self, *parts: str) -> Path:
@@ -90,6 +91,15 @@ class RunDir:
                     break
                 raise SafetylabError(f"{path}, line {number}: malformed metrics record") from None
         return records
+
+    def _drop_torn_metrics_line(self) -> None:
+        """An interrupted append can leave a last line without its newline; drop it, so the next
+        record starts on a line of its own."""
+        path = self.path / "metrics.jsonl"
+        if path.exists() and path.stat().st_size:
+            data = path.read_bytes()
+            if not data.endswith(b"\n"):
+                atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
 
     def truncate_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
         """Keep only the records ``keep`` accepts (used when resuming from a checkpoint)."""

@@ -98,6 +98,15 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled tokens (label ≠ −100), divided by
+    ``normalizer``: the global batch's token count over the number of processes, so that the
+    gradients DDP averages equal those of one process on the whole batch."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+    ) / normalizer
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Linear warm-up then cosine decay to 10% (the nanoGPT schedule)."""
     if step < config.warmup_steps:
@@ -112,6 +121,9 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
     checkpoint if there is one. Logs ``loss``, ``lr`` and ``tokens`` to ``metrics.jsonl``."""
     if not examples:
         raise SafetylabError(f"{run.path}: no training examples")
+    if config.checkpoint_every % config.log_every:
+        raise SafetylabError(f"checkpoint_every ({config.checkpoint_every}) must be a multiple of log_every "
+                             f"({config.log_every}), so a resumed run logs the same windows")
     device = select_device(config.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
@@ -123,19 +135,21 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
     losses, tokens = [], 0
     with Progress(description, config.steps - start) as progress:
         for step in range(start, config.steps):
-            indices = batch_indices(len(examples), config.batch_size, config.seed, step)[rank::world]
-            batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in indices],
-                                                                     tokenizer.pad_token_id).items()}
+            indices = batch_indices(len(examples), config.batch_size, config.seed, step)
+            batch_tokens = sum(sum(examples[i].loss_mask[1:]) for i in indices)
+            batch = collate([examples[i] for i in indices[rank::world]], tokenizer.pad_token_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            loss = model(**batch).loss
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = lm_loss(logits, batch["labels"], max(batch_tokens, 1) / world)
             accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            tokens += int((batch["labels"] != -100).sum())
+            losses.append(accelerator.reduce(loss.detach(), reduction="sum").item() / world)
+            tokens += batch_tokens
             progress.advance(1, loss=losses[-1])
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:

@@ -239,7 +239,8 @@ class RequestParser:
                 self.actions[item.action] = (kind, item)
         words: set[str] = set()
         templates = [part for pair in (*QUESTION_TEMPLATES, *ACTION_TEMPLATES, *PREMISE_TEMPLATES) for part in pair]
-        for text in (*self.facts, *self.actions, *templates):
+        values = [f.value for f in facts]
+        for text in (*self.facts, *self.actions, *templates, *values, *OPERATIONS):
             words.update(text.split())
         self.vocabulary = frozenset(words)
         self._cache: dict[str, Request | None] = {}

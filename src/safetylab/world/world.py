@@ -229,17 +229,23 @@ class World:
         out = [r for kind in KINDS for r in self.requests(kind, split, per_kind, seed)]
         return out + self.red_team(jailbroken, split, seed)
 
-    def sample(self, n: int, split: str = "train", style: str | None = None, seed: int = 0) -> list[dict[str, Any]]:
-        """Prompts with a reference response each (the kind's good style unless ``style`` is set)."""
+    def sample(self, n: int, split: str = "train", style: str | None = None, seed: int = 0,
+               kinds: tuple[str, ...] = KINDS) -> list[dict[str, Any]]:
+        """Prompts of ``kinds`` (in turn) with a reference response each: the kind's good style,
+        or ``style`` where the kind has it."""
+        for kind in kinds:
+            if kind not in KINDS:
+                raise SafetylabError(f"unknown request kind {kind!r} (expected one of: {', '.join(KINDS)})")
+        styles = sorted({s for kind in kinds for s in STYLES[kind]})
+        if style is not None and style not in styles:
+            raise SafetylabError(f"unknown style {style!r} for kinds {', '.join(kinds)} (expected one of: "
+                                 f"{', '.join(styles)})")
         rng = self.rng("sample", split, seed)
         out = []
         for i in range(n):
-            kind = KINDS[i % len(KINDS)]
+            kind = kinds[i % len(kinds)]
             request = self.request(kind, split, rng)
-            chosen = style or GOOD_STYLE[kind]
-            if chosen not in STYLES[kind]:
-                chosen = GOOD_STYLE[kind]
+            chosen = style if style in STYLES[kind] else GOOD_STYLE[kind]
             out.append({"prompt": request.prompt, "response": self.respond(request, chosen, rng), "kind": kind,
                         "style": chosen, "tier": request.tier, "split": request.split, "answer": request.answer})
         return out
-
