@@ -9,8 +9,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from safetylab.core import SafetylabError
-from safetylab.world import GOOD_STYLE, KINDS, World, WorldConfig, chat
-from safetylab.world import content
+from safetylab.world import GOOD_STYLE, KINDS, World, WorldConfig, chat, content
 from safetylab.world.requests import ACTION_TEMPLATES
 
 ACTION_KINDS = ("advice", "harmful", "dual_use")

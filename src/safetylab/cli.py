@@ -7,7 +7,7 @@ import sys
 import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,7 +21,7 @@ app.add_typer(world_app, name="world")
 app.add_typer(train_app, name="train")
 
 Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file (default: standard output).")]
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 
 
@@ -40,7 +40,7 @@ def audit(
     quick: Annotated[bool, typer.Option(help="Smaller models and data, same stages (about 2 minutes).")] = False,
     seed: Seed = 0,
     device: Device = "auto",
-    config: Annotated[Optional[Path], typer.Option(help="YAML/JSON file of AuditConfig fields.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file of AuditConfig fields.")] = None,
 ) -> None:
     """Run the safety audit on the built-in assistant world and write report.html and report.json."""
     from safetylab.audit import AuditConfig, audit_config, run_audit
@@ -61,8 +61,8 @@ def audit(
 def world_sample(
     n: Annotated[int, typer.Option(help="Number of prompts (kinds in turn).")] = 60,
     split: Annotated[str, typer.Option(help="train or test.")] = "train",
-    style: Annotated[Optional[str], typer.Option(help="Response style (default: each kind's good style).")] = None,
-    kind: Annotated[Optional[list[str]], typer.Option(help="Request kind (repeatable; default: all).")] = None,
+    style: Annotated[str | None, typer.Option(help="Response style (default: each kind's good style).")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="Request kind (repeatable; default: all).")] = None,
     seed: Seed = 0,
     out: Out = None,
 ) -> None:
@@ -113,7 +113,7 @@ def world_judge(
 @train_app.command("base")
 def train_base(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/base"),
-    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
     conversations: Annotated[int, typer.Option(help="Conversations in the corpus.")] = 12_000,
     quick: Annotated[bool, typer.Option(help="The quick audit's model size.")] = False,
     seed: Seed = 0,
@@ -126,7 +126,7 @@ def train_base(
     from safetylab.world import World
 
     cfg = audit_config(quick, seed, device)
-    train = replace(cfg.base, steps=steps or cfg.base.steps)
+    train = replace(cfg.base, steps=cfg.base.steps if steps is None else steps)
     lines = World(cfg.world).corpus(conversations)
     run = RunDir(out, {"model": asdict(cfg.model), "train": asdict(train), "world": asdict(cfg.world),
                        "conversations": conversations})
@@ -138,8 +138,10 @@ def train_base(
 def train_sft(
     base: Annotated[Path, typer.Option(help="Base model directory (save_pretrained).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/sft"),
-    steps: Annotated[Optional[int], typer.Option(help="Training steps.")] = None,
-    demonstrations: Annotated[Optional[Path], typer.Option(help='JSONL of {"prompt","response"} (default: the world\'s).')] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
+    demonstrations: Annotated[
+        Path | None, typer.Option(help='JSONL of {"prompt","response"} (default: the world\'s).')
+    ] = None,
     n: Annotated[int, typer.Option(help="Number of world demonstrations when no file is given.")] = 3_000,
     seed: Seed = 0,
     device: Device = "auto",
@@ -153,7 +155,7 @@ def train_sft(
     from safetylab.world import World
 
     cfg = audit_config(False, seed, device)
-    train = replace(cfg.sft, steps=steps or cfg.sft.steps)
+    train = replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps)
     if demonstrations is not None:
         pairs = [(d["prompt"], d["response"]) for d in read_jsonl(demonstrations, required=("prompt", "response"))]
     else:
@@ -167,21 +169,25 @@ def train_sft(
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model directory (save_pretrained).")],
-    reference: Annotated[Optional[Path], typer.Option(help="Reference model for KL.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Reference model for KL.")] = None,
     per_kind: Annotated[int, typer.Option(help="Held-out prompts per request kind.")] = 60,
+    jailbroken: Annotated[int, typer.Option(help="Jailbroken harmful prompts per jailbreak wrapper.")] = 12,
     seed: Seed = 0,
+    device: Device = "auto",
     out: Out = None,
 ) -> None:
     """Evaluate a policy on held-out world prompts with the gold judge, by request kind."""
+    from safetylab.core.devices import select_device
     from safetylab.core.seeding import seed_everything
     from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 
     world = World(WorldConfig(seed=seed))
-    policy, tokenizer = load_model(model)
-    ref = load_model(reference)[0] if reference is not None else None
-    config = EvalConfig(per_kind=per_kind)
+    where = select_device(device)
+    policy, tokenizer = load_model(model, where)
+    ref = load_model(reference, where)[0] if reference is not None else None
+    config = EvalConfig(per_kind=per_kind, jailbroken=jailbroken)
     seed_everything(seed)
     result = evaluate_policy(policy, tokenizer, world.judge, world.evaluation_set(per_kind, config.jailbroken), ref,
                              config)
@@ -206,7 +212,7 @@ def _merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def _emit(records: list[dict], out: Optional[Path]) -> None:
+def _emit(records: list[dict], out: Path | None) -> None:
     from safetylab.core.io import dumps_line, write_jsonl
 
     if out is None:

@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-
 from safetylab.audit.pipeline import Context, run_pipeline
 from safetylab.audit.report import build_report, write_report
 from safetylab.audit.stages import STAGES, AuditConfig

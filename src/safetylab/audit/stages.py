@@ -138,7 +138,8 @@ def evaluate_stage(ctx: Context) -> Section:
         title="Evaluation against the gold judge",
         summary=(f"gold utility {b['gold_utility']:+.3f} (base) → {s['gold_utility']:+.3f} (SFT); harmful compliance "
                  f"{b['harmful_compliance']:.2f} → {s['harmful_compliance']:.2f}; jailbreak success "
-                 f"{b['jailbreak_success']:.2f} → {s['jailbreak_success']:.2f}; KL(SFT ‖ base) {s['kl_to_reference']:.2f}"),
+                 f"{b['jailbreak_success']:.2f} → {s['jailbreak_success']:.2f}; "
+                 f"KL(SFT ‖ base) {s['kl_to_reference']:.2f}"),
         tables=tables,
         plots=[str(plot.relative_to(ctx.run.path))],
         transcripts=transcripts,

@@ -2,7 +2,14 @@
 
 from safetylab.models.lm import ModelConfig, build_model, check_tokenizer, load_model, save_model
 from safetylab.models.logprobs import (
-    Batch, batch_logprobs, encode_pairs, full_kl, gather_logprobs, kl_estimates, logprobs, policy_kl,
+    Batch,
+    batch_logprobs,
+    encode_pairs,
+    full_kl,
+    gather_logprobs,
+    kl_estimates,
+    logprobs,
+    policy_kl,
 )
 from safetylab.models.sampling import Samples, sample
 from safetylab.models.tokenizer import train_tokenizer

@@ -68,14 +68,21 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
         raise SafetylabError(f"{path}: not a model directory (no config.json); expected a save_pretrained directory")
     if not any(path.glob("*.safetensors")):
         raise SafetylabError(f"{path}: no safetensors weights found (only safetensors checkpoints are loaded)")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise SafetylabError(f"{path}: no tokenizer files (expected tokenizer.json saved with the model)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here means a missing or broken tokenizer
         raise SafetylabError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                           output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - corrupt or truncated weights
         raise SafetylabError(f"{path}: cannot load the model weights ({type(e).__name__}: {e})") from None
+    for problem in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info.get(problem):
+            names = ", ".join(sorted(map(str, info[problem]))[:3])
+            raise SafetylabError(f"{path}: the weights do not match config.json ({problem.replace('_', ' ')}: {names})")
     check_tokenizer(model, tokenizer, where=str(path))
     return model.to(device).eval(), tokenizer
 

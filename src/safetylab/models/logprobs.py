@@ -76,6 +76,8 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     sequence log-probs. Works with any HF causal LM and its tokenizer.
     """
     device = next(model.parameters()).device
+    if not prompts:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device)
     rows: list[torch.Tensor] = []
     for start in range(0, len(prompts), batch_size):
         batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
@@ -124,7 +126,7 @@ def policy_kl(policy, reference, tokenizer, prompts: Sequence[str], responses: S
     """Per-sequence KL(policy ‖ reference) along ``responses`` sampled from ``policy``
     (see :func:`full_kl`). Both models must share ``tokenizer``."""
     device = next(policy.parameters()).device
-    out = []
+    out = [torch.zeros(0, device=device)]
     for start in range(0, len(prompts), batch_size):
         batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
                              template).to(device)

@@ -41,6 +41,9 @@ def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, t
         top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         return_dict_in_generate=True, output_logits=True,
     )
+    if not prompts:
+        empty = torch.zeros(0, 0)
+        return Samples([], [], empty.long(), empty, empty, torch.zeros(0, dtype=torch.bool))
     parts = []
     for start in range(0, len(prompts), batch_size):
         chunk = [template(p) for p in prompts[start:start + batch_size]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +120,9 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
     checkpoint if there is one. Logs ``loss``, ``lr`` and ``tokens`` to ``metrics.jsonl``."""
     if not examples:
         raise SafetylabError(f"{run.path}: no training examples")
+    if config.steps < 1 or config.batch_size < 1 or config.log_every < 1 or config.checkpoint_every < 1:
+        raise SafetylabError("train: steps, batch_size, log_every and checkpoint_every must be at least 1, got "
+                             f"{config.steps}, {config.batch_size}, {config.log_every}, {config.checkpoint_every}")
     if config.checkpoint_every % config.log_every:
         raise SafetylabError(f"checkpoint_every ({config.checkpoint_every}) must be a multiple of log_every "
                              f"({config.log_every}), so a resumed run logs the same windows")

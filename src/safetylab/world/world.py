@@ -11,9 +11,22 @@ from safetylab.world import content
 from safetylab.world.judge import GoldJudge
 from safetylab.world.labelers import Labeler, preset
 from safetylab.world.requests import (
-    ACTION_TEMPLATES, KINDS, OPERATIONS, PREMISE_TEMPLATES, QUESTION_TEMPLATES, SPLITS, Fact,
-    Request, RequestParser, action_split, arithmetic_fact, build_countries, facts_of,
-    sample_operands, stable_hash, wrap,
+    ACTION_TEMPLATES,
+    KINDS,
+    OPERATIONS,
+    PREMISE_TEMPLATES,
+    QUESTION_TEMPLATES,
+    SPLITS,
+    Fact,
+    Request,
+    RequestParser,
+    action_split,
+    arithmetic_fact,
+    build_countries,
+    facts_of,
+    sample_operands,
+    stable_hash,
+    wrap,
 )
 from safetylab.world.styles import GOOD_STYLE, STYLES, render, wrong_value
 
@@ -77,7 +90,8 @@ class World:
         if kind in ("advice", "harmful", "dual_use"):
             items = {"advice": content.ADVICE, "harmful": content.HARMFUL, "dual_use": content.DUAL_USE}[kind]
             item = rng.choice(items)
-            options = [i for i in range(len(ACTION_TEMPLATES)) if action_split(item.action, i, self.config.seed) == split]
+            seed = self.config.seed
+            options = [i for i in range(len(ACTION_TEMPLATES)) if action_split(item.action, i, seed) == split]
             prefix, suffix = ACTION_TEMPLATES[rng.choice(options)]
             core = f"{prefix}{item.action}{suffix}"
         else:
@@ -86,7 +100,8 @@ class World:
                 truth = Request("arithmetic" if fact.relation in OPERATIONS else "facts", "", "", fact.subject,
                                 fact.tier, fact.split, fact.value, fact.relation)
                 prefix, suffix = rng.choice(PREMISE_TEMPLATES)
-                core = f"{prefix}{fact.subject} is {wrong_value(truth, self.values.get(fact.relation, ()), rng)}{suffix}"
+                claim = wrong_value(truth, self.values.get(fact.relation, ()), rng)
+                core = f"{prefix}{fact.subject} is {claim}{suffix}"
             else:
                 prefix, suffix = rng.choice(QUESTION_TEMPLATES)
                 core = f"{prefix}{fact.subject}{suffix}"

@@ -1,0 +1,411 @@
+"""safetylab.evals (summarize, evaluate_policy) and safetylab.audit (pipeline, stages, report, CLI config)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+from filelock import FileLock
+
+import safetylab.audit.run as audit_run
+from safetylab import cli
+from safetylab.audit import STAGES, Context, Section, Stage, audit_config, run_audit, run_pipeline
+from safetylab.audit.report import build_report, write_report
+from safetylab.core.config import config_to_dict
+from safetylab.core.runs import RunDir
+from safetylab.evals import EvalConfig, evaluate_policy, summarize
+from safetylab.evals.policy import METRICS
+from safetylab.models import ModelConfig, build_model, train_tokenizer
+from safetylab.world import KINDS, World
+from safetylab.world.content import JAILBREAKS
+
+
+# ============================================================================ evals: summarize
+def record(kind: str, behaviour: str, utility: float, correct=None, jailbreak=None, **extra) -> dict:
+    return {"kind": kind, "behaviour": behaviour, "utility": utility, "correct": correct, "jailbreak": jailbreak,
+            **extra}
+
+
+RECORDS = [
+    record("harmful", "harmful_compliance", -2.0),
+    record("harmful", "refusal", 0.6),
+    record("harmful", "harmful_compliance", -2.0, jailbreak="roleplay"),
+    record("harmful", "harmful_compliance", -2.0, jailbreak="story"),
+    record("harmful", "refusal_alternative", 1.0, jailbreak="story"),
+    record("arithmetic", "correct", 1.0, correct=True),
+    record("arithmetic", "over_refusal", -0.3),  # no answer: counts as not correct
+    record("facts", "confident_wrong", -1.0, correct=False),
+    record("false_premise", "sycophantic", -1.0, correct=False),
+    record("false_premise", "correction", 1.0, correct=True),
+    record("dual_use", "over_refusal", -0.3),
+    record("advice", "hedged_correct", 0.6, correct=True),
+]
+
+
+def test_summarize_hand_computed_rates():
+    s = summarize(RECORDS)
+    assert s["n"] == 12
+    plain = [r for r in RECORDS if r["jailbreak"] is None]
+    assert s["gold_utility"] == pytest.approx(sum(r["utility"] for r in plain) / len(plain), abs=1e-6)
+    assert s["harmful_compliance"] == pytest.approx(1 / 2)  # 2 plain harmful, 1 complied
+    assert s["jailbreak_success"] == pytest.approx(2 / 3)  # 3 jailbroken harmful, 2 complied
+    assert s["over_refusal"] == pytest.approx(2 / 7, abs=1e-6)  # 7 non-harmful, 2 refused
+    assert s["accuracy"] == pytest.approx(3 / 6)  # arithmetic×2, facts, false_premise×2, advice
+    assert s["confident_wrong"] == pytest.approx(1 / 4)  # arithmetic×2, facts, advice
+    assert s["sycophancy"] == pytest.approx(1 / 2)
+    assert s["kl_to_reference"] is None
+    assert set(s) == {"n", *METRICS}
+
+
+def test_summarize_none_where_nothing_applies():
+    empty = summarize([])
+    assert empty["n"] == 0
+    assert all(empty[m] is None for m in METRICS)
+
+    benign = summarize([record("arithmetic", "correct", 1.0, correct=True),
+                        record("facts", "evasive", -0.4)])
+    assert benign["harmful_compliance"] is None
+    assert benign["jailbreak_success"] is None
+    assert benign["sycophancy"] is None
+    assert benign["accuracy"] == pytest.approx(0.5)
+    assert benign["over_refusal"] == 0.0
+
+    harmful = summarize([record("harmful", "refusal", 0.6)])
+    assert harmful["harmful_compliance"] == 0.0
+    assert harmful["jailbreak_success"] is None
+    assert harmful["over_refusal"] is None and harmful["accuracy"] is None
+    assert harmful["confident_wrong"] is None
+
+
+def test_summarize_only_jailbroken_records():
+    s = summarize([record("harmful", "harmful_compliance", -2.0, jailbreak="x"),
+                   record("harmful", "refusal", 0.6, jailbreak="y")])
+    assert s["jailbreak_success"] == 0.5
+    assert s["harmful_compliance"] is None
+    assert s["gold_utility"] == pytest.approx(-0.7)  # no plain records: the mean over all
+
+
+def test_summarize_kl_mean_over_records_with_kl():
+    rows = [record("facts", "correct", 1.0, correct=True, kl=0.2),
+            record("facts", "correct", 1.0, correct=True, kl=0.4),
+            record("facts", "correct", 1.0, correct=True)]
+    assert summarize(rows)["kl_to_reference"] == pytest.approx(0.3)
+
+
+# ============================================================================ evals: evaluate_policy
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World()
+
+
+@pytest.fixture(scope="module")
+def tiny_policy(world):
+    tok = train_tokenizer(world.corpus(150))
+    torch.manual_seed(0)
+    return build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok).eval(), tok
+
+
+def test_evaluate_policy_by_kind(world, tiny_policy):
+    model, tok = tiny_policy
+    config = EvalConfig(per_kind=2, jailbroken=1, max_new_tokens=8)
+    requests = world.evaluation_set(config.per_kind, config.jailbroken)
+    torch.manual_seed(0)
+    result = evaluate_policy(model, tok, world.judge, requests, reference=model, config=config)
+    assert set(result["by_kind"]) == {*KINDS, "jailbroken"}
+    for kind in KINDS:
+        assert result["by_kind"][kind]["n"] == 2
+    assert result["by_kind"]["jailbroken"]["n"] == len(JAILBREAKS)
+    assert result["overall"]["n"] == len(requests) == len(result["samples"])
+    for request, sample in zip(requests, result["samples"]):
+        assert sample["prompt"] == request.prompt
+        assert sample["kind"] == request.kind
+        assert sample["jailbreak"] == request.jailbreak
+        assert isinstance(sample["response"], str)
+        assert abs(sample["kl"]) < 1e-4
+    assert abs(result["overall"]["kl_to_reference"]) < 1e-4
+    # by_kind is summarize over that kind's plain records
+    facts = [s for s in result["samples"] if s["kind"] == "facts" and not s["jailbreak"]]
+    assert result["by_kind"]["facts"] == summarize(facts)
+    assert result["by_kind"]["harmful"]["jailbreak_success"] is None
+    assert result["by_kind"]["jailbroken"]["harmful_compliance"] is None
+
+
+def test_evaluate_policy_without_reference_and_other_reference(world, tiny_policy):
+    model, tok = tiny_policy
+    config = EvalConfig(per_kind=1, jailbroken=1, max_new_tokens=6)
+    requests = world.evaluation_set(config.per_kind, config.jailbroken)
+    torch.manual_seed(0)
+    plain = evaluate_policy(model, tok, world.judge, requests, config=config)
+    assert plain["overall"]["kl_to_reference"] is None
+    assert all("kl" not in s for s in plain["samples"])
+    torch.manual_seed(1)
+    other = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    torch.manual_seed(0)
+    against = evaluate_policy(model, tok, world.judge, requests, reference=other, config=config)
+    assert [s["response"] for s in against["samples"]] == [s["response"] for s in plain["samples"]]
+    assert against["overall"]["kl_to_reference"] > 0
+
+
+# ============================================================================ audit
+def tiny_audit_config():
+    config = audit_config(quick=True, seed=0, device="cpu")
+    return replace(
+        config,
+        corpus_conversations=150,
+        demonstrations=60,
+        labeler_pairs=40,
+        model=ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=96),
+        base=replace(config.base, steps=12, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
+        sft=replace(config.sft, steps=8, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
+        eval=EvalConfig(per_kind=2, jailbroken=1, max_new_tokens=10),
+    )
+
+
+CONFIG = tiny_audit_config()
+
+
+@pytest.fixture(scope="session")
+def audit_dir(tmp_path_factory):
+    """One tiny audit for the whole session, shared by the xdist workers (a file lock makes the
+    first one run it). Tests that write into an audit directory work on a copy."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, common to all workers
+    path = root / "safetylab-tiny-audit"
+    with FileLock(str(root / "safetylab-tiny-audit.lock")):
+        if not (path / "report.json").exists():
+            logs: list[str] = []
+            run_audit(CONFIG, path, log=logs.append)
+            (root / "safetylab-tiny-audit.log").write_text("\n".join(logs) + "\n")
+    return path
+
+
+@pytest.fixture
+def audit_copy(audit_dir, tmp_path):
+    path = tmp_path / "audit"
+    shutil.copytree(audit_dir, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def report(audit_dir) -> dict:
+    return json.loads((audit_dir / "report.json").read_text(encoding="utf-8"))
+
+
+def test_tiny_config_is_tiny():
+    assert CONFIG.base.steps == 12 and CONFIG.model.n_layer == 1
+    assert CONFIG.world.seed == CONFIG.seed == 0
+
+
+@pytest.mark.slow
+def test_audit_writes_both_reports(audit_dir, report):
+    assert (audit_dir / "report.html").is_file()
+    logs = (audit_dir.parent / "safetylab-tiny-audit.log").read_text().splitlines()
+    for stage in STAGES:  # the first run ran every stage: a start line and a timed end line each
+        assert sum(line.startswith(f"== {stage.name}: ") for line in logs) == 2
+    assert not any("skipped" in line for line in logs)
+    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate"]
+    assert report["config"] == json.loads(json.dumps(asdict(CONFIG)))
+    assert report["safetylab"]
+    for section in report["sections"]:
+        assert {"title", "summary", "tables", "plots", "transcripts", "data"} <= set(section)
+        assert isinstance(section["tables"], list)
+        assert section["summary"]
+        for table in section["tables"]:
+            assert table["rows"]
+            assert all(len(row) == len(table["columns"]) for row in table["rows"])
+        for plot in section["plots"]:
+            assert (audit_dir / plot).is_file()
+        assert (audit_dir / "stages" / section["name"] / "section.json").is_file()
+    tables = {s["name"]: s["tables"] for s in report["sections"]}
+    assert tables["world"] and tables["evaluate"]
+
+
+@pytest.mark.slow
+def test_audit_html_is_self_contained(audit_dir, report):
+    html = (audit_dir / "report.html").read_text(encoding="utf-8")
+    for section in report["sections"]:
+        assert section["title"] in html
+    plots = sum(len(s["plots"]) for s in report["sections"])
+    assert plots >= 3
+    assert html.count("data:image/png;base64,") == plots
+    assert 'src="stages/' not in html
+
+
+@pytest.mark.slow
+def test_audit_world_section(report):
+    world = next(s for s in report["sections"] if s["name"] == "world")
+    assert [row[0] for row in world["tables"][0]["rows"]] == ["ideal", "careful", "typical"]
+    ideal = world["tables"][0]["rows"][0]
+    assert ideal[1] == 1.0  # the ideal labeler always agrees with the gold judge
+
+
+@pytest.mark.slow
+def test_audit_training_sections(audit_dir, report):
+    sections = {s["name"]: s for s in report["sections"]}
+    for name, steps in (("base", CONFIG.base.steps), ("sft", CONFIG.sft.steps)):
+        model = audit_dir / sections[name]["data"]["model"]
+        assert list(model.glob("*.safetensors"))
+        lines = (audit_dir / "stages" / name / "metrics.jsonl").read_text().splitlines()
+        metrics = [json.loads(line) for line in lines]
+        assert metrics[-1]["step"] == steps
+        assert sections[name]["data"]["final_loss"] == metrics[-1]["loss"]
+
+
+@pytest.mark.slow
+def test_audit_evaluate_tables_rows(report):
+    evaluate = next(s for s in report["sections"] if s["name"] == "evaluate")
+    assert len(evaluate["tables"]) == 2  # base and sft
+    expected = {kind: CONFIG.eval.per_kind for kind in KINDS}
+    expected["jailbroken"] = CONFIG.eval.jailbroken * len(JAILBREAKS)
+    for table in evaluate["tables"]:
+        assert table["columns"] == ["kind", "n", *METRICS]
+        assert [row[0] for row in table["rows"]] == [*KINDS, "jailbroken", "all"]
+        counts = {row[0]: row[1] for row in table["rows"]}
+        for kind, n in expected.items():
+            assert counts[kind] == n
+        assert counts["all"] == sum(expected.values())
+    base, sft = evaluate["tables"]
+    assert base["rows"][-1][-1] is None  # the base model has no reference
+    assert sft["rows"][-1][-1] > 0  # KL(SFT ‖ base) after fine-tuning
+    assert {t["model"] for t in evaluate["transcripts"]} == {"base", "sft"}
+    assert {t["kind"] for t in evaluate["transcripts"]} == set(KINDS)
+
+
+@pytest.mark.slow
+def test_audit_rerun_skips_finished_stages(audit_copy):
+    before = {p: p.read_bytes() for p in (audit_copy / "stages").rglob("section.json")}
+    logs: list[str] = []
+    json_path, html_path = run_audit(CONFIG, audit_copy, log=logs.append)
+    assert json_path == audit_copy / "report.json" and html_path.is_file()
+    assert len(logs) == len(STAGES)
+    for stage, line in zip(STAGES, logs):
+        assert stage.name in line and "skipped" in line
+    assert {p: p.read_bytes() for p in (audit_copy / "stages").rglob("section.json")} == before
+    report = json.loads(json_path.read_text())
+    assert [s["name"] for s in report["sections"]] == [s.name for s in STAGES]
+
+
+@pytest.mark.slow
+def test_audit_other_config_in_same_directory_is_refused(audit_copy):
+    from safetylab.core.errors import SafetylabError
+
+    with pytest.raises(SafetylabError, match="labeler_pairs"):
+        run_audit(replace(CONFIG, labeler_pairs=41), audit_copy, log=lambda s: None)
+
+
+def test_failing_stage_leaves_no_section_and_no_report(tmp_path, monkeypatch):
+    calls = []
+
+    def flaky(ctx: Context) -> Section:
+        out = ctx.stage_dir("flaky")
+        (out / "partial.txt").write_text("half done")
+        calls.append(ctx.sections["world"].title)
+        if len(calls) == 1:
+            raise RuntimeError("stage failed midway")
+        return Section(title="Flaky", summary="worked the second time",
+                       tables=[{"title": "t", "columns": ["a"], "rows": [[1]]}])
+
+    monkeypatch.setattr(audit_run, "STAGES", (STAGES[0], Stage("flaky", "a stage that fails once", flaky)))
+    out = tmp_path / "audit"
+    with pytest.raises(RuntimeError, match="midway"):
+        run_audit(CONFIG, out, log=lambda s: None)
+    assert (out / "stages" / "world" / "section.json").is_file()
+    assert (out / "stages" / "flaky" / "partial.txt").is_file()
+    assert not (out / "stages" / "flaky" / "section.json").exists()
+    assert not (out / "report.json").exists() and not (out / "report.html").exists()
+
+    logs: list[str] = []
+    run_audit(CONFIG, out, log=logs.append)
+    assert "world" in logs[0] and "skipped" in logs[0]
+    assert not any("flaky" in line and "skipped" in line for line in logs)
+    assert calls == ["The assistant world", "The assistant world"]  # the world section was reloaded
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["sections"]] == ["world", "flaky"]
+    assert (out / "stages" / "flaky" / "section.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_custom_stage_is_a_local_addition(audit_copy):
+    def kl_summary(ctx: Context) -> Section:
+        kl = ctx.sections["evaluate"].data["overall"]["sft"]["kl_to_reference"]
+        (ctx.stage_dir("custom") / "note.txt").write_text(f"{kl}")
+        return Section(title="Custom check", summary=f"KL {kl:.3f}",
+                       tables=[{"title": "KL", "columns": ["model", "kl"], "rows": [["sft", kl]]}],
+                       data={"kl": kl})
+
+    ctx = Context(config=CONFIG, run=RunDir(audit_copy, config_to_dict(CONFIG)))
+    logs: list[str] = []
+    sections = run_pipeline([*STAGES, Stage("custom", "a custom check", kl_summary)], ctx, log=logs.append)
+    assert list(sections) == [*(s.name for s in STAGES), "custom"]
+    assert sum("skipped" in line for line in logs) == len(STAGES)
+    assert sections["custom"].data["kl"] > 0
+    assert (audit_copy / "stages" / "custom" / "section.json").is_file()
+    write_report(audit_copy, build_report(CONFIG, sections))
+    report = json.loads((audit_copy / "report.json").read_text())
+    custom = report["sections"][-1]
+    assert custom["name"] == "custom" and custom["tables"][0]["rows"] == [["sft", sections["custom"].data["kl"]]]
+    assert "Custom check" in (audit_copy / "report.html").read_text()
+
+
+# ============================================================================ audit CLI config
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["safetylab", *args])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("text,names", [
+    ("bogus_key: 1\n", ["bogus_key"]),
+    ("base:\n  stepz: 5\n", ["stepz", "base"]),
+    ('{"eval": {"per_kind": 2, "nonsense": true}}\n', ["nonsense", "eval"]),
+    ("seed: not-a-number\n", ["seed"]),
+])
+def test_audit_config_file_errors(monkeypatch, capsys, tmp_path, text, names):
+    config = tmp_path / "audit.yaml"
+    config.write_text(text)
+    out_dir = tmp_path / "run"
+    code, out, err = run_main(monkeypatch, capsys, "audit", "--config", str(config), "--out", str(out_dir))
+    assert code == 2
+    assert err.startswith("error: ") and str(config) in err
+    for name in names:
+        assert name in err
+    assert "Traceback" not in err
+    assert not out_dir.exists()  # nothing started
+
+
+def test_audit_config_file_overrides_merge(monkeypatch, capsys, tmp_path):
+    import safetylab.audit as audit_package
+
+    seen = {}
+
+    def fake_run_audit(config, out, log=print):
+        seen["config"], seen["out"] = config, out
+        return out / "report.json", out / "report.html"
+
+    monkeypatch.setattr(audit_package, "run_audit", fake_run_audit)
+    config = tmp_path / "audit.yaml"
+    config.write_text("base:\n  steps: 7\neval:\n  per_kind: 2\nlabeler_pairs: 30\n")
+    code, out, err = run_main(monkeypatch, capsys, "audit", "--quick", "--seed", "3", "--device", "cpu",
+                              "--config", str(config), "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    chosen = seen["config"]
+    quick = audit_config(quick=True, seed=3, device="cpu")
+    assert chosen == replace(quick, base=replace(quick.base, steps=7), eval=replace(quick.eval, per_kind=2),
+                             labeler_pairs=30)
+    assert chosen.base.seed == 3 and chosen.world.seed == 3
+    assert seen["out"] == tmp_path / "run"
+    assert "report:" in out
