@@ -33,6 +33,7 @@ def build_model(config: ModelConfig, tokenizer) -> GPT2LMHeadModel:
         n_embd=config.n_embd,
         n_layer=config.n_layer,
         n_head=config.n_head,
+        activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU, as one fused kernel
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,

@@ -100,9 +100,11 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: float) -> torch.Tensor:
     """Next-token cross-entropy summed over labelled tokens (label ≠ −100), divided by
     ``normalizer``: the global batch's token count over the number of processes, so that the
-    gradients DDP averages equal those of one process on the whole batch."""
+    gradients DDP averages equal those of one process on the whole batch. The labels are shifted,
+    not the logits, so the logits are never copied."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
     ) / normalizer
 
 

@@ -145,17 +145,20 @@ class World:
         return Labeler(self.judge, preset(name), self.rng("labeler", name, seed))
 
     # ------------------------------------------------------------------ data sets
-    def corpus(self, conversations: int, fact_repeats: int = 6) -> list[str]:
+    def corpus(self, conversations: int, fact_repeats: int = 16) -> list[str]:
         """Pre-training text, one document a line: an encyclopedia of the atlas (all countries, so
-        held-out questions are answerable), advice, train-split arithmetic, and conversations in the
-        base mix of styles, jailbroken requests included."""
+        held-out questions are answerable), advice, sums from the train split, and conversations in
+        the base mix of styles, jailbroken requests included."""
         rng = self.rng("corpus", conversations)
         lines = []
         for _ in range(fact_repeats):
             for country in self.countries:
-                facts = [f"{f.subject} is {f.value} ." for f in self.facts if country.name in f.subject]
+                facts = [f"{f.subject} is {f.value} ." for f in self.facts if f.subject.endswith(f" {country.name}")]
                 rng.shuffle(facts)
                 lines.append(f"{country.name} is a country . {' '.join(facts)} <eos>")
+            for _ in range(len(self.countries)):
+                sums = [self._fact("arithmetic", "train", rng) for _ in range(4)]
+                lines.append(" ".join(f"{f.subject} is {f.value} ." for f in sums) + " <eos>")
             for topic in content.ADVICE:
                 tip = rng.choice(topic.correct)
                 lines.append(f"to {topic.action} , {tip} . <eos>")
