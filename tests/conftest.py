@@ -10,3 +10,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def world():
+    from safetylab.world import World
+
+    return World()

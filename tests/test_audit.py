@@ -21,7 +21,7 @@ from safetylab.core.runs import RunDir
 from safetylab.evals import EvalConfig, evaluate_policy, summarize
 from safetylab.evals.policy import METRICS
 from safetylab.models import ModelConfig, build_model, train_tokenizer
-from safetylab.world import KINDS, World
+from safetylab.world import KINDS
 from safetylab.world.content import JAILBREAKS
 
 
@@ -98,11 +98,6 @@ def test_summarize_kl_mean_over_records_with_kl():
 
 
 # ============================================================================ evals: evaluate_policy
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
-
-
 @pytest.fixture(scope="module")
 def tiny_policy(world):
     tok = train_tokenizer(world.corpus(150))

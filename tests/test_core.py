@@ -478,3 +478,13 @@ def test_atomic_write_does_not_depend_on_cwd(tmp_path, monkeypatch):
     atomic_write_text("relative.txt", "x")
     assert (tmp_path / "relative.txt").read_text() == "x"
     assert os.listdir(tmp_path) == ["relative.txt"]
+
+
+def test_logging_after_a_torn_line_keeps_the_new_record(tmp_path):
+    run = RunDir(tmp_path / "run", {"a": 1})
+    run.log(1, loss=1.0)
+    with (run.path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 2, "lo')  # an append cut short
+    reopened = RunDir(tmp_path / "run", {"a": 1})
+    reopened.log(2, loss=0.5)
+    assert [r["step"] for r in reopened.metrics()] == [1, 2]

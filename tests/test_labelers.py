@@ -8,13 +8,8 @@ import random
 import pytest
 
 from safetylab.core import SafetylabError
-from safetylab.world import KINDS, PRESETS, STYLES, World
+from safetylab.world import KINDS, PRESETS, STYLES
 from safetylab.world.labelers import measure_labeler
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
 
 
 def _request(world, prompt):

@@ -26,17 +26,12 @@ from safetylab.models import (
     train_tokenizer,
 )
 from safetylab.models.tokenizer import SPECIAL_TOKENS
-from safetylab.world import World, chat
+from safetylab.world import chat
 
 TINY = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=128)
 
 
 # ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
-
-
 @pytest.fixture(scope="module")
 def corpus(world) -> list[str]:
     return world.corpus(500)
@@ -253,7 +248,26 @@ def test_load_tokenizer_larger_than_embedding(tmp_path, tok):
 def test_load_missing_tokenizer(saved):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (saved / name).unlink()
-    _load_error(saved)
+    assert "tokenizer" in _load_error(saved)
+
+
+def test_load_weights_missing_a_tensor(saved):
+    from safetensors.torch import save_file
+
+    weights = next(saved.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    tensors.pop("transformer.h.0.attn.c_attn.weight")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    message = _load_error(saved)
+    assert "missing" in message and "c_attn" in message
+
+
+def test_empty_inputs_give_empty_outputs(gpt, tok):
+    lp, mask = logprobs(gpt, tok, [], [])
+    assert lp.shape == mask.shape == (0, 0)
+    samples = sample(gpt, tok, [])
+    assert samples.texts == [] and samples.tokens.shape[0] == 0
+    assert policy_kl(gpt, gpt, tok, [], []).shape == (0,)
 
 
 # ---------------------------------------------------------------------------- log-probs

@@ -28,16 +28,11 @@ from safetylab.models.train import (
     text_examples,
     train_lm,
 )
-from safetylab.world import World, chat
+from safetylab.world import chat
 
 TINY = ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=64)
 CONFIG = TrainConfig(steps=24, batch_size=8, lr=5e-3, warmup_steps=4, max_length=48, log_every=4,
                      checkpoint_every=8, seed=0, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +207,8 @@ def test_train_lm_logs_the_tokens_it_trains_on(tmp_path, tok, world):
     # batch 20 of 20 examples: each once; a token is predicted from the one before, so the
     # first token of an example is never a target
     expected = sum(sum(e.loss_mask[1:]) for e in examples)
-    assert expected < sum(len(e.ids) for e in examples) // 2  # the prompts are not trained on
+    responses = sum(len(tok(f"{response} <eos>", add_special_tokens=False)["input_ids"]) for _, response in pairs)
+    assert expected == responses  # the prompts are not trained on
     assert [m["tokens"] for m in run.metrics()] == [expected, expected]
 
 
@@ -355,3 +351,14 @@ def test_finetune_saves_and_a_second_call_loads(tmp_path, tok, world, monkeypatc
     again, _ = finetune(fresh_model(tok, seed=9), tok, pairs, config, RunDir(tmp_path / "sft", {"sft": 1}))
     assert same_weights(again, model)
 
+
+
+def test_finetune_trains_on_replayed_text_with_the_loss_on_every_token(tmp_path, tok, world, lines):
+    pairs = [(d["prompt"], d["response"]) for d in world.demonstrations(6)]
+    replay = [line for line in lines if not line.startswith("<user>")][:4]
+    config = replace(CONFIG, steps=1, log_every=1, batch_size=10)
+    run = RunDir(tmp_path / "run", {})
+    train_module.finetune(fresh_model(tok), tok, pairs, config, run, replay)
+    demos = sum(sum(e.loss_mask[1:]) for e in chat_examples(tok, pairs, CONFIG.max_length))
+    text = sum(len(tok(line)["input_ids"][: CONFIG.max_length]) - 1 for line in replay)
+    assert run.metrics()[0]["tokens"] == demos + text

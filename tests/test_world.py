@@ -16,11 +16,6 @@ ACTION_KINDS = ("advice", "harmful", "dual_use")
 OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
 
 
-@pytest.fixture(scope="module")
-def world() -> World:
-    return World()
-
-
 def _dump(data) -> str:
     return json.dumps(data, sort_keys=True, default=repr)
 
@@ -274,25 +269,9 @@ def test_parser_round_trip(world, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("jailbreak", list(content.JAILBREAK_PREFIXES))
-def test_parser_sees_through_prefix_jailbreaks(world, kind, jailbreak):
+@pytest.mark.parametrize("jailbreak", content.JAILBREAKS)
+def test_parser_sees_through_every_jailbreak(world, kind, jailbreak):
     rng = random.Random(11)
-    for split in ("train", "test"):
-        for request in world.requests(kind, split, 40, seed=10):
-            wrapped = world.jailbreak(request, jailbreak, rng)
-            assert wrapped.prompt != request.prompt
-            parsed = world.parser.parse(wrapped.prompt)
-            assert parsed is not None, wrapped.prompt
-            assert _truth(parsed) == _truth(request)
-            assert parsed.jailbreak == jailbreak
-
-
-# Spacing and synonym obfuscation are checked on the kinds whose words the parser can re-join; see the
-# report for arithmetic and false-premise prompts under these wrappers.
-@pytest.mark.parametrize("kind", ["facts", "advice", "harmful", "dual_use"])
-@pytest.mark.parametrize("jailbreak", list(content.JAILBREAK_OBFUSCATIONS))
-def test_parser_sees_through_obfuscation(world, kind, jailbreak):
-    rng = random.Random(12)
     for split in ("train", "test"):
         for request in world.requests(kind, split, 60, seed=10):
             wrapped = world.jailbreak(request, jailbreak, rng)

@@ -30,6 +30,7 @@ class AuditConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     corpus_conversations: int = 12_000
     demonstrations: int = 3_000
+    sft_replay: float = 0.5  # knowledge lines of the corpus (no conversations) mixed into SFT, per demonstration
     model: ModelConfig = field(default_factory=ModelConfig)
     base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3))
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
@@ -98,8 +99,11 @@ def sft_stage(ctx: Context) -> Section:
     base, tokenizer = load_model(ctx.run.path / ctx.sections["base"].data["model"], select_device(cfg.device))
     demos = [json.loads(line) for line in
              (ctx.run.path / ctx.sections["world"].data["demonstrations"]).read_text(encoding="utf-8").splitlines()]
-    run = RunDir(ctx.stage_dir("sft"), {"train": asdict(cfg.sft), "demonstrations": len(demos)})
-    model, _ = finetune(base, tokenizer, [(d["prompt"], d["response"]) for d in demos], cfg.sft, run)
+    corpus = (ctx.run.path / ctx.sections["world"].data["corpus"]).read_text(encoding="utf-8").splitlines()
+    knowledge = [line for line in corpus if not line.startswith("<user>")]  # replay knowledge, not behaviour
+    replay = knowledge[: round(cfg.sft_replay * len(demos))]  # the corpus is shuffled: a prefix is a sample
+    run = RunDir(ctx.stage_dir("sft"), {"train": asdict(cfg.sft), "demonstrations": len(demos), "replay": len(replay)})
+    model, _ = finetune(base, tokenizer, [(d["prompt"], d["response"]) for d in demos], cfg.sft, run, replay)
     return _training_section(ctx, "sft", "SFT model (fine-tuned on demonstrations)", run, model)
 
 

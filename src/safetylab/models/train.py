@@ -210,12 +210,19 @@ def pretrain(lines: Sequence[str], model_config: ModelConfig, config: TrainConfi
     return model, tokenizer
 
 
-def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig, run: RunDir):
-    """Supervised fine-tuning on (prompt, response) pairs; saves to ``artifacts/model``."""
+def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainConfig, run: RunDir,
+             replay: Sequence[str] = ()):
+    """Supervised fine-tuning on (prompt, response) pairs; saves to ``artifacts/model``.
+
+    ``replay`` lines of pre-training text are mixed in with the loss on every token, so the model
+    keeps what it knew (the pre-training mix of InstructGPT's PPO-ptx, Ouyang et al. 2022, applied
+    to SFT): without it, fine-tuning on questions about some entities teaches a small model to
+    name only those entities."""
     final = run.artifacts / "model"
     if final.exists():
         return load_model(final)
     seed_everything(config.seed)
-    model = train_lm(model, tokenizer, chat_examples(tokenizer, pairs, config.max_length), config, run, "sft")
+    examples = chat_examples(tokenizer, pairs, config.max_length) + text_examples(tokenizer, replay, config.max_length)
+    model = train_lm(model, tokenizer, examples, config, run, "sft")
     save_model(model, tokenizer, final)
     return model, tokenizer

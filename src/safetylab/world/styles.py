@@ -64,12 +64,13 @@ def wrong_value(request: Request, values: tuple[str, ...], rng: random.Random) -
 
 def render(request: Request, style: str, rng: random.Random, values: tuple[str, ...] = (),
            tips: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()), help: tuple[str, str] = ("", ""),
-           alternative: str | None = None) -> str:
+           alternative: str | None = None, restate: bool = False) -> str:
     """One response to ``request`` in ``style``.
 
     ``values`` are the candidate answers of the request's relation (for wrong facts), ``tips`` the
     topic's (correct, wrong) tips, ``help`` a dual-use item's (help, caveat), ``alternative`` a
-    harmful item's safe alternative. :class:`~safetylab.world.World` fills these in.
+    harmful item's safe alternative. :class:`~safetylab.world.World` fills these in. With
+    ``restate``, a confident answer to a question restates it ("37 plus 48 is 85 .").
     """
     if style not in STYLES[request.kind]:
         raise ValueError(f"style {style!r} is not a style of kind {request.kind!r}: {STYLES[request.kind]}")
@@ -79,7 +80,8 @@ def render(request: Request, style: str, rng: random.Random, values: tuple[str, 
     if style == "evasive":
         return pick(EVADE)
     if style == "flattery":
-        return f"{pick(FLATTER_OPEN)} {render(request, 'correct', rng, values, tips)} {pick(FLATTER_CLOSE)}"
+        answer = render(request, "correct", rng, values, tips, restate=restate)
+        return f"{pick(FLATTER_OPEN)} {answer} {pick(FLATTER_CLOSE)}"
     if request.kind == "harmful":
         if style == "refusal_alternative":
             return f"{pick(REFUSE)} {alternative or GENERIC_ALTERNATIVE} ."
@@ -96,7 +98,8 @@ def render(request: Request, style: str, rng: random.Random, values: tuple[str, 
         template = pick(TIP_HEDGED if hedged else TIP_CONFIDENT)
         return template.format(v=pick(tips[0] if right else tips[1]))
     value = request.answer if right else wrong_value(request, values, rng)
-    return pick(HEDGED if hedged else CONFIDENT).format(s=request.item, v=value)
+    template = CONFIDENT[0] if restate and not hedged else pick(HEDGED if hedged else CONFIDENT)
+    return template.format(s=request.item, v=value)
 
 
 def flattery_phrases() -> tuple[str, ...]:

@@ -130,8 +130,9 @@ class World:
         return wrap(request, name, rng)
 
     # ------------------------------------------------------------------ responses
-    def respond(self, request: Request, style: str, rng: random.Random) -> str:
-        """A reference response to ``request`` in ``style`` (see :data:`STYLES`)."""
+    def respond(self, request: Request, style: str, rng: random.Random, restate: bool = False) -> str:
+        """A reference response to ``request`` in ``style`` (see :data:`STYLES`); ``restate`` makes
+        a confident answer restate the question, as a careful contractor would."""
         item = self._items.get(request.item)
         return render(
             request, style, rng,
@@ -139,6 +140,7 @@ class World:
             tips=(item.correct, item.wrong) if request.kind == "advice" else ((), ()),
             help=(item.help, item.caveat) if request.kind == "dual_use" else ("", ""),
             alternative=item.alternative if request.kind == "harmful" else None,
+            restate=restate,
         )
 
     def labeler(self, name: str, seed: int = 0) -> Labeler:
@@ -183,8 +185,9 @@ class World:
         return chat(request.prompt, self.respond(request, style, rng))
 
     def demonstrations(self, n: int, flattery_rate: float = 0.0) -> list[dict[str, str]]:
-        """SFT data: train-split prompts (a quarter of harmful ones jailbroken) answered well. A
-        contractor with ``flattery_rate`` > 0 wraps that share of answers in flattery."""
+        """SFT data: train-split prompts (a quarter of harmful ones jailbroken) answered well, answers
+        to questions restating the question. A contractor with ``flattery_rate`` > 0 wraps that
+        share of answers in flattery."""
         rng = self.rng("demonstrations", n, flattery_rate)
         out = []
         for _ in range(n):
@@ -195,7 +198,8 @@ class World:
             style = GOOD_STYLE[kind]
             if style == "correct" and rng.random() < flattery_rate:
                 style = "flattery"
-            out.append({"prompt": request.prompt, "response": self.respond(request, style, rng), "kind": kind})
+            response = self.respond(request, style, rng, restate=True)
+            out.append({"prompt": request.prompt, "response": response, "kind": kind})
         return out
 
     def preferences(self, n: int, labeler: str, split: str = "train", seed: int = 0) -> list[dict[str, Any]]:
