@@ -27,17 +27,14 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 
 @app.callback()
 def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
-    _state["debug"] = debug
-
-
-_state = {"debug": False}
+    """Options for every command (``--debug`` is read by :func:`main`, which reports errors)."""
 
 
 # ---------------------------------------------------------------------------- audit
 @app.command()
 def audit(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/audit"),
-    quick: Annotated[bool, typer.Option(help="Smaller models and data, same stages (about 2 minutes).")] = False,
+    quick: Annotated[bool, typer.Option(help="Smaller models and data, same stages (under a minute).")] = False,
     seed: Seed = 0,
     device: Device = "auto",
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file of AuditConfig fields.")] = None,
@@ -239,7 +236,7 @@ def main() -> None:
     try:
         app()
     except SafetylabError as e:
-        if _state["debug"]:
+        if "--debug" in sys.argv[1:]:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
