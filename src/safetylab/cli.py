@@ -163,6 +163,62 @@ def train_sft(
     print(f"model: {run.artifacts / 'model'}")
 
 
+@train_app.command("rm")
+def train_rm(
+    base: Annotated[Path, typer.Option(help="Backbone: a model directory (save_pretrained), e.g. the SFT model.")],
+    preferences: Annotated[
+        Path | None, typer.Option(help='JSONL of {"prompt","chosen","rejected"} (default: the world\'s).')
+    ] = None,
+    labeler: Annotated[str, typer.Option(help="Labeler preset of the world's preferences.")] = "typical",
+    n: Annotated[int, typer.Option(help="World preference pairs to train on (without --preferences).")] = 4_000,
+    members: Annotated[int, typer.Option(help="Ensemble size (members differ in seed).")] = 1,
+    steps: Annotated[int | None, typer.Option(help="Training steps per member.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/rm"),
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """Train a Bradley–Terry reward model (or an ensemble) and report held-out accuracy, margin and
+    agreement with the gold judge."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from safetylab.align.data import preferences_from_records, read_preferences
+    from safetylab.align.reward import RewardConfig, RewardEnsemble, evaluate_reward_model, fit_reward_models
+    from safetylab.core.devices import select_device
+    from safetylab.core.runs import RunDir
+    from safetylab.world import World, WorldConfig
+
+    if members < 1:
+        raise SafetylabError(f"--members: expected at least 1, got {members}")
+    config = RewardConfig(members=members)
+    config = replace(config, train=replace(config.train, seed=seed, device=device,
+                                           steps=config.train.steps if steps is None else steps))
+    if preferences is not None:
+        data = read_preferences(preferences)
+        cut = max(len(data.rows) * 9 // 10, 1)
+        train_rows, held_out = data.rows[:cut], data.rows[cut:] or data.rows[-1:]
+        source, skipped = str(preferences), data.skipped
+    else:
+        world = World(WorldConfig(seed=seed))
+        train_rows = preferences_from_records(world.preferences(n, labeler)).rows
+        held_out = preferences_from_records(world.preferences(max(n // 5, 100), labeler, split="test")).rows
+        source, skipped = f"world seed {seed}, labeler {labeler}, {n} pairs", []
+    for line, reason in skipped:
+        print(f"skipped line {line}: {reason}", file=sys.stderr)
+    run = RunDir(out, {"base": str(base), "preferences": source, "reward": asdict(config)})
+    models, tokenizer = fit_reward_models(base, train_rows, config, run, select_device(device))
+    results = {f"member {i}": evaluate_reward_model(m, tokenizer, held_out) for i, m in enumerate(models)}
+    if len(models) > 1:
+        results["ensemble mean"] = evaluate_reward_model(RewardEnsemble(models), tokenizer, held_out)
+    run.write_json("eval.json", {"held_out_pairs": len(held_out), "skipped": len(skipped), **results})
+    table = Table("reward model", "accuracy", "margin", "gold agreement", title=f"held-out pairs: {len(held_out)}")
+    for name, m in results.items():
+        table.add_row(name, f"{m['accuracy']:.3f}", f"{m['margin']:.3f}",
+                      f"{m['gold_agreement']:.3f}" if "gold_agreement" in m else "–")
+    Console().print(table)
+    print(f"reward models: {run.path / 'members'}/*/artifacts/reward-model")
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model directory (save_pretrained).")],

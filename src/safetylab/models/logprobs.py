@@ -94,20 +94,31 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     return out, mask
 
 
+def kl_per_token(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token estimates of KL(p ‖ q) at tokens sampled from p (Schulman 2020, "Approximating KL
+    divergence"), with ``r = log p − log q``; masked-out entries are 0:
+
+    - k1 = r                         unbiased, high variance, can be negative
+    - k2 = ½ r²                      biased, low variance
+    - k3 = (e^{−r} − 1) + r          unbiased, non-negative, low variance
+    """
+    r = (logp - logq) * mask
+    return {
+        "k1": r,
+        "k2": 0.5 * r.pow(2) * mask,
+        "k3": (torch.expm1(-r) + r) * mask,
+    }
+
+
 def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sequence estimates of KL(p ‖ q) from tokens sampled from p (Schulman 2020,
-    "Approximating KL divergence"), with ``r = log p − log q`` per token:
+    "Approximating KL divergence"): the sums over tokens of :func:`kl_per_token`, with ``r = log p − log q``:
 
     - k1 = Σ r                       unbiased, high variance, can be negative
     - k2 = Σ ½ r²                    biased, low variance
     - k3 = Σ (e^{−r} − 1) + r        unbiased, non-negative, low variance
     """
-    r = (logp - logq) * mask
-    return {
-        "k1": r.sum(-1),
-        "k2": (0.5 * r.pow(2) * mask).sum(-1),
-        "k3": ((torch.expm1(-r) + r) * mask).sum(-1),
-    }
+    return {name: k.sum(-1) for name, k in kl_per_token(logp, logq, mask).items()}
 
 
 def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,11 +116,29 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig, run: RunDir,
-             description: str = "train"):
-    """Train ``model`` on ``examples`` for ``config.steps`` steps, resuming from the run's latest
-    checkpoint if there is one. Logs ``loss``, ``lr`` and ``tokens`` to ``metrics.jsonl``."""
-    if not examples:
+@dataclass(frozen=True)
+class Step:
+    """What one optimisation step of :func:`train_loop` works on: the global batch's example
+    indices, this process's share of them, the device, and the number of processes."""
+
+    indices: list[int]
+    local: list[int]
+    device: torch.device
+    processes: int
+
+
+StepLoss = Callable[[torch.nn.Module, Step], tuple[torch.Tensor, dict[str, float]]]
+
+
+def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, config: TrainConfig, run: RunDir,
+               description: str = "train") -> torch.nn.Module:
+    """The one training loop: AdamW, warm-up and cosine decay, gradient clipping, under
+    ``accelerate``; resumes from the run's latest checkpoint; logs ``loss``, the mean over each
+    window of the statistics ``step_loss`` returns (averaged over processes) and ``lr``.
+
+    ``step_loss(model, step)`` computes the loss on ``step.local``. A non-finite loss stops the run
+    with an error naming the step, after checkpointing the last good weights (never a NaN)."""
+    if n_examples < 1:
         raise SafetylabError(f"{run.path}: no training examples")
     if config.steps < 1 or config.batch_size < 1 or config.log_every < 1 or config.checkpoint_every < 1:
         raise SafetylabError("train: steps, batch_size, log_every and checkpoint_every must be at least 1, got "
@@ -130,41 +148,58 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
                              f"({config.log_every}), so a resumed run logs the same windows")
     device = select_device(config.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.95))
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     start = _resume(accelerator, run)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    rank, processes = accelerator.process_index, accelerator.num_processes
     model.train()
-    losses, tokens = [], 0
+    window: dict[str, list[float]] = {}
     with Progress(description, config.steps - start) as progress:
         for step in range(start, config.steps):
-            indices = batch_indices(len(examples), config.batch_size, config.seed, step)
-            batch_tokens = sum(sum(examples[i].loss_mask[1:]) for i in indices)
-            batch = collate([examples[i] for i in indices[rank::world]], tokenizer.pad_token_id)
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            indices = batch_indices(n_examples, config.batch_size, config.seed, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = lm_loss(logits, batch["labels"], max(batch_tokens, 1) / world)
+            loss, stats = step_loss(model, Step(indices, indices[rank::processes], accelerator.device, processes))
+            values = accelerator.reduce(torch.tensor([loss.item(), *stats.values()], device=accelerator.device),
+                                        reduction="mean").tolist()
+            if not math.isfinite(values[0]):
+                _checkpoint(accelerator, run, step)
+                raise SafetylabError(f"{run.path}: the loss is {values[0]} at step {step + 1}; stopped, with the "
+                                     f"weights of step {step} saved in {run.checkpoint_dir(step)}")
             accelerator.backward(loss)
             if config.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(accelerator.reduce(loss.detach(), reduction="sum").item() / world)
-            tokens += batch_tokens
-            progress.advance(1, loss=losses[-1])
+            for name, value in zip(("loss", *stats), values):
+                window.setdefault(name, []).append(value)
+            progress.advance(1, loss=values[0])
             done = step + 1
             if done % config.log_every == 0 or done == config.steps:
                 if accelerator.is_main_process:
-                    run.log(done, loss=round(sum(losses) / len(losses), 6), lr=round(lr_at(step, config), 8),
-                            tokens=tokens)
-                losses, tokens = [], 0
+                    means = {k: round(sum(v) / len(v), 6) for k, v in window.items()}
+                    run.log(done, **means, lr=round(lr_at(step, config), 8))
+                window = {}
             if done % config.checkpoint_every == 0 and done < config.steps:
                 _checkpoint(accelerator, run, done)
     model.eval()
     return accelerator.unwrap_model(model)
+
+
+def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig, run: RunDir,
+             description: str = "train"):
+    """Train a causal LM on ``examples`` with :func:`train_loop`; logs ``loss``, ``tokens`` (labelled
+    tokens per global batch, averaged over the window) and ``lr``."""
+
+    def step_loss(model, step: Step):
+        tokens = sum(sum(examples[i].loss_mask[1:]) for i in step.indices)
+        batch = collate([examples[i] for i in step.local], tokenizer.pad_token_id)
+        batch = {k: v.to(step.device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return lm_loss(logits, batch["labels"], max(tokens, 1) / step.processes), {"tokens": float(tokens)}
+
+    return train_loop(model, len(examples), step_loss, config, run, description)
 
 
 def _checkpoint(accelerator: Accelerator, run: RunDir, step: int) -> None:

@@ -1,0 +1,57 @@
+"""Preference data: JSONL ``{"prompt","chosen","rejected"}`` (TRL's format), read strictly.
+
+Every row is checked; a bad row is an error naming its file and line, except pairs whose chosen and
+rejected responses are identical, which carry no preference: they are skipped, counted and reported
+(:attr:`Preferences.skipped`), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from safetylab.core.errors import SafetylabError
+from safetylab.core.io import read_jsonl
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: str
+    chosen: str
+    rejected: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Preferences:
+    rows: list[Preference]
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def preferences_from_records(records, where: str = "preferences") -> Preferences:
+    """Validate preference records (dicts) as :func:`read_preferences` does."""
+    out = Preferences([])
+    for number, record in enumerate(records, start=1):
+        at = f"{where}, line {number}"
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(record.get(key), str):
+                raise SafetylabError(f"{at}: expected a string field {key!r}")
+            if not record[key].strip():
+                raise SafetylabError(f"{at}: field {key!r} is empty")
+        if record["chosen"].strip() == record["rejected"].strip():
+            out.skipped.append((number, "chosen and rejected are identical"))
+            continue
+        meta = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
+        out.rows.append(Preference(record["prompt"], record["chosen"], record["rejected"], meta))
+    if not out.rows:
+        raise SafetylabError(f"{where}: no usable preference pairs ({len(out.skipped)} skipped)")
+    return out
+
+
+def read_preferences(path: str | os.PathLike) -> Preferences:
+    """Read a preference JSONL file (extra keys are kept as metadata)."""
+    return preferences_from_records(read_jsonl(path), where=str(path))
