@@ -362,3 +362,25 @@ def test_finetune_trains_on_replayed_text_with_the_loss_on_every_token(tmp_path,
     demos = sum(sum(e.loss_mask[1:]) for e in chat_examples(tok, pairs, CONFIG.max_length))
     text = sum(len(tok(line)["input_ids"][: CONFIG.max_length]) - 1 for line in replay)
     assert run.metrics()[0]["tokens"] == demos + text
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_weights(tmp_path, tok, examples):
+    from safetensors.torch import load_file
+
+    from safetylab.models.train import Step, train_loop
+
+    model = fresh_model(tok)
+    calls: list[Step] = []
+
+    def step_loss(model, step: Step):
+        calls.append(step)
+        loss = model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss
+        return (loss * float("nan") if len(calls) == 4 else loss), {}
+
+    run = RunDir(tmp_path / "run", {})
+    with pytest.raises(SafetylabError, match=r"the loss is nan at step 4; stopped, with the weights of step 3"):
+        train_loop(model, len(examples), step_loss, replace(CONFIG, steps=10), run)
+    saved = run.latest_checkpoint()
+    assert saved is not None and saved[0] == 3
+    for name, tensor in load_file(str(next(saved[1].glob("model*.safetensors")))).items():
+        assert torch.isfinite(tensor).all(), name
