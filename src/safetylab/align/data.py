@@ -8,11 +8,14 @@ rejected responses are identical, which carry no preference: they are skipped, c
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import read_jsonl
+from safetylab.models.logprobs import Template, encode_pairs
+from safetylab.world.world import chat
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,11 @@ def preferences_from_records(records, where: str = "preferences") -> Preferences
 def read_preferences(path: str | os.PathLike) -> Preferences:
     """Read a preference JSONL file (extra keys are kept as metadata)."""
     return preferences_from_records(read_jsonl(path), where=str(path))
+
+
+def encode_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
+                       max_length: int | None = None):
+    """Chosen rows then rejected rows of one batch, so a single forward pass scores both."""
+    prompts = [r.prompt for r in rows] * 2
+    responses = [r.chosen for r in rows] + [r.rejected for r in rows]
+    return encode_pairs(tokenizer, prompts, responses, template, max_length)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from safetylab.align.data import Preference
+from safetylab.align.data import Preference, encode_preferences
 from safetylab.align.losses import bradley_terry_loss
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
@@ -92,14 +92,6 @@ def backbone_from(path: str | os.PathLike, device: torch.device | str = "cpu"):
     if tokenizer.pad_token_id is None:
         raise SafetylabError(f"{path}: the tokenizer has no pad token (set tokenizer.pad_token first)")
     return backbone.to(device), tokenizer
-
-
-def encode_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
-                       max_length: int | None = None):
-    """Chosen rows then rejected rows of one batch, so a single forward pass scores both."""
-    prompts = [r.prompt for r in rows] * 2
-    responses = [r.chosen for r in rows] + [r.rejected for r in rows]
-    return encode_pairs(tokenizer, prompts, responses, template, max_length)
 
 
 @torch.no_grad()

@@ -62,6 +62,25 @@ def evaluate_policy(model, tokenizer, judge: GoldJudge, requests: Sequence[Reque
     return {"by_kind": by_kind, "overall": summarize(records), "samples": records}
 
 
+def gold_tracker(tokenizer, judge: GoldJudge, requests: Sequence[Request], reference=None,
+                 config: EvalConfig = EvalConfig()):
+    """An ``evaluate(model)`` for training loops: gold utility (overall and by kind), harmful
+    compliance, jailbreak success, over-refusal and KL to ``reference`` on ``requests``, under
+    ``gold/…`` names, so one plot shows proxy against gold against KL for any run."""
+
+    def evaluate(model) -> dict[str, float]:
+        result = evaluate_policy(model, tokenizer, judge, requests, reference, config)
+        overall = result["overall"]
+        metrics = {f"gold/{name}": overall[key] for name, key in (
+            ("utility", "gold_utility"), ("harmful_compliance", "harmful_compliance"),
+            ("jailbreak_success", "jailbreak_success"), ("over_refusal", "over_refusal"),
+            ("accuracy", "accuracy"), ("kl", "kl_to_reference"))}
+        metrics.update({f"gold/utility/{kind}": m["gold_utility"] for kind, m in result["by_kind"].items()})
+        return {k: v for k, v in metrics.items() if v is not None}
+
+    return evaluate
+
+
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The metrics above over score records (dicts of :class:`Score` fields plus optional ``kl``);
     a metric with no applicable record is ``None``."""
@@ -94,4 +113,4 @@ def _rate(records: Sequence[dict[str, Any]], field: str, value: Any) -> float | 
     return round(sum(r[field] == value for r in records) / len(records), 6) if records else None
 
 
-__all__ = ["METRICS", "EvalConfig", "Score", "evaluate_policy", "summarize"]
+__all__ = ["METRICS", "EvalConfig", "Score", "evaluate_policy", "gold_tracker", "summarize"]

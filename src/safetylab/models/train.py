@@ -38,6 +38,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     log_every: int = 25
     checkpoint_every: int = 250
+    eval_every: int = 0  # 0: evaluate only at the end (when the loop is given an evaluation)
     seed: int = 0
     device: str = "auto"
 
@@ -131,18 +132,24 @@ StepLoss = Callable[[torch.nn.Module, Step], tuple[torch.Tensor, dict[str, float
 
 
 def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, config: TrainConfig, run: RunDir,
-               description: str = "train") -> torch.nn.Module:
+               description: str = "train",
+               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> torch.nn.Module:
     """The one training loop: AdamW, warm-up and cosine decay, gradient clipping, under
     ``accelerate``; resumes from the run's latest checkpoint; logs ``loss``, the mean over each
     window of the statistics ``step_loss`` returns (averaged over processes) and ``lr``.
 
     ``step_loss(model, step)`` computes the loss on ``step.local``. A non-finite loss stops the run
-    with an error naming the step, after checkpointing the last good weights (never a NaN)."""
+    with an error naming the step, after checkpointing the last good weights (never a NaN).
+    ``evaluate(model)``, if given, runs on the main process every ``config.eval_every`` steps and at
+    the end, in eval mode, with its own random stream (seeded by the step, so a resumed run repeats
+    it), and its metrics join that step's record."""
     if n_examples < 1:
         raise SafetylabError(f"{run.path}: no training examples")
     if config.steps < 1 or config.batch_size < 1 or config.log_every < 1 or config.checkpoint_every < 1:
         raise SafetylabError("train: steps, batch_size, log_every and checkpoint_every must be at least 1, got "
                              f"{config.steps}, {config.batch_size}, {config.log_every}, {config.checkpoint_every}")
+    if config.eval_every % config.log_every:
+        raise SafetylabError(f"eval_every ({config.eval_every}) must be a multiple of log_every ({config.log_every})")
     if config.checkpoint_every % config.log_every:
         raise SafetylabError(f"checkpoint_every ({config.checkpoint_every}) must be a multiple of log_every "
                              f"({config.log_every}), so a resumed run logs the same windows")
@@ -179,7 +186,9 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
             if done % config.log_every == 0 or done == config.steps:
                 if accelerator.is_main_process:
                     means = {k: round(sum(v) / len(v), 6) for k, v in window.items()}
-                    run.log(done, **means, lr=round(lr_at(step, config), 8))
+                    due = done == config.steps or (config.eval_every and done % config.eval_every == 0)
+                    extra = _evaluate(accelerator.unwrap_model(model), evaluate, config.seed + done) if due else {}
+                    run.log(done, **means, lr=round(lr_at(step, config), 8), **extra)
                 window = {}
             if done % config.checkpoint_every == 0 and done < config.steps:
                 _checkpoint(accelerator, run, done)
@@ -200,6 +209,17 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
         return lm_loss(logits, batch["labels"], max(tokens, 1) / step.processes), {"tokens": float(tokens)}
 
     return train_loop(model, len(examples), step_loss, config, run, description)
+
+
+def _evaluate(model: torch.nn.Module, evaluate, seed: int) -> dict[str, float]:
+    if evaluate is None:
+        return {}
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        metrics = evaluate(model)
+    model.train()
+    return metrics
 
 
 def _checkpoint(accelerator: Accelerator, run: RunDir, step: int) -> None:

@@ -1,0 +1,114 @@
+"""Direct preference optimisation and its relatives, trained on (prompt, chosen, rejected) rows.
+
+The loss is chosen by name from :data:`LOSSES` (each a pure function in :mod:`.losses`). Reference
+log-probs are computed once, before training, so the reference model is not held in memory while the
+policy trains. Logged per window: ``loss`` and TRL's ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``; with a gold
+tracker, the gold judge's metrics every ``eval_every`` steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from safetylab.align.data import Preference, encode_preferences
+from safetylab.align.losses import (
+    PreferenceLoss,
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    preference_metrics,
+    robust_dpo_loss,
+    simpo_loss,
+)
+from safetylab.core.errors import SafetylabError
+from safetylab.core.runs import RunDir
+from safetylab.models.logprobs import Template, batch_logprobs
+from safetylab.models.train import Step, TrainConfig, train_loop
+from safetylab.world.world import chat
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    train: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10,
+                                     checkpoint_every=50, eval_every=50)
+    loss: str = "sigmoid"  # one of LOSSES
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # cDPO and robust DPO
+    gamma: float = 0.5  # SimPO's target margin
+
+
+@dataclass(frozen=True)
+class SequenceLogps:
+    """Per-pair sums of response log-probs and response lengths (eos included)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+
+
+LossFn = Callable[[SequenceLogps, SequenceLogps, DPOConfig], PreferenceLoss]
+LOSSES: dict[str, LossFn] = {
+    "sigmoid": lambda p, r, c: dpo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta,
+                                        label_smoothing=c.label_smoothing),
+    "robust": lambda p, r, c: robust_dpo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta,
+                                              label_smoothing=c.label_smoothing),
+    "ipo": lambda p, r, c: ipo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta,
+                                    chosen_lengths=p.chosen_lengths, rejected_lengths=p.rejected_lengths),
+    "hinge": lambda p, r, c: hinge_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta),
+    "simpo": lambda p, r, c: simpo_loss(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=c.beta,
+                                        gamma=c.gamma),
+}
+REFERENCE_FREE = ("simpo",)
+
+
+def sequence_logps(model, tokenizer, rows: Sequence[Preference], template: Template = chat,
+                   max_length: int | None = None, device: torch.device | str | None = None) -> SequenceLogps:
+    """Sum of log-probs of each chosen and rejected response, in one forward pass over both."""
+    device = device or next(model.parameters()).device
+    batch = encode_preferences(tokenizer, rows, template, max_length).to(device)
+    logps, mask = batch_logprobs(model, batch)
+    sums, lengths = logps.sum(-1), mask.sum(-1)
+    return SequenceLogps(*sums.chunk(2), *lengths.chunk(2))
+
+
+@torch.no_grad()
+def reference_logps(reference, tokenizer, rows: Sequence[Preference], template: Template = chat,
+                    max_length: int | None = None, batch_size: int = 64) -> SequenceLogps:
+    """:func:`sequence_logps` of every row under the frozen reference, computed once."""
+    parts = [sequence_logps(reference, tokenizer, rows[i:i + batch_size], template, max_length)
+             for i in range(0, len(rows), batch_size)]
+    return SequenceLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu()
+                           for f in ("chosen", "rejected", "chosen_lengths", "rejected_lengths")))
+
+
+def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, run: RunDir, reference=None,
+              template: Template = chat, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+    """Optimise ``policy`` on ``rows`` with ``config.loss``; ``reference`` is needed except for
+    reference-free losses (SimPO). Returns the trained policy."""
+    if config.loss not in LOSSES:
+        raise SafetylabError(f"unknown preference loss {config.loss!r} (expected one of: {', '.join(LOSSES)})")
+    max_length = config.train.max_length
+    ref = None
+    if config.loss not in REFERENCE_FREE:
+        if reference is None:
+            raise SafetylabError(f"loss {config.loss!r} needs a reference model")
+        ref = reference_logps(reference, tokenizer, rows, template, max_length)
+
+    def step_loss(model, step: Step):
+        local = [rows[i] for i in step.local]
+        logps = sequence_logps(model, tokenizer, local, template, max_length, step.device)
+        index = torch.tensor(step.local)
+        ref_logps = logps if ref is None else SequenceLogps(
+            *(getattr(ref, f)[index].to(step.device) for f in ("chosen", "rejected", "chosen_lengths",
+                                                                "rejected_lengths")))
+        out = LOSSES[config.loss](logps, ref_logps, config)
+        metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, logps.chosen.detach(),
+                                     logps.rejected.detach())
+        return out.losses.mean(), metrics
+
+    return train_loop(policy, len(rows), step_loss, config.train, run, f"dpo ({config.loss})", evaluate)

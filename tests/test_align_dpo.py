@@ -1,0 +1,123 @@
+"""DPO-family training on any HF causal LM: losses fall, weights move, references are used right."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from safetylab.align.data import preferences_from_records
+from safetylab.align.dpo import LOSSES, DPOConfig, reference_logps, sequence_logps, train_dpo
+from safetylab.core import RunDir, SafetylabError
+from safetylab.evals.policy import EvalConfig, gold_tracker
+from safetylab.models import logprobs, train_tokenizer
+from safetylab.models.train import TrainConfig
+
+TRAIN = TrainConfig(steps=12, batch_size=8, lr=5e-3, warmup_steps=1, max_length=64, log_every=4,
+                    checkpoint_every=4, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return train_tokenizer(world.corpus(300, fact_repeats=1))
+
+
+@pytest.fixture(scope="module")
+def rows(world):
+    return preferences_from_records(world.preferences(32, "ideal")).rows
+
+
+def _model(tok, name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+
+
+def test_sequence_logps_sum_the_response_tokens(tok, rows):
+    model = _model(tok, "gpt2").eval()
+    with torch.no_grad():
+        got = sequence_logps(model, tok, rows[:4])
+        lp, mask = logprobs(model, tok, [r.prompt for r in rows[:4]], [r.chosen for r in rows[:4]])
+    torch.testing.assert_close(got.chosen, lp.sum(-1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.chosen_lengths, mask.sum(-1))
+
+
+def test_reference_logps_are_the_same_in_any_batching(tok, rows):
+    model = _model(tok, "gpt2").eval()
+    whole = reference_logps(model, tok, rows[:10], batch_size=64)
+    pieces = reference_logps(model, tok, rows[:10], batch_size=3)
+    torch.testing.assert_close(whole.rejected, pieces.rejected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_every_loss_trains_every_model(tmp_path, tok, rows, name, loss):
+    policy, reference = _model(tok, name), _model(tok, name).eval()
+    before = [p.clone() for p in policy.parameters()]
+    config = DPOConfig(train=TRAIN, loss=loss, beta=2.0 if loss == "simpo" else 0.5, label_smoothing=0.1)
+    run = RunDir(tmp_path / "dpo", {})
+    train_dpo(policy, tok, rows, config, run, None if loss == "simpo" else reference)
+    metrics = run.metrics()
+    assert metrics[-1]["loss"] < metrics[0]["loss"]
+    assert metrics[-1]["rewards/margins"] > metrics[0]["rewards/margins"]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps/chosen", "logps/rejected"} <= set(
+        metrics[-1])
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_at_the_start_the_implicit_rewards_are_zero(tmp_path, tok, rows):
+    policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+    config = DPOConfig(train=replace(TRAIN, steps=1, log_every=1, lr=1e-12, warmup_steps=0), loss="sigmoid")
+    run = RunDir(tmp_path / "dpo", {})
+    train_dpo(policy, tok, rows, config, run, reference)
+    first = run.metrics()[0]
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-5)  # log 2: policy equals reference
+
+
+def test_gold_tracking_joins_the_records_at_evaluation_steps(tmp_path, tok, rows, world):
+    policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+    requests = world.evaluation_set(2, 1)
+    tracker = gold_tracker(tok, world.judge, requests, reference, EvalConfig(max_new_tokens=8))
+    config = DPOConfig(train=replace(TRAIN, eval_every=8), loss="sigmoid")
+    run = RunDir(tmp_path / "dpo", {})
+    train_dpo(policy, tok, rows, config, run, reference, evaluate=tracker)
+    evaluated = [m["step"] for m in run.metrics() if "gold/utility" in m]
+    assert evaluated == [8, 12]  # every eval_every steps and at the end
+    last = run.metrics()[-1]
+    assert last["gold/kl"] > 0 and "gold/utility/harmful" in last and "gold/harmful_compliance" in last
+
+
+def test_resumed_dpo_repeats_the_uninterrupted_run(tmp_path, tok, rows, world):
+    requests = world.evaluation_set(1, 1)
+
+    def run_dpo(path):
+        policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+        tracker = gold_tracker(tok, world.judge, requests, reference, EvalConfig(max_new_tokens=6))
+        config = DPOConfig(train=replace(TRAIN, eval_every=4), loss="sigmoid")
+        train_dpo(policy, tok, rows, config, RunDir(path, {}), reference, evaluate=tracker)
+        return (path / "metrics.jsonl").read_text(), [p.detach().clone() for p in policy.parameters()]
+
+    whole, weights = run_dpo(tmp_path / "run")
+    # an interruption after step 5: the checkpoint at step 8 was never written
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000008")
+    resumed, resumed_weights = run_dpo(tmp_path / "run")
+    assert resumed == whole
+    assert all(torch.equal(a, b) for a, b in zip(weights, resumed_weights))
+
+
+def test_bad_settings_are_clear_errors(tmp_path, tok, rows):
+    policy = _model(tok, "gpt2")
+    with pytest.raises(SafetylabError, match="unknown preference loss 'kto'"):
+        train_dpo(policy, tok, rows, DPOConfig(train=TRAIN, loss="kto"), RunDir(tmp_path / "a", {}), policy)
+    with pytest.raises(SafetylabError, match="needs a reference model"):
+        train_dpo(policy, tok, rows, DPOConfig(train=TRAIN), RunDir(tmp_path / "b", {}))
