@@ -121,3 +121,30 @@ def test_bad_settings_are_clear_errors(tmp_path, tok, rows):
         train_dpo(policy, tok, rows, DPOConfig(train=TRAIN, loss="kto"), RunDir(tmp_path / "a", {}), policy)
     with pytest.raises(SafetylabError, match="needs a reference model"):
         train_dpo(policy, tok, rows, DPOConfig(train=TRAIN), RunDir(tmp_path / "b", {}))
+
+
+def test_train_dpo_command_trains_saves_and_compares(tmp_path, tok, world):
+    import json
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from safetylab import cli
+    from safetylab.core import write_jsonl
+    from safetylab.models import ModelConfig, build_model, save_model
+
+    torch.manual_seed(0)
+    base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "sft")
+    write_jsonl(tmp_path / "prefs.jsonl", world.preferences(24, "ideal"))
+    args = ["train", "dpo", "--base", str(base), "--preferences", str(tmp_path / "prefs.jsonl"), "--loss", "ipo",
+            "--steps", "2", "--out", str(tmp_path / "dpo"), "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "dpo" / "eval.json").read_text())
+    assert set(report) == {"start", "dpo"}
+    assert report["start"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert (tmp_path / "dpo" / "artifacts" / "model" / "model.safetensors").exists()
+    bad = subprocess.run([sys.executable, "-m", "safetylab", *args[:-4], "--loss", "kto", "--out", str(tmp_path / "x")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown preference loss 'kto'" in bad.stderr and "Traceback" not in bad.stderr

@@ -182,29 +182,16 @@ def train_rm(
     from rich.console import Console
     from rich.table import Table
 
-    from safetylab.align.data import preferences_from_records, read_preferences
     from safetylab.align.reward import RewardConfig, RewardEnsemble, evaluate_reward_model, fit_reward_models
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
-    from safetylab.world import World, WorldConfig
 
     if members < 1:
         raise SafetylabError(f"--members: expected at least 1, got {members}")
     config = RewardConfig(members=members)
     config = replace(config, train=replace(config.train, seed=seed, device=device,
                                            steps=config.train.steps if steps is None else steps))
-    if preferences is not None:
-        data = read_preferences(preferences)
-        cut = max(len(data.rows) * 9 // 10, 1)
-        train_rows, held_out = data.rows[:cut], data.rows[cut:] or data.rows[-1:]
-        source, skipped = str(preferences), data.skipped
-    else:
-        world = World(WorldConfig(seed=seed))
-        train_rows = preferences_from_records(world.preferences(n, labeler)).rows
-        held_out = preferences_from_records(world.preferences(max(n // 5, 100), labeler, split="test")).rows
-        source, skipped = f"world seed {seed}, labeler {labeler}, {n} pairs", []
-    for line, reason in skipped:
-        print(f"skipped line {line}: {reason}", file=sys.stderr)
+    train_rows, held_out, source, skipped = _preference_rows(preferences, labeler, n, seed)
     run = RunDir(out, {"base": str(base), "preferences": source, "reward": asdict(config)})
     models, tokenizer = fit_reward_models(base, train_rows, config, run, select_device(device))
     results = {f"member {i}": evaluate_reward_model(m, tokenizer, held_out) for i, m in enumerate(models)}
@@ -217,6 +204,63 @@ def train_rm(
                       f"{m['gold_agreement']:.3f}" if "gold_agreement" in m else "–")
     Console().print(table)
     print(f"reward models: {run.path / 'members'}/*/artifacts/reward-model")
+
+
+@train_app.command("dpo")
+def train_dpo_command(
+    base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
+    preferences: Annotated[
+        Path | None, typer.Option(help='JSONL of {"prompt","chosen","rejected"} (default: the world\'s).')
+    ] = None,
+    labeler: Annotated[str, typer.Option(help="Labeler preset of the world's preferences.")] = "typical",
+    n: Annotated[int, typer.Option(help="World preference pairs to train on (without --preferences).")] = 4_000,
+    loss: Annotated[str, typer.Option(help="sigmoid, robust, ipo, hinge or simpo.")] = "sigmoid",
+    beta: Annotated[float, typer.Option(help="β (SimPO: its reward scale).")] = 0.1,
+    label_smoothing: Annotated[float, typer.Option(help="ε of cDPO and robust DPO.")] = 0.0,
+    gamma: Annotated[float, typer.Option(help="SimPO's target margin γ.")] = 0.5,
+    steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/dpo"),
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """Direct preference optimisation from an SFT model, with the gold judge tracked during training
+    and a held-out evaluation against the starting model at the end."""
+    from safetylab.align.dpo import REFERENCE_FREE, DPOConfig, train_dpo
+    from safetylab.core.devices import select_device
+    from safetylab.core.runs import RunDir
+    from safetylab.core.seeding import seed_everything
+    from safetylab.evals.policy import EvalConfig, evaluate_policy, gold_tracker
+    from safetylab.models.lm import load_model, save_model
+    from safetylab.world import World, WorldConfig
+
+    config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    config = replace(config, train=replace(config.train, seed=seed, device=device,
+                                           steps=config.train.steps if steps is None else steps,
+                                           lr=config.train.lr if lr is None else lr))
+    rows, _, source, _ = _preference_rows(preferences, labeler, n, seed)
+    where = select_device(device)
+    world = World(WorldConfig(seed=seed))
+    reference, tokenizer = load_model(base, where)
+    run = RunDir(out, {"base": str(base), "preferences": source, "dpo": asdict(config)})
+    final = run.artifacts / "model"
+    if final.exists():
+        policy, _ = load_model(final, where)
+    else:
+        policy, _ = load_model(base, where)
+        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
+                               EvalConfig(per_kind=10, jailbroken=2))
+        policy = train_dpo(policy, tokenizer, rows, config, run,
+                           None if loss in REFERENCE_FREE else reference, evaluate=tracker)
+        save_model(policy, tokenizer, final)
+    requests = world.evaluation_set(60, 12)
+    results = {}
+    for name, model in (("start", reference), ("dpo", policy)):
+        seed_everything(seed)
+        results[name] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
+    run.write_json("eval.json", results)
+    _print_comparison(results, f"{out}: held-out world prompts")
+    print(f"model: {final}")
 
 
 @app.command("eval")
@@ -258,6 +302,36 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- helpers
+def _preference_rows(preferences: Path | None, labeler: str, n: int, seed: int):
+    """Training and held-out preference rows: a file's first 90% and last 10%, or the world's
+    train- and test-split comparisons labelled by ``labeler``. Skipped rows are reported."""
+    from safetylab.align.data import preferences_from_records, read_preferences
+    from safetylab.world import World, WorldConfig
+
+    if preferences is not None:
+        data = read_preferences(preferences)
+        for line, reason in data.skipped:
+            print(f"{preferences}: skipped line {line}: {reason}", file=sys.stderr)
+        cut = max(len(data.rows) * 9 // 10, 1)
+        return data.rows[:cut], data.rows[cut:] or data.rows[-1:], str(preferences), data.skipped
+    world = World(WorldConfig(seed=seed))
+    train = preferences_from_records(world.preferences(n, labeler)).rows
+    held_out = preferences_from_records(world.preferences(max(n // 5, 100), labeler, split="test")).rows
+    return train, held_out, f"world seed {seed}, labeler {labeler}, {n} pairs", []
+
+
+def _print_comparison(results: dict[str, dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from safetylab.evals.policy import METRICS
+
+    table = Table("metric", *results, title=title)
+    for metric in METRICS:
+        table.add_row(metric, *("–" if r[metric] is None else f"{r[metric]:.3f}" for r in results.values()))
+    Console().print(table)
+
+
 def _merge(base: dict, override: dict) -> dict:
     merged = dict(base)
     for key, value in override.items():
