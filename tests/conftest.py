@@ -17,3 +17,11 @@ def world():
     from safetylab.world import World
 
     return World()
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer(world):
+    """A world tokenizer trained on a small corpus (fast to build, covers the vocabulary)."""
+    from safetylab.models import train_tokenizer
+
+    return train_tokenizer(world.corpus(300, fact_repeats=1))

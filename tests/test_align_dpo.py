@@ -13,7 +13,7 @@ from safetylab.align.data import preferences_from_records
 from safetylab.align.dpo import LOSSES, DPOConfig, reference_logps, sequence_logps, train_dpo
 from safetylab.core import RunDir, SafetylabError
 from safetylab.evals.policy import EvalConfig, gold_tracker
-from safetylab.models import logprobs, train_tokenizer
+from safetylab.models import logprobs
 from safetylab.models.train import TrainConfig
 
 TRAIN = TrainConfig(steps=12, batch_size=8, lr=5e-3, warmup_steps=1, max_length=64, log_every=4,
@@ -21,8 +21,8 @@ TRAIN = TrainConfig(steps=12, batch_size=8, lr=5e-3, warmup_steps=1, max_length=
 
 
 @pytest.fixture(scope="module")
-def tok(world):
-    return train_tokenizer(world.corpus(300, fact_repeats=1))
+def tok(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")

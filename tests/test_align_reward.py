@@ -25,7 +25,7 @@ from safetylab.align.reward import (
     train_reward_model,
 )
 from safetylab.core import RunDir, SafetylabError, write_jsonl
-from safetylab.models import ModelConfig, build_model, save_model, train_tokenizer
+from safetylab.models import ModelConfig, build_model, save_model
 from safetylab.models.train import TrainConfig
 
 TRAIN = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, max_length=64, log_every=5,
@@ -33,8 +33,8 @@ TRAIN = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, max_length=
 
 
 @pytest.fixture(scope="module")
-def tok(world):
-    return train_tokenizer(world.corpus(300, fact_repeats=1))
+def tok(small_tokenizer):
+    return small_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,11 @@ app.add_typer(train_app, name="train")
 Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+PreferenceFile = Annotated[
+    Path | None, typer.Option("--preferences", help='JSONL of {"prompt","chosen","rejected"} (default: the world\'s).')
+]
+Labeler = Annotated[str, typer.Option(help="Labeler preset of the world's preferences.")]
+Pairs = Annotated[int, typer.Option("--n", help="World preference pairs to train on (without --preferences).")]
 
 
 @app.callback()
@@ -166,11 +171,9 @@ def train_sft(
 @train_app.command("rm")
 def train_rm(
     base: Annotated[Path, typer.Option(help="Backbone: a model directory (save_pretrained), e.g. the SFT model.")],
-    preferences: Annotated[
-        Path | None, typer.Option(help='JSONL of {"prompt","chosen","rejected"} (default: the world\'s).')
-    ] = None,
-    labeler: Annotated[str, typer.Option(help="Labeler preset of the world's preferences.")] = "typical",
-    n: Annotated[int, typer.Option(help="World preference pairs to train on (without --preferences).")] = 4_000,
+    preferences: PreferenceFile = None,
+    labeler: Labeler = "typical",
+    n: Pairs = 4_000,
     members: Annotated[int, typer.Option(help="Ensemble size (members differ in seed).")] = 1,
     steps: Annotated[int | None, typer.Option(help="Training steps per member.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/rm"),
@@ -209,11 +212,9 @@ def train_rm(
 @train_app.command("dpo")
 def train_dpo_command(
     base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
-    preferences: Annotated[
-        Path | None, typer.Option(help='JSONL of {"prompt","chosen","rejected"} (default: the world\'s).')
-    ] = None,
-    labeler: Annotated[str, typer.Option(help="Labeler preset of the world's preferences.")] = "typical",
-    n: Annotated[int, typer.Option(help="World preference pairs to train on (without --preferences).")] = 4_000,
+    preferences: PreferenceFile = None,
+    labeler: Labeler = "typical",
+    n: Pairs = 4_000,
     loss: Annotated[str, typer.Option(help="sigmoid, robust, ipo, hinge or simpo.")] = "sigmoid",
     beta: Annotated[float, typer.Option(help="β (SimPO: its reward scale).")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="ε of cDPO and robust DPO.")] = 0.0,
