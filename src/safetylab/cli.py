@@ -18,7 +18,9 @@ app = typer.Typer(help="safetylab: measure and manage the safety of ML models.",
 world_app = typer.Typer(help="The assistant world: prompts, preferences, the gold judge.", no_args_is_help=True)
 train_app = typer.Typer(help="Train the world's language models.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
+sample_app = typer.Typer(help="Sample from policies: best-of-n against a reward model.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+app.add_typer(sample_app, name="sample")
 
 Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")]
@@ -262,6 +264,73 @@ def train_dpo_command(
     run.write_json("eval.json", results)
     _print_comparison(results, f"{out}: held-out world prompts")
     print(f"model: {final}")
+
+
+@sample_app.command("best-of-n")
+def sample_best_of_n(
+    policy: Annotated[Path, typer.Option(help="Policy model directory (e.g. the SFT model).")],
+    reward: Annotated[Path, typer.Option(help="Reward model directory (from train rm).")],
+    n: Annotated[list[int] | None, typer.Option("--n", help="Candidates per prompt (repeatable: a sweep).")] = None,
+    per_kind: Annotated[int, typer.Option(help="Held-out world prompts per request kind.")] = 20,
+    jailbroken: Annotated[int, typer.Option(help="Jailbroken harmful prompts per wrapper.")] = 4,
+    kl_samples: Annotated[int, typer.Option(help="Extra samples per prompt for the KL estimate (0: none).")] = 32,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/best-of-n"),
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """Best-of-n on held-out world prompts for each n: proxy reward and gold utility of the kept
+    responses, and the KL spent (the analytic bound and an estimate): Goodhart's law, measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from safetylab.align.best_of_n import best_of_n
+    from safetylab.align.reward import load_reward_model, score
+    from safetylab.core.devices import select_device
+    from safetylab.core.runs import RunDir
+    from safetylab.core.seeding import seed_everything
+    from safetylab.evals.policy import summarize
+    from safetylab.models.lm import load_model
+    from safetylab.world import World, WorldConfig
+
+    sizes = sorted(set(n or [1, 2, 4, 8, 16]))
+    if sizes[0] < 1:
+        raise SafetylabError(f"--n: expected values of at least 1, got {sizes[0]}")
+    where = select_device(device)
+    world = World(WorldConfig(seed=seed))
+    model, tokenizer = load_model(policy, where)
+    reward_model, reward_tokenizer = load_reward_model(reward, where)
+    requests = world.evaluation_set(per_kind, jailbroken)
+    run = RunDir(out, {"policy": str(policy), "reward": str(reward), "n": sizes, "per_kind": per_kind,
+                       "jailbroken": jailbroken, "kl_samples": kl_samples, "seed": seed})
+    rows = []
+    for size in sizes:
+        seed_everything(seed)
+        result = best_of_n(model, tokenizer, [r.prompt for r in requests],
+                           lambda p, r: score(reward_model, reward_tokenizer, p, r), size, kl_samples)
+        gold = summarize([world.judge.score(q, text).to_dict() for q, text in zip(requests, result.responses)])
+        rows.append({"n": size, "proxy": round(result.proxy.mean().item(), 6), "gold_utility": gold["gold_utility"],
+                     "harmful_compliance": gold["harmful_compliance"], "accuracy": gold["accuracy"],
+                     "kl_bound": round(result.kl_bound, 6),
+                     "kl_estimate": None if result.kl is None else round(result.kl.mean().item(), 6)})
+    run.write_json("best-of-n.json", rows)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    root_kl = [r["kl_bound"] ** 0.5 for r in rows]
+    ax.plot(root_kl, [r["proxy"] - rows[0]["proxy"] for r in rows], "o-", label="proxy reward (change)")
+    ax.plot(root_kl, [r["gold_utility"] - rows[0]["gold_utility"] for r in rows], "s-", label="gold utility (change)")
+    ax.set(xlabel="√KL bound", title="Best-of-n: proxy against gold")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run.plots / "best-of-n.png", dpi=100)
+    plt.close(fig)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*rows[0], title=f"best-of-n on {len(requests)} held-out prompts")
+    for row in rows:
+        table.add_row(*("–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console().print(table)
 
 
 @app.command("eval")
