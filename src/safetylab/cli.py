@@ -16,7 +16,7 @@ from safetylab.core.errors import SafetylabError
 app = typer.Typer(help="safetylab: measure and manage the safety of ML models.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 world_app = typer.Typer(help="The assistant world: prompts, preferences, the gold judge.", no_args_is_help=True)
-train_app = typer.Typer(help="Train the world's language models.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: base, SFT, reward models, DPO.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 sample_app = typer.Typer(help="Sample from policies: best-of-n against a reward model.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -280,17 +280,10 @@ def sample_best_of_n(
 ) -> None:
     """Best-of-n on held-out world prompts for each n: proxy reward and gold utility of the kept
     responses, and the KL spent (the analytic bound and an estimate): Goodhart's law, measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from safetylab.align.best_of_n import best_of_n
     from safetylab.align.reward import load_reward_model, score
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
-    from safetylab.core.seeding import seed_everything
-    from safetylab.evals.policy import summarize
+    from safetylab.evals.goodhart import best_of_n_curve, plot_curve
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 
@@ -304,26 +297,10 @@ def sample_best_of_n(
     requests = world.evaluation_set(per_kind, jailbroken)
     run = RunDir(out, {"policy": str(policy), "reward": str(reward), "n": sizes, "per_kind": per_kind,
                        "jailbroken": jailbroken, "kl_samples": kl_samples, "seed": seed})
-    rows = []
-    for size in sizes:
-        seed_everything(seed)
-        result = best_of_n(model, tokenizer, [r.prompt for r in requests],
-                           lambda p, r: score(reward_model, reward_tokenizer, p, r), size, kl_samples)
-        gold = summarize([world.judge.score(q, text).to_dict() for q, text in zip(requests, result.responses)])
-        rows.append({"n": size, "proxy": round(result.proxy.mean().item(), 6), "gold_utility": gold["gold_utility"],
-                     "harmful_compliance": gold["harmful_compliance"], "accuracy": gold["accuracy"],
-                     "kl_bound": round(result.kl_bound, 6),
-                     "kl_estimate": None if result.kl is None else round(result.kl.mean().item(), 6)})
+    rows = best_of_n_curve(model, tokenizer, world.judge, requests,
+                           lambda p, r: score(reward_model, reward_tokenizer, p, r), sizes, kl_samples, seed)
     run.write_json("best-of-n.json", rows)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    root_kl = [r["kl_bound"] ** 0.5 for r in rows]
-    ax.plot(root_kl, [r["proxy"] - rows[0]["proxy"] for r in rows], "o-", label="proxy reward (change)")
-    ax.plot(root_kl, [r["gold_utility"] - rows[0]["gold_utility"] for r in rows], "s-", label="gold utility (change)")
-    ax.set(xlabel="√KL bound", title="Best-of-n: proxy against gold")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run.plots / "best-of-n.png", dpi=100)
-    plt.close(fig)
+    plot_curve(rows, run.plots / "best-of-n.png")
     from rich.console import Console
     from rich.table import Table
 

@@ -149,12 +149,6 @@ def evaluate_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preferen
 
 
 # ---------------------------------------------------------------------------- ensembles
-def ensemble_rewards(models: Sequence[RewardModel], tokenizer, prompts: Sequence[str], responses: Sequence[str],
-                     template: Template = chat) -> torch.Tensor:
-    """Rewards of each member, shape ``[k, N]``."""
-    return torch.stack([score(m, tokenizer, prompts, responses, template) for m in models])
-
-
 def conservative_reward(rewards: torch.Tensor, lam: float = 1.0) -> torch.Tensor:
     """mean − λ·std over ensemble members (dim 0): a lower confidence bound on the reward, which
     optimisation cannot push up by exploiting one member's errors (Coste et al. 2024, "Reward Model
