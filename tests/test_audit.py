@@ -161,6 +161,13 @@ def tiny_audit_config():
         base=replace(config.base, steps=12, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
         sft=replace(config.sft, steps=8, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
         eval=EvalConfig(per_kind=2, jailbroken=1, max_new_tokens=10),
+        align=replace(
+            config.align, preferences=40, best_of_n=(1, 2), best_of_n_per_kind=1, kl_samples=2,
+            reward=replace(config.align.reward, train=replace(config.align.reward.train, steps=4, batch_size=8,
+                                                              log_every=2, checkpoint_every=2)),
+            dpo=replace(config.align.dpo, train=replace(config.align.dpo.train, steps=4, batch_size=8,
+                                                        log_every=2, checkpoint_every=2)),
+        ),
     )
 
 
@@ -207,7 +214,7 @@ def test_audit_writes_both_reports(audit_dir, report):
     for stage in STAGES:  # the first run ran every stage: a start line and a timed end line each
         assert sum(line.startswith(f"== {stage.name}: ") for line in logs) == 2
     assert not any("skipped" in line for line in logs)
-    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate"]
+    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align"]
     assert report["config"] == json.loads(json.dumps(asdict(CONFIG)))
     assert report["safetylab"]
     for section in report["sections"]:
@@ -404,3 +411,17 @@ def test_audit_config_file_overrides_merge(monkeypatch, capsys, tmp_path):
     assert chosen.base.seed == 3 and chosen.world.seed == 3
     assert seen["out"] == tmp_path / "run"
     assert "report:" in out
+
+
+def test_audit_align_section(audit_dir, report):
+    align = next(s for s in report["sections"] if s["name"] == "align")
+    reward, curve, dpo = align["tables"]
+    assert reward["columns"] == ["pairs", "accuracy", "margin", "gold agreement"]
+    assert 0.0 <= reward["rows"][0][1] <= 1.0
+    assert [row[0] for row in curve["rows"]] == [1, 2]
+    bound = curve["columns"].index("kl_bound")
+    assert curve["rows"][0][bound] == 0.0 and curve["rows"][1][bound] > 0
+    assert [row[0] for row in dpo["rows"]] == ["sft", "dpo"]
+    assert align["data"]["dpo"]["kl_to_reference"] > 0  # DPO moved the policy away from SFT
+    assert (audit_dir / align["data"]["dpo_model"] / "model.safetensors").is_file()
+    assert (audit_dir / align["plots"][0]).is_file()

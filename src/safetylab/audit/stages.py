@@ -10,17 +10,43 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from safetylab.align.data import preferences_from_records  # noqa: E402
+from safetylab.align.dpo import DPOConfig, train_dpo  # noqa: E402
+from safetylab.align.reward import (  # noqa: E402
+    RewardConfig,
+    RewardEnsemble,
+    evaluate_reward_model,
+    fit_reward_models,
+    score,
+)
 from safetylab.audit.pipeline import Context, Section, Stage  # noqa: E402
 from safetylab.core.devices import select_device  # noqa: E402
 from safetylab.core.io import atomic_write_text, write_jsonl  # noqa: E402
 from safetylab.core.runs import RunDir  # noqa: E402
 from safetylab.core.seeding import seed_everything  # noqa: E402
+from safetylab.evals.goodhart import best_of_n_curve, plot_curve  # noqa: E402
 from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy  # noqa: E402
-from safetylab.models.lm import ModelConfig, load_model  # noqa: E402
+from safetylab.models.lm import ModelConfig, load_model, save_model  # noqa: E402
 from safetylab.models.train import TrainConfig, finetune, pretrain  # noqa: E402
 from safetylab.world.labelers import PRESETS, measure_labeler  # noqa: E402
 from safetylab.world.requests import KINDS  # noqa: E402
 from safetylab.world.world import World, WorldConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class AlignStageConfig:
+    """The align stage: a reward model on ``labeler``'s comparisons, best-of-n against it, and DPO
+    on the same comparisons, all from the SFT model."""
+
+    labeler: str = "typical"
+    preferences: int = 3_000
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(
+        train=TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=20, log_every=25, checkpoint_every=100)))
+    best_of_n: tuple[int, ...] = (1, 4, 16)
+    best_of_n_per_kind: int = 10
+    kl_samples: int = 16
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
+        train=TrainConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10, checkpoint_every=50)))
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,7 @@ class AuditConfig:
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
     eval: EvalConfig = field(default_factory=EvalConfig)
     labeler_pairs: int = 2_000
+    align: AlignStageConfig = field(default_factory=AlignStageConfig)
 
 
 QUICK = AuditConfig(
@@ -45,14 +72,28 @@ QUICK = AuditConfig(
     sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10),
     eval=EvalConfig(per_kind=20, jailbroken=4),
     labeler_pairs=500,
+    align=AlignStageConfig(
+        preferences=600,
+        reward=RewardConfig(train=TrainConfig(steps=40, batch_size=32, lr=1e-3, warmup_steps=5, log_every=10,
+                                              checkpoint_every=20)),
+        best_of_n=(1, 4), best_of_n_per_kind=4, kl_samples=4,
+        dpo=DPOConfig(train=TrainConfig(steps=20, batch_size=32, lr=1e-4, warmup_steps=2, log_every=10,
+                                        checkpoint_every=10)),
+    ),
 )
 
 
 def audit_config(quick: bool = False, seed: int = 0, device: str = "auto") -> AuditConfig:
     """The default audit, or with ``quick`` the same stages at a smaller size, for ``seed``."""
     size = QUICK if quick else AuditConfig()
-    return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed),
-                   base=replace(size.base, seed=seed, device=device), sft=replace(size.sft, seed=seed, device=device))
+
+    def seeded(train: TrainConfig) -> TrainConfig:
+        return replace(train, seed=seed, device=device)
+
+    align = replace(size.align, reward=replace(size.align.reward, train=seeded(size.align.reward.train)),
+                    dpo=replace(size.align.dpo, train=seeded(size.align.dpo.train)))
+    return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed), base=seeded(size.base),
+                   sft=seeded(size.sft), align=align)
 
 
 def world_of(ctx: Context) -> World:
@@ -151,11 +192,70 @@ def evaluate_stage(ctx: Context) -> Section:
     )
 
 
+def align_stage(ctx: Context) -> Section:
+    """Learn a reward from the labeler's comparisons, optimise against it by best-of-n, and run DPO on
+    the same comparisons: proxy against gold against KL."""
+    cfg, align, world, out = ctx.config, ctx.config.align, world_of(ctx), ctx.stage_dir("align")
+    device = select_device(cfg.device)
+    sft_path = ctx.run.path / ctx.sections["sft"].data["model"]
+    rows = preferences_from_records(world.preferences(align.preferences, align.labeler)).rows
+    held_out = preferences_from_records(world.preferences(max(align.preferences // 5, 100), align.labeler,
+                                                          split="test")).rows
+    reward_run = RunDir(out / "reward", {"base": str(sft_path), "reward": asdict(align.reward), "pairs": len(rows)})
+    members, reward_tokenizer = fit_reward_models(sft_path, rows, align.reward, reward_run, device)
+    reward_model = members[0] if len(members) == 1 else RewardEnsemble(members)
+    reward_eval = evaluate_reward_model(reward_model, reward_tokenizer, held_out)
+
+    sft, tokenizer = load_model(sft_path, device)
+    probe = world.evaluation_set(align.best_of_n_per_kind, max(align.best_of_n_per_kind // 5, 1), seed=2)
+    curve = best_of_n_curve(sft, tokenizer, world.judge, probe,
+                            lambda p, r: score(reward_model, reward_tokenizer, p, r), align.best_of_n,
+                            align.kl_samples, cfg.seed)
+    plot = plot_curve(curve, out / "best-of-n.png")
+
+    dpo_run = RunDir(out / "dpo", {"base": str(sft_path), "dpo": asdict(align.dpo), "pairs": len(rows)})
+    final = dpo_run.artifacts / "model"
+    if final.exists():
+        dpo, _ = load_model(final, device)
+    else:
+        dpo = train_dpo(load_model(sft_path, device)[0], tokenizer, rows, align.dpo, dpo_run, reference=sft)
+        save_model(dpo, tokenizer, final)
+    seed_everything(cfg.seed)
+    requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)
+    dpo_overall = evaluate_policy(dpo, tokenizer, world.judge, requests, sft, cfg.eval)["overall"]
+    sft_overall = ctx.sections["evaluate"].data["overall"]["sft"]
+
+    first, last = curve[0], curve[-1]
+    return Section(
+        title="Alignment: reward model, best-of-n and DPO",
+        summary=(f"reward model: held-out accuracy {reward_eval['accuracy']:.3f}, gold agreement "
+                 f"{reward_eval.get('gold_agreement', float('nan')):.3f}; best-of-{last['n']}: proxy "
+                 f"{first['proxy']:+.2f} → {last['proxy']:+.2f}, gold {first['gold_utility']:+.3f} → "
+                 f"{last['gold_utility']:+.3f}; DPO: gold {sft_overall['gold_utility']:+.3f} → "
+                 f"{dpo_overall['gold_utility']:+.3f} at KL {dpo_overall['kl_to_reference']:.2f}"),
+        tables=[
+            {"title": f"Reward model on held-out {align.labeler} comparisons",
+             "columns": ["pairs", "accuracy", "margin", "gold agreement"],
+             "rows": [[len(held_out), reward_eval["accuracy"], reward_eval["margin"],
+                       reward_eval.get("gold_agreement")]]},
+            {"title": f"Best-of-n against the reward model ({len(probe)} held-out prompts)",
+             "columns": list(curve[0]), "rows": [list(row.values()) for row in curve]},
+            {"title": f"DPO ({align.dpo.loss}, β {align.dpo.beta}) on the same comparisons, held-out prompts",
+             "columns": ["model", *METRICS],
+             "rows": [["sft", *(sft_overall[m] for m in METRICS)], ["dpo", *(dpo_overall[m] for m in METRICS)]]},
+        ],
+        plots=[str(plot.relative_to(ctx.run.path))],
+        data={"reward": reward_eval, "best_of_n": curve, "dpo": dpo_overall,
+              "dpo_model": str(final.relative_to(ctx.run.path))},
+    )
+
+
 STAGES = (
     Stage("world", "build the world, its data sets and labelers", world_stage),
     Stage("base", "pre-train the base model", base_stage),
     Stage("sft", "supervised fine-tuning", sft_stage),
     Stage("evaluate", "evaluate base and SFT against the gold judge", evaluate_stage),
+    Stage("align", "reward model, best-of-n and DPO against the gold judge", align_stage),
 )
 
 
