@@ -20,8 +20,9 @@ def world():
 
 
 @pytest.fixture(scope="session")
-def small_tokenizer(world):
-    """A world tokenizer trained on a small corpus (fast to build, covers the vocabulary)."""
+def tok(world):
+    """A world tokenizer trained on a small corpus (fast to build, covers the vocabulary); some test
+    modules define their own."""
     from safetylab.models import train_tokenizer
 
     return train_tokenizer(world.corpus(300, fact_repeats=1))

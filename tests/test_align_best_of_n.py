@@ -31,25 +31,25 @@ def test_kl_estimate_on_ties_matches_a_hand_computation_and_stays_below_the_boun
     assert best_of_n_kl(torch.ones(2, 10), 8).tolist() == [0.0, 0.0]  # one level: best-of-n is the base
 
 
-def test_best_of_n_keeps_the_highest_reward_candidate(small_tokenizer, world):
+def test_best_of_n_keeps_the_highest_reward_candidate(tok, world):
     torch.manual_seed(0)
-    policy = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), small_tokenizer).eval()
+    policy = build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok).eval()
     prompts = [r.prompt for r in world.requests("facts", "test", 3)]
 
     def length(prompts, responses):  # a reward that favours long responses
         return torch.tensor([float(len(r.split())) for r in responses])
 
-    result = best_of_n(policy, small_tokenizer, prompts, length, n=4, kl_samples=6, max_new_tokens=10)
+    result = best_of_n(policy, tok, prompts, length, n=4, kl_samples=6, max_new_tokens=10)
     assert result.rewards.shape == (3, 4) and len(result.candidates) == 3
     for candidates, kept in zip(result.candidates, result.responses):
         assert len(kept.split()) == max(len(c.split()) for c in candidates)
     torch.testing.assert_close(result.proxy, result.rewards.max(1).values)
     assert result.kl is not None and (result.kl <= best_of_n_kl_bound(4) + 1e-6).all() and (result.kl >= 0).all()
     with pytest.raises(ValueError):
-        best_of_n(policy, small_tokenizer, prompts, length, n=0)
+        best_of_n(policy, tok, prompts, length, n=0)
 
 
-def test_best_of_n_command_sweeps_n(tmp_path, small_tokenizer, world):
+def test_best_of_n_command_sweeps_n(tmp_path, tok, world):
     import json
 
     from typer.testing import CliRunner
@@ -59,7 +59,7 @@ def test_best_of_n_command_sweeps_n(tmp_path, small_tokenizer, world):
     from safetylab.models import save_model
 
     torch.manual_seed(0)
-    policy = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), small_tokenizer), small_tokenizer,
+    policy = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok,
                         tmp_path / "policy")
     reward, tokenizer = build_reward_model(policy, RewardConfig(), seed=0)
     save_reward_model(reward, tokenizer, tmp_path / "rm")

@@ -21,11 +21,6 @@ TRAIN = TrainConfig(steps=12, batch_size=8, lr=5e-3, warmup_steps=1, max_length=
 
 
 @pytest.fixture(scope="module")
-def tok(small_tokenizer):
-    return small_tokenizer
-
-
-@pytest.fixture(scope="module")
 def rows(world):
     return preferences_from_records(world.preferences(32, "ideal")).rows
 

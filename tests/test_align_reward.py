@@ -33,11 +33,6 @@ TRAIN = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, max_length=
 
 
 @pytest.fixture(scope="module")
-def tok(small_tokenizer):
-    return small_tokenizer
-
-
-@pytest.fixture(scope="module")
 def rows(world):
     return preferences_from_records(world.preferences(64, "ideal")).rows
 
