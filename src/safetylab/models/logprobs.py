@@ -35,7 +35,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], te
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    rows, masks = [], []
+    prompt_ids, response_ids = [], []
     for prompt, response in zip(prompts, responses):
         p = tokenizer(template(prompt))["input_ids"]
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -43,10 +43,16 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], te
             if len(p) >= max_length:
                 raise ValueError(f"prompt of {len(p)} tokens does not fit max_length={max_length}: {prompt!r}")
             r = r[: max_length - len(p)]
-        rows.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
+        prompt_ids.append(p)
+        response_ids.append(r)
+    return pack_pairs(prompt_ids, response_ids, tokenizer.pad_token_id)
+
+
+def pack_pairs(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad: int) -> Batch:
+    """Right-padded ``prompt + response`` rows from token ids, the response side marked."""
+    rows = [p + r for p, r in zip(prompt_ids, response_ids)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     response_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks])

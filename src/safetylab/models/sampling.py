@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from safetylab.models.logprobs import Template, gather_logprobs
+from safetylab.models.logprobs import Batch, Template, gather_logprobs, pack_pairs
 from safetylab.world.world import chat
 
 
@@ -24,6 +24,13 @@ class Samples:
     logprobs: torch.Tensor
     mask: torch.Tensor
     finished: torch.Tensor
+
+    def to_batch(self, tokenizer, template: Template = chat) -> Batch:
+        """The sampled token ids after their prompts, for scoring with any model that shares the
+        tokenizer: no decoding and re-tokenizing in between."""
+        prompts = [tokenizer(template(p))["input_ids"] for p in self.prompts]
+        responses = [row[mask.bool()].tolist() for row, mask in zip(self.tokens.cpu(), self.mask.cpu())]
+        return pack_pairs(prompts, responses, tokenizer.pad_token_id)
 
 
 @torch.no_grad()
