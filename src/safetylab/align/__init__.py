@@ -4,6 +4,7 @@
   clipped policy and value losses, as small pure functions;
 - :mod:`.advantages`: GAE, KL-penalised per-token rewards, RLOO baselines, KL controllers;
 - :mod:`.reward`: reward models on any HF backbone, their training, evaluation and ensembles;
+- :mod:`.dpo`, :mod:`.rloo`, :mod:`.best_of_n`: optimising a policy against preferences or a reward;
 - :mod:`.data`: preference data in TRL's JSONL format, read strictly.
 """
 
