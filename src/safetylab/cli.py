@@ -16,7 +16,7 @@ from safetylab.core.errors import SafetylabError
 app = typer.Typer(help="safetylab: measure and manage the safety of ML models.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
 world_app = typer.Typer(help="The assistant world: prompts, preferences, the gold judge.", no_args_is_help=True)
-train_app = typer.Typer(help="Train models: base, SFT, reward models, DPO.", no_args_is_help=True)
+train_app = typer.Typer(help="Train models: base, SFT, reward models, DPO, RLOO.", no_args_is_help=True)
 app.add_typer(world_app, name="world")
 sample_app = typer.Typer(help="Sample from policies: best-of-n against a reward model.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
@@ -259,6 +259,60 @@ def train_dpo_command(
     requests = world.evaluation_set(60, 12)
     results = {}
     for name, model in (("start", reference), ("dpo", policy)):
+        seed_everything(seed)
+        results[name] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
+    run.write_json("eval.json", results)
+    _print_comparison(results, f"{out}: held-out world prompts")
+    print(f"model: {final}")
+
+
+@train_app.command("rloo")
+def train_rloo_command(
+    base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
+    reward: Annotated[Path, typer.Option(help="Reward model directory (from train rm).")],
+    prompts_per_kind: Annotated[int, typer.Option(help="Train-split world prompts per request kind.")] = 100,
+    k: Annotated[int, typer.Option(help="Samples per prompt (the leave-one-out group).")] = 4,
+    kl_coef: Annotated[float, typer.Option(help="β of the KL penalty to the reference.")] = 0.05,
+    steps: Annotated[int | None, typer.Option(help="Policy updates.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/rloo"),
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """RLOO from an SFT model against a reward model, with the gold judge tracked during training and
+    a held-out evaluation against the starting model at the end."""
+    from safetylab.align.reward import load_reward_model, score
+    from safetylab.align.rloo import RLOOConfig, train_rloo
+    from safetylab.core.devices import select_device
+    from safetylab.core.runs import RunDir
+    from safetylab.core.seeding import seed_everything
+    from safetylab.evals.policy import EvalConfig, evaluate_policy, gold_tracker
+    from safetylab.models.lm import load_model, save_model
+    from safetylab.world import KINDS, World, WorldConfig
+
+    config = RLOOConfig(k=k, kl_coef=kl_coef)
+    config = replace(config, train=replace(config.train, seed=seed, device=device,
+                                           steps=config.train.steps if steps is None else steps,
+                                           lr=config.train.lr if lr is None else lr))
+    where = select_device(device)
+    world = World(WorldConfig(seed=seed))
+    reference, tokenizer = load_model(base, where)
+    reward_model, reward_tokenizer = load_reward_model(reward, where)
+    prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", prompts_per_kind, seed=seed)]
+    run = RunDir(out, {"base": str(base), "reward": str(reward), "prompts": len(prompts), "rloo": asdict(config)})
+    final = run.artifacts / "model"
+    if final.exists():
+        policy, _ = load_model(final, where)
+    else:
+        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
+                               EvalConfig(per_kind=10, jailbroken=2))
+        policy = train_rloo(load_model(base, where)[0], tokenizer, prompts,
+                            lambda p, r: score(reward_model, reward_tokenizer, p, r), reference, config, run,
+                            evaluate=tracker)
+        save_model(policy, tokenizer, final)
+    requests = world.evaluation_set(60, 12)
+    results = {}
+    for name, model in (("start", reference), ("rloo", policy)):
         seed_everything(seed)
         results[name] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
     run.write_json("eval.json", results)

@@ -158,8 +158,9 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = _resume(accelerator, run)
     rank, processes = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(config.seed * 1_000 + rank)  # sampling inside steps (RL) repeats; a resume restores it
+    start = _resume(accelerator, run)
     model.train()
     window: dict[str, list[float]] = {}
     with Progress(description, config.steps - start) as progress:
