@@ -26,3 +26,22 @@ def tok(world):
     from safetylab.models import train_tokenizer
 
     return train_tokenizer(world.corpus(300, fact_repeats=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tok):
+    """``tiny_lm("gpt2" | "llama")``: a one-layer causal LM for ``tok`` with fixed weights and no
+    dropout, built with transformers from a config (two calls give identical models)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    def build(name: str):
+        torch.manual_seed(0)
+        ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        if name == "gpt2":
+            return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
+                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids))
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=128, **ids))
+
+    return build

@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from safetylab.align.data import preferences_from_records
 from safetylab.align.dpo import LOSSES, DPOConfig, reference_logps, sequence_logps, train_dpo
@@ -25,20 +24,8 @@ def rows(world):
     return preferences_from_records(world.preferences(32, "ideal")).rows
 
 
-def _model(tok, name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if name == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
-                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-
-
-def test_sequence_logps_sum_the_response_tokens(tok, rows):
-    model = _model(tok, "gpt2").eval()
+def test_sequence_logps_sum_the_response_tokens(tiny_lm, tok, rows):
+    model = tiny_lm("gpt2").eval()
     with torch.no_grad():
         got = sequence_logps(model, tok, rows[:4])
         lp, mask = logprobs(model, tok, [r.prompt for r in rows[:4]], [r.chosen for r in rows[:4]])
@@ -46,8 +33,8 @@ def test_sequence_logps_sum_the_response_tokens(tok, rows):
     torch.testing.assert_close(got.chosen_lengths, mask.sum(-1))
 
 
-def test_reference_logps_are_the_same_in_any_batching(tok, rows):
-    model = _model(tok, "gpt2").eval()
+def test_reference_logps_are_the_same_in_any_batching(tiny_lm, tok, rows):
+    model = tiny_lm("gpt2").eval()
     whole = reference_logps(model, tok, rows[:10], batch_size=64)
     pieces = reference_logps(model, tok, rows[:10], batch_size=3)
     torch.testing.assert_close(whole.rejected, pieces.rejected, atol=1e-5, rtol=1e-5)
@@ -55,8 +42,8 @@ def test_reference_logps_are_the_same_in_any_batching(tok, rows):
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.parametrize("loss", list(LOSSES))
-def test_every_loss_trains_every_model(tmp_path, tok, rows, name, loss):
-    policy, reference = _model(tok, name), _model(tok, name).eval()
+def test_every_loss_trains_every_model(tiny_lm, tmp_path, tok, rows, name, loss):
+    policy, reference = tiny_lm(name), tiny_lm(name).eval()
     before = [p.clone() for p in policy.parameters()]
     config = DPOConfig(train=TRAIN, loss=loss, beta=2.0 if loss == "simpo" else 0.5, label_smoothing=0.1)
     run = RunDir(tmp_path / "dpo", {})
@@ -69,8 +56,8 @@ def test_every_loss_trains_every_model(tmp_path, tok, rows, name, loss):
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
-def test_at_the_start_the_implicit_rewards_are_zero(tmp_path, tok, rows):
-    policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+def test_at_the_start_the_implicit_rewards_are_zero(tiny_lm, tmp_path, tok, rows):
+    policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
     config = DPOConfig(train=replace(TRAIN, steps=1, log_every=1, lr=1e-12, warmup_steps=0), loss="sigmoid")
     run = RunDir(tmp_path / "dpo", {})
     train_dpo(policy, tok, rows, config, run, reference)
@@ -79,8 +66,8 @@ def test_at_the_start_the_implicit_rewards_are_zero(tmp_path, tok, rows):
     assert first["loss"] == pytest.approx(0.6931472, abs=1e-5)  # log 2: policy equals reference
 
 
-def test_gold_tracking_joins_the_records_at_evaluation_steps(tmp_path, tok, rows, world):
-    policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+def test_gold_tracking_joins_the_records_at_evaluation_steps(tiny_lm, tmp_path, tok, rows, world):
+    policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
     requests = world.evaluation_set(2, 1)
     tracker = gold_tracker(tok, world.judge, requests, reference, EvalConfig(max_new_tokens=8))
     config = DPOConfig(train=replace(TRAIN, eval_every=8), loss="sigmoid")
@@ -92,11 +79,11 @@ def test_gold_tracking_joins_the_records_at_evaluation_steps(tmp_path, tok, rows
     assert last["gold/kl"] > 0 and "gold/utility/harmful" in last and "gold/harmful_compliance" in last
 
 
-def test_resumed_dpo_repeats_the_uninterrupted_run(tmp_path, tok, rows, world):
+def test_resumed_dpo_repeats_the_uninterrupted_run(tiny_lm, tmp_path, tok, rows, world):
     requests = world.evaluation_set(1, 1)
 
     def run_dpo(path):
-        policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+        policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
         tracker = gold_tracker(tok, world.judge, requests, reference, EvalConfig(max_new_tokens=6))
         config = DPOConfig(train=replace(TRAIN, eval_every=4), loss="sigmoid")
         train_dpo(policy, tok, rows, config, RunDir(path, {}), reference, evaluate=tracker)
@@ -110,8 +97,8 @@ def test_resumed_dpo_repeats_the_uninterrupted_run(tmp_path, tok, rows, world):
     assert all(torch.equal(a, b) for a, b in zip(weights, resumed_weights))
 
 
-def test_bad_settings_are_clear_errors(tmp_path, tok, rows):
-    policy = _model(tok, "gpt2")
+def test_bad_settings_are_clear_errors(tiny_lm, tmp_path, tok, rows):
+    policy = tiny_lm("gpt2")
     with pytest.raises(SafetylabError, match="unknown preference loss 'kto'"):
         train_dpo(policy, tok, rows, DPOConfig(train=TRAIN, loss="kto"), RunDir(tmp_path / "a", {}), policy)
     with pytest.raises(SafetylabError, match="needs a reference model"):

@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from safetylab.align.rloo import RLOOConfig, train_rloo
 from safetylab.core import RunDir, SafetylabError
@@ -15,25 +14,13 @@ from safetylab.models.train import TrainConfig
 TRAIN = TrainConfig(steps=32, batch_size=4, lr=2e-2, warmup_steps=1, log_every=4, checkpoint_every=8, device="cpu")
 
 
-def _model(tok, name: str):
-    torch.manual_seed(0)
-    if name == "gpt2":
-        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
-                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=128, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-
-
 def _shorter_is_better(prompts, responses):
     return torch.tensor([-float(len(r.split())) for r in responses])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_rloo_raises_the_reward_it_optimises(tmp_path, tok, world, name):
-    policy, reference = _model(tok, name), _model(tok, name).eval()
+def test_rloo_raises_the_reward_it_optimises(tiny_lm, tmp_path, tok, world, name):
+    policy, reference = tiny_lm(name), tiny_lm(name).eval()
     before = [p.clone() for p in policy.parameters()]
     prompts = [r.prompt for r in world.requests("facts", "train", 16)]
     config = RLOOConfig(train=TRAIN, k=4, kl_coef=0.0, missing_eos_penalty=0.0, max_new_tokens=12)
@@ -47,8 +34,8 @@ def test_rloo_raises_the_reward_it_optimises(tmp_path, tok, world, name):
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
 
-def test_the_kl_penalty_enters_the_reward(tmp_path, tok, world):
-    policy, reference = _model(tok, "gpt2"), _model(tok, "gpt2").eval()
+def test_the_kl_penalty_enters_the_reward(tiny_lm, tmp_path, tok, world):
+    policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
     prompts = [r.prompt for r in world.requests("facts", "train", 8)]
     config = RLOOConfig(train=replace(TRAIN, steps=4, log_every=1, checkpoint_every=2), k=2, kl_coef=0.5,
                         missing_eos_penalty=0.0, max_new_tokens=6)
@@ -60,8 +47,8 @@ def test_the_kl_penalty_enters_the_reward(tmp_path, tok, world):
     assert run.metrics()[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first step: policy = reference
 
 
-def test_rloo_settings_are_checked(tmp_path, tok):
-    policy = _model(tok, "gpt2")
+def test_rloo_settings_are_checked(tiny_lm, tmp_path, tok):
+    policy = tiny_lm("gpt2")
     with pytest.raises(SafetylabError, match="k must be at least 2"):
         train_rloo(policy, tok, ["what is 2 plus 2 ?"], _shorter_is_better, policy, RLOOConfig(train=TRAIN, k=1),
                    RunDir(tmp_path / "a", {}))

@@ -241,7 +241,7 @@ def test_pretrain_same_seed_same_metrics_bytes(tmp_path, lines):
 
 
 class Interrupt(Exception):
-    pass
+    """A simulated kill of the training process."""
 
 
 def interrupt_after(model, calls: int):

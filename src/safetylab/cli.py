@@ -232,9 +232,7 @@ def train_dpo_command(
     from safetylab.align.dpo import REFERENCE_FREE, DPOConfig, train_dpo
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
-    from safetylab.core.seeding import seed_everything
-    from safetylab.evals.policy import EvalConfig, evaluate_policy, gold_tracker
-    from safetylab.models.lm import load_model, save_model
+    from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 
     config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
@@ -246,24 +244,10 @@ def train_dpo_command(
     world = World(WorldConfig(seed=seed))
     reference, tokenizer = load_model(base, where)
     run = RunDir(out, {"base": str(base), "preferences": source, "dpo": asdict(config)})
-    final = run.artifacts / "model"
-    if final.exists():
-        policy, _ = load_model(final, where)
-    else:
-        policy, _ = load_model(base, where)
-        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
-                               EvalConfig(per_kind=10, jailbroken=2))
-        policy = train_dpo(policy, tokenizer, rows, config, run,
-                           None if loss in REFERENCE_FREE else reference, evaluate=tracker)
-        save_model(policy, tokenizer, final)
-    requests = world.evaluation_set(60, 12)
-    results = {}
-    for name, model in (("start", reference), ("dpo", policy)):
-        seed_everything(seed)
-        results[name] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
-    run.write_json("eval.json", results)
-    _print_comparison(results, f"{out}: held-out world prompts")
-    print(f"model: {final}")
+    _optimise_and_compare("dpo", run, base, reference, tokenizer, world, where, seed,
+                          lambda policy, tracker: train_dpo(policy, tokenizer, rows, config, run,
+                                                            None if loss in REFERENCE_FREE else reference,
+                                                            evaluate=tracker))
 
 
 @train_app.command("rloo")
@@ -285,9 +269,7 @@ def train_rloo_command(
     from safetylab.align.rloo import RLOOConfig, train_rloo
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
-    from safetylab.core.seeding import seed_everything
-    from safetylab.evals.policy import EvalConfig, evaluate_policy, gold_tracker
-    from safetylab.models.lm import load_model, save_model
+    from safetylab.models.lm import load_model
     from safetylab.world import KINDS, World, WorldConfig
 
     config = RLOOConfig(k=k, kl_coef=kl_coef)
@@ -300,24 +282,10 @@ def train_rloo_command(
     reward_model, reward_tokenizer = load_reward_model(reward, where)
     prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", prompts_per_kind, seed=seed)]
     run = RunDir(out, {"base": str(base), "reward": str(reward), "prompts": len(prompts), "rloo": asdict(config)})
-    final = run.artifacts / "model"
-    if final.exists():
-        policy, _ = load_model(final, where)
-    else:
-        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
-                               EvalConfig(per_kind=10, jailbroken=2))
-        policy = train_rloo(load_model(base, where)[0], tokenizer, prompts,
-                            lambda p, r: score(reward_model, reward_tokenizer, p, r), reference, config, run,
-                            evaluate=tracker)
-        save_model(policy, tokenizer, final)
-    requests = world.evaluation_set(60, 12)
-    results = {}
-    for name, model in (("start", reference), ("rloo", policy)):
-        seed_everything(seed)
-        results[name] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
-    run.write_json("eval.json", results)
-    _print_comparison(results, f"{out}: held-out world prompts")
-    print(f"model: {final}")
+    _optimise_and_compare("rloo", run, base, reference, tokenizer, world, where, seed,
+                          lambda policy, tracker: train_rloo(policy, tokenizer, prompts,
+                                                             lambda p, r: score(reward_model, reward_tokenizer, p, r),
+                                                             reference, config, run, evaluate=tracker))
 
 
 @sample_app.command("best-of-n")
@@ -419,6 +387,31 @@ def _preference_rows(preferences: Path | None, labeler: str, n: int, seed: int):
     train = preferences_from_records(world.preferences(n, labeler)).rows
     held_out = preferences_from_records(world.preferences(max(n // 5, 100), labeler, split="test")).rows
     return train, held_out, f"world seed {seed}, labeler {labeler}, {n} pairs", []
+
+
+def _optimise_and_compare(name: str, run, base: Path, reference, tokenizer, world, device, seed: int, train) -> None:
+    """Train (or, if the run finished before, load) a policy from ``base`` with ``train(policy,
+    tracker)``, save it, and compare it with the starting model on held-out world prompts."""
+    from safetylab.core.seeding import seed_everything
+    from safetylab.evals.policy import EvalConfig, evaluate_policy, gold_tracker
+    from safetylab.models.lm import load_model, save_model
+
+    final = run.artifacts / "model"
+    if final.exists():
+        policy, _ = load_model(final, device)
+    else:
+        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
+                               EvalConfig(per_kind=10, jailbroken=2))
+        policy = train(load_model(base, device)[0], tracker)
+        save_model(policy, tokenizer, final)
+    requests = world.evaluation_set(60, 12)
+    results = {}
+    for label, model in (("start", reference), (name, policy)):
+        seed_everything(seed)
+        results[label] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
+    run.write_json("eval.json", results)
+    _print_comparison(results, f"{run.path}: held-out world prompts")
+    print(f"model: {final}")
 
 
 def _print_comparison(results: dict[str, dict], title: str) -> None:
