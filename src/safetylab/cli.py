@@ -130,7 +130,7 @@ def train_base(
     from safetylab.world import World
 
     cfg = audit_config(quick, seed, device)
-    train = replace(cfg.base, steps=cfg.base.steps if steps is None else steps)
+    train = _overridden(cfg.base, steps=steps)
     lines = World(cfg.world).corpus(conversations)
     run = RunDir(out, {"model": asdict(cfg.model), "train": asdict(train), "world": asdict(cfg.world),
                        "conversations": conversations})
@@ -159,7 +159,7 @@ def train_sft(
     from safetylab.world import World
 
     cfg = audit_config(False, seed, device)
-    train = replace(cfg.sft, steps=cfg.sft.steps if steps is None else steps)
+    train = _overridden(cfg.sft, steps=steps)
     if demonstrations is not None:
         pairs = [(d["prompt"], d["response"]) for d in read_jsonl(demonstrations, required=("prompt", "response"))]
     else:
@@ -194,8 +194,7 @@ def train_rm(
     if members < 1:
         raise SafetylabError(f"--members: expected at least 1, got {members}")
     config = RewardConfig(members=members)
-    config = replace(config, train=replace(config.train, seed=seed, device=device,
-                                           steps=config.train.steps if steps is None else steps))
+    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps))
     train_rows, held_out, source, skipped = _preference_rows(preferences, labeler, n, seed)
     run = RunDir(out, {"base": str(base), "preferences": source, "reward": asdict(config)})
     models, tokenizer = fit_reward_models(base, train_rows, config, run, select_device(device))
@@ -236,9 +235,7 @@ def train_dpo_command(
     from safetylab.world import World, WorldConfig
 
     config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
-    config = replace(config, train=replace(config.train, seed=seed, device=device,
-                                           steps=config.train.steps if steps is None else steps,
-                                           lr=config.train.lr if lr is None else lr))
+    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
     rows, _, source, _ = _preference_rows(preferences, labeler, n, seed)
     where = select_device(device)
     world = World(WorldConfig(seed=seed))
@@ -273,9 +270,7 @@ def train_rloo_command(
     from safetylab.world import KINDS, World, WorldConfig
 
     config = RLOOConfig(k=k, kl_coef=kl_coef)
-    config = replace(config, train=replace(config.train, seed=seed, device=device,
-                                           steps=config.train.steps if steps is None else steps,
-                                           lr=config.train.lr if lr is None else lr))
+    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
     where = select_device(device)
     world = World(WorldConfig(seed=seed))
     reference, tokenizer = load_model(base, where)
@@ -371,6 +366,11 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- helpers
+def _overridden(train, **options):
+    """``train`` (a TrainConfig) with the command-line options that were given (not ``None``)."""
+    return replace(train, **{k: v for k, v in options.items() if v is not None})
+
+
 def _preference_rows(preferences: Path | None, labeler: str, n: int, seed: int):
     """Training and held-out preference rows: a file's first 90% and last 10%, or the world's
     train- and test-split comparisons labelled by ``labeler``. Skipped rows are reported."""

@@ -100,9 +100,3 @@ def render(request: Request, style: str, rng: random.Random, values: tuple[str, 
     value = request.answer if right else wrong_value(request, values, rng)
     template = CONFIDENT[0] if restate and not hedged else pick(HEDGED if hedged else CONFIDENT)
     return template.format(s=request.item, v=value)
-
-
-def flattery_phrases() -> tuple[str, ...]:
-    """Every flattering phrase a style can emit (the judge's list must cover them)."""
-    return tuple(p.rstrip(" !") for p in FLATTER_OPEN + FLATTER_CLOSE)
-
