@@ -165,6 +165,18 @@ def test_preference_rows_are_checked_line_by_line(tmp_path):
         read_preferences(path)
 
 
+def test_preference_records_from_python_are_checked_too():
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    with pytest.raises(SafetylabError, match="mine, line 2: expected an object with prompt, chosen and rejected"):
+        preferences_from_records([good, ["p", "a", "b"]], where="mine")
+    with pytest.raises(SafetylabError, match="line 1: field 'prompt' is empty"):
+        preferences_from_records([{**good, "prompt": " \n"}])
+    with pytest.raises(SafetylabError, match="line 1: expected a string field 'chosen'"):
+        preferences_from_records([{**good, "chosen": 3}])
+    prefs = preferences_from_records([good, {**good, "rejected": " a "}])  # identical but for whitespace
+    assert len(prefs) == 1 and prefs.skipped == [(2, "chosen and rejected are identical")]
+
+
 def test_an_ensemble_of_seeds_differs_in_its_heads(tmp_path, tok):
     torch.manual_seed(0)
     base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "lm")

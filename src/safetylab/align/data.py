@@ -1,8 +1,9 @@
 """Preference data: JSONL ``{"prompt","chosen","rejected"}`` (TRL's format), read strictly.
 
-Every row is checked; a bad row is an error naming its file and line, except pairs whose chosen and
-rejected responses are identical, which carry no preference: they are skipped, counted and reported
-(:attr:`Preferences.skipped`), never dropped silently.
+Every row is checked; a bad row (not an object, a missing or non-string field, an empty or
+whitespace-only prompt or response) is an error naming its file and line, except pairs whose chosen
+and rejected responses are identical (ignoring surrounding whitespace), which carry no preference:
+they are skipped, counted and reported (:attr:`Preferences.skipped`), never dropped silently.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def preferences_from_records(records, where: str = "preferences") -> Preferences
     out = Preferences([])
     for number, record in enumerate(records, start=1):
         at = f"{where}, line {number}"
+        if not isinstance(record, dict):
+            raise SafetylabError(f"{at}: expected an object with prompt, chosen and rejected, got "
+                                 f"{type(record).__name__}")
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(record.get(key), str):
                 raise SafetylabError(f"{at}: expected a string field {key!r}")

