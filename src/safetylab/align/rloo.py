@@ -12,8 +12,9 @@ with the reward, and subtracts a KL penalty to the frozen reference:
 Responses without an end-of-sequence token lose ``missing_eos_penalty`` from their score. The loop is
 :func:`safetylab.models.train.train_loop` (accelerate, checkpoints, resume, NaN guard, gold tracking);
 the prompt pool takes the place of a data set. Logged with TRL's names: ``objective/scores``,
-``objective/kl``, ``objective/rlhf_reward``, ``objective/non_score_reward``, ``policy/entropy_avg``,
-``val/num_eos_tokens``.
+``objective/kl`` (the estimator the penalty uses, beside ``objective/kl_k1|k2|k3``),
+``objective/rlhf_reward``, ``objective/non_score_reward``, ``objective/entropy`` (Σ −log π per
+response), ``val/num_eos_tokens``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
-from safetylab.align.advantages import missing_eos_penalty, rloo_advantages
+from safetylab.align.advantages import missing_eos_penalty, rloo_advantages, sequence_kl_stats
 from safetylab.align.best_of_n import RewardFn
 from safetylab.align.losses import policy_loss
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
-from safetylab.models.logprobs import Template, batch_logprobs, kl_per_token
+from safetylab.models.logprobs import Template, batch_logprobs, check_same_vocabulary, kl_per_token
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.world import chat
@@ -54,6 +55,7 @@ def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: RewardFn, refe
         raise SafetylabError(f"rloo: k must be at least 2 (a leave-one-out baseline needs others), got {config.k}")
     if config.kl_estimator not in ("k1", "k3"):
         raise SafetylabError(f"rloo: kl_estimator must be 'k1' or 'k3', got {config.kl_estimator!r}")
+    check_same_vocabulary(policy, reference)
 
     def step_loss(model, step: Step):
         generator = getattr(model, "module", model)  # generate on the bare model, not its DDP wrapper
@@ -64,6 +66,7 @@ def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: RewardFn, refe
         with torch.no_grad():
             ref_logps, _ = batch_logprobs(reference, batch)
             kl = kl_per_token(logps.detach(), ref_logps, mask)[config.kl_estimator].sum(-1)
+            kl_stats = sequence_kl_stats(logps.detach(), ref_logps, mask, config.kl_estimator)
             scores = reward(repeated, samples.texts).to(step.device).float()
             scores = missing_eos_penalty(scores, samples.finished.to(step.device), config.missing_eos_penalty)
             rewards = scores - config.kl_coef * kl
@@ -71,10 +74,10 @@ def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: RewardFn, refe
         loss, _ = policy_loss(logps, logps.detach(), advantages[:, None].expand_as(logps), mask)
         return loss, {
             "objective/scores": scores.mean().item(),
-            "objective/kl": kl.mean().item(),
+            **kl_stats,
             "objective/non_score_reward": (-config.kl_coef * kl).mean().item(),
             "objective/rlhf_reward": rewards.mean().item(),
-            "policy/entropy_avg": (-(logps.detach() * mask).sum() / mask.sum()).item(),
+            "objective/entropy": -logps.detach().sum(-1).mean().item(),
             "val/num_eos_tokens": samples.finished.float().mean().item(),
         }
 

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from safetylab.align.data import preferences_from_records  # noqa: E402
 from safetylab.align.dpo import DPOConfig, train_dpo  # noqa: E402
+from safetylab.align.ppo import PPOConfig, train_ppo  # noqa: E402
 from safetylab.align.reward import (  # noqa: E402
     RewardConfig,
     RewardEnsemble,
@@ -35,8 +36,8 @@ from safetylab.world.world import World, WorldConfig  # noqa: E402
 
 @dataclass(frozen=True)
 class AlignStageConfig:
-    """The align stage: a reward model on ``labeler``'s comparisons, best-of-n against it, and DPO
-    on the same comparisons, all from the SFT model."""
+    """The align stage: a reward model on ``labeler``'s comparisons, best-of-n and PPO against it, and
+    DPO on the same comparisons, all from the SFT model."""
 
     labeler: str = "typical"
     preferences: int = 3_000
@@ -47,6 +48,9 @@ class AlignStageConfig:
     kl_samples: int = 16
     dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
         train=TrainConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10, checkpoint_every=50)))
+    ppo_prompts_per_kind: int = 100
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        train=TrainConfig(steps=80, batch_size=32, lr=3e-5, warmup_steps=8, log_every=8, checkpoint_every=40)))
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ QUICK = AuditConfig(
         best_of_n=(1, 4), best_of_n_per_kind=4, kl_samples=4,
         dpo=DPOConfig(train=TrainConfig(steps=20, batch_size=32, lr=1e-4, warmup_steps=2, log_every=10,
                                         checkpoint_every=10)),
+        ppo_prompts_per_kind=20,
+        ppo=PPOConfig(train=TrainConfig(steps=16, batch_size=16, lr=3e-5, warmup_steps=2, log_every=4,
+                                        checkpoint_every=8), max_new_tokens=32),
     ),
 )
 
@@ -91,7 +98,8 @@ def audit_config(quick: bool = False, seed: int = 0, device: str = "auto") -> Au
         return replace(train, seed=seed, device=device)
 
     align = replace(size.align, reward=replace(size.align.reward, train=seeded(size.align.reward.train)),
-                    dpo=replace(size.align.dpo, train=seeded(size.align.dpo.train)))
+                    dpo=replace(size.align.dpo, train=seeded(size.align.dpo.train)),
+                    ppo=replace(size.align.ppo, train=seeded(size.align.ppo.train)))
     return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed), base=seeded(size.base),
                    sft=seeded(size.sft), align=align)
 
@@ -193,8 +201,8 @@ def evaluate_stage(ctx: Context) -> Section:
 
 
 def align_stage(ctx: Context) -> Section:
-    """Learn a reward from the labeler's comparisons, optimise against it by best-of-n, and run DPO on
-    the same comparisons: proxy against gold against KL."""
+    """Learn a reward from the labeler's comparisons, optimise against it by best-of-n and PPO, and run
+    DPO on the same comparisons: proxy against gold against KL."""
     cfg, align, world, out = ctx.config, ctx.config.align, world_of(ctx), ctx.stage_dir("align")
     device = select_device(cfg.device)
     sft_path = ctx.run.path / ctx.sections["sft"].data["model"]
@@ -206,33 +214,43 @@ def align_stage(ctx: Context) -> Section:
     reward_model = members[0] if len(members) == 1 else RewardEnsemble(members)
     reward_eval = evaluate_reward_model(reward_model, reward_tokenizer, held_out)
 
+    def reward(prompts, responses):
+        return score(reward_model, reward_tokenizer, prompts, responses)
+
+    def proxy(samples: list[dict]) -> float:
+        return round(reward([s["prompt"] for s in samples], [s["response"] for s in samples]).mean().item(), 6)
+
     sft, tokenizer = load_model(sft_path, device)
     probe = world.evaluation_set(align.best_of_n_per_kind, max(align.best_of_n_per_kind // 5, 1), seed=2)
-    curve = best_of_n_curve(sft, tokenizer, world.judge, probe,
-                            lambda p, r: score(reward_model, reward_tokenizer, p, r), align.best_of_n,
-                            align.kl_samples, cfg.seed)
+    curve = best_of_n_curve(sft, tokenizer, world.judge, probe, reward, align.best_of_n, align.kl_samples, cfg.seed)
     plot = plot_curve(curve, out / "best-of-n.png")
 
-    dpo_run = RunDir(out / "dpo", {"base": str(sft_path), "dpo": asdict(align.dpo), "pairs": len(rows)})
-    final = dpo_run.artifacts / "model"
-    if final.exists():
-        dpo, _ = load_model(final, device)
-    else:
-        dpo = train_dpo(load_model(sft_path, device)[0], tokenizer, rows, align.dpo, dpo_run, reference=sft)
-        save_model(dpo, tokenizer, final)
-    seed_everything(cfg.seed)
+    prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", align.ppo_prompts_per_kind)]
+    policies = {
+        "dpo": _policy(RunDir(out / "dpo", {"base": str(sft_path), "dpo": asdict(align.dpo), "pairs": len(rows)}),
+                       lambda run: train_dpo(load_model(sft_path, device)[0], tokenizer, rows, align.dpo, run,
+                                             reference=sft), tokenizer, device),
+        "ppo": _policy(RunDir(out / "ppo", {"base": str(sft_path), "ppo": asdict(align.ppo), "prompts": len(prompts)}),
+                       lambda run: train_ppo(load_model(sft_path, device)[0], tokenizer, prompts, reward, sft,
+                                             align.ppo, run), tokenizer, device),
+    }
     requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)
-    dpo_overall = evaluate_policy(dpo, tokenizer, world.judge, requests, sft, cfg.eval)["overall"]
-    sft_overall = ctx.sections["evaluate"].data["overall"]["sft"]
+    overall = {"sft": {**ctx.sections["evaluate"].data["overall"]["sft"], "proxy_reward": proxy(_samples(ctx, "sft"))}}
+    for name, (policy, _) in policies.items():
+        seed_everything(cfg.seed)
+        result = evaluate_policy(policy, tokenizer, world.judge, requests, sft, cfg.eval)
+        overall[name] = {**result["overall"], "proxy_reward": proxy(result["samples"])}
+    columns = ["proxy_reward", *METRICS]
 
     first, last = curve[0], curve[-1]
     return Section(
-        title="Alignment: reward model, best-of-n and DPO",
+        title="Alignment: reward model, best-of-n, DPO and PPO",
         summary=(f"reward model: held-out accuracy {reward_eval['accuracy']:.3f}, gold agreement "
                  f"{reward_eval.get('gold_agreement', float('nan')):.3f}; best-of-{last['n']}: proxy "
                  f"{first['proxy']:+.2f} → {last['proxy']:+.2f}, gold {first['gold_utility']:+.3f} → "
-                 f"{last['gold_utility']:+.3f}; DPO: gold {sft_overall['gold_utility']:+.3f} → "
-                 f"{dpo_overall['gold_utility']:+.3f} at KL {dpo_overall['kl_to_reference']:.2f}"),
+                 f"{last['gold_utility']:+.3f}; gold utility from SFT's {overall['sft']['gold_utility']:+.3f}: "
+                 + ", ".join(f"{name.upper()} {overall[name]['gold_utility']:+.3f} at KL "
+                             f"{overall[name]['kl_to_reference']:.2f}" for name in policies)),
         tables=[
             {"title": f"Reward model on held-out {align.labeler} comparisons",
              "columns": ["pairs", "accuracy", "margin", "gold agreement"],
@@ -240,14 +258,28 @@ def align_stage(ctx: Context) -> Section:
                        reward_eval.get("gold_agreement")]]},
             {"title": f"Best-of-n against the reward model ({len(probe)} held-out prompts)",
              "columns": list(curve[0]), "rows": [list(row.values()) for row in curve]},
-            {"title": f"DPO ({align.dpo.loss}, β {align.dpo.beta}) on the same comparisons, held-out prompts",
-             "columns": ["model", *METRICS],
-             "rows": [["sft", *(sft_overall[m] for m in METRICS)], ["dpo", *(dpo_overall[m] for m in METRICS)]]},
+            {"title": (f"DPO ({align.dpo.loss}, β {align.dpo.beta}) on the same comparisons and PPO against the "
+                       f"reward model (β {align.ppo.kl_coef}), held-out prompts"),
+             "columns": ["model", *columns],
+             "rows": [[name, *(row[m] for m in columns)] for name, row in overall.items()]},
         ],
         plots=[str(plot.relative_to(ctx.run.path))],
-        data={"reward": reward_eval, "best_of_n": curve, "dpo": dpo_overall,
-              "dpo_model": str(final.relative_to(ctx.run.path))},
+        data={"reward": reward_eval, "best_of_n": curve, **{name: overall[name] for name in policies},
+              **{f"{name}_model": str(path.relative_to(ctx.run.path)) for name, (_, path) in policies.items()}},
     )
+
+
+def _policy(run: RunDir, train, tokenizer, device):
+    """``(model, path)``: the policy a finished run saved, or ``train(run)``'s result, saved."""
+    final = run.artifacts / "model"
+    if not final.exists():
+        save_model(train(run), tokenizer, final)
+    return load_model(final, device)[0], final
+
+
+def _samples(ctx: Context, model: str) -> list[dict]:
+    path = ctx.stage_dir("evaluate") / f"samples-{model}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 STAGES = (
@@ -255,7 +287,7 @@ STAGES = (
     Stage("base", "pre-train the base model", base_stage),
     Stage("sft", "supervised fine-tuning", sft_stage),
     Stage("evaluate", "evaluate base and SFT against the gold judge", evaluate_stage),
-    Stage("align", "reward model, best-of-n and DPO against the gold judge", align_stage),
+    Stage("align", "reward model, best-of-n, DPO and PPO against the gold judge", align_stage),
 )
 
 

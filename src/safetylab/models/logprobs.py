@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from safetylab.core.errors import SafetylabError
 from safetylab.world.world import chat
 
 Template = Callable[[str], str]
@@ -98,6 +99,15 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
         out[i, : len(row)] = row
         mask[i, : len(row)] = 1
     return out, mask
+
+
+def check_same_vocabulary(policy, reference) -> None:
+    """A policy and its reference must share one tokenizer; different vocabulary sizes prove they do
+    not (equal sizes cannot prove that they do)."""
+    sizes = [m.get_input_embeddings().num_embeddings for m in (policy, reference)]
+    if sizes[0] != sizes[1]:
+        raise SafetylabError(f"the policy's vocabulary has {sizes[0]} tokens and the reference's {sizes[1]}: "
+                             "they must share one tokenizer (score other models' outputs through text instead)")
 
 
 def kl_per_token(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:

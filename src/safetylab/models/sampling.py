@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from safetylab.core.errors import SafetylabError
 from safetylab.models.logprobs import Batch, Template, gather_logprobs, pack_pairs
 from safetylab.world.world import chat
 
@@ -51,10 +52,13 @@ def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, t
     if not prompts:
         empty = torch.zeros(0, 0)
         return Samples([], [], empty.long(), empty, empty, torch.zeros(0, dtype=torch.bool))
+    context = getattr(model.config, "max_position_embeddings", None)
     parts = []
     for start in range(0, len(prompts), batch_size):
         chunk = [template(p) for p in prompts[start:start + batch_size]]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
+        if context is not None and enc["input_ids"].shape[1] + max_new_tokens > context:
+            _context_error(enc["attention_mask"].sum(1), start, max_new_tokens, context)
         out = model.generate(**enc, generation_config=config)
         tokens = out.sequences[:, enc["input_ids"].shape[1]:]
         logits = torch.stack(out.logits, dim=1)[:, : tokens.shape[1]]
@@ -71,6 +75,12 @@ def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, t
     texts = [tokenizer.decode(row[(row != tokenizer.pad_token_id) & (row != tokenizer.eos_token_id)],
                               skip_special_tokens=True).strip() for row in tokens]
     return Samples(list(prompts), texts, tokens, token_logprobs * mask, mask, is_eos.any(1))
+
+
+def _context_error(lengths: torch.Tensor, start: int, max_new_tokens: int, context: int):
+    first = int(torch.nonzero(lengths + max_new_tokens > context)[0])
+    raise SafetylabError(f"prompt {start + first + 1} has {int(lengths[first])} tokens (in its template): with "
+                         f"{max_new_tokens} new tokens it does not fit the model's context of {context}")
 
 
 def _pad(x: torch.Tensor, width: int, value: float) -> torch.Tensor:

@@ -120,12 +120,15 @@ def lr_at(step: int, config: TrainConfig) -> float:
 @dataclass(frozen=True)
 class Step:
     """What one optimisation step of :func:`train_loop` works on: the global batch's example
-    indices, this process's share of them, the device, and the number of processes."""
+    indices, this process's share of them, the device, the number of processes, this process's
+    rank and the step's number (0-based)."""
 
     indices: list[int]
     local: list[int]
     device: torch.device
     processes: int
+    rank: int = 0
+    number: int = 0
 
 
 StepLoss = Callable[[torch.nn.Module, Step], tuple[torch.Tensor, dict[str, float]]]
@@ -133,16 +136,20 @@ StepLoss = Callable[[torch.nn.Module, Step], tuple[torch.Tensor, dict[str, float
 
 def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, config: TrainConfig, run: RunDir,
                description: str = "train",
-               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> torch.nn.Module:
+               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+               state: Sequence[object] = ()) -> torch.nn.Module:
     """The one training loop: AdamW, warm-up and cosine decay, gradient clipping, under
     ``accelerate``; resumes from the run's latest checkpoint; logs ``loss``, the mean over each
     window of the statistics ``step_loss`` returns (averaged over processes) and ``lr``.
 
     ``step_loss(model, step)`` computes the loss on ``step.local``. A non-finite loss stops the run
     with an error naming the step, after checkpointing the last good weights (never a NaN).
-    ``evaluate(model)``, if given, runs on the main process every ``config.eval_every`` steps and at
-    the end, in eval mode, with its own random stream (seeded by the step, so a resumed run repeats
-    it), and its metrics join that step's record."""
+    ``evaluate(model)``, if given, runs on the main process before the first step (when
+    ``config.eval_every`` is set), every ``config.eval_every`` steps and at the end, in eval mode,
+    with its own random stream seeded alike each time (so differences between evaluations are the
+    policy's, not sampling noise, and a resumed run repeats them); its metrics join that step's
+    record. ``state``: further objects with ``state_dict`` and
+    ``load_state_dict`` (an adaptive KL controller) saved in each checkpoint and restored on resume."""
     if n_examples < 1:
         raise SafetylabError(f"{run.path}: no training examples")
     if config.steps < 1 or config.batch_size < 1 or config.log_every < 1 or config.checkpoint_every < 1:
@@ -158,9 +165,13 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
+    if state:
+        accelerator.register_for_checkpointing(*state)
     rank, processes = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(config.seed * 1_000 + rank)  # sampling inside steps (RL) repeats; a resume restores it
     start = _resume(accelerator, run)
+    if start == 0 and config.eval_every and evaluate is not None and accelerator.is_main_process:
+        run.log(0, **_evaluate(accelerator.unwrap_model(model), evaluate, config.seed))  # the starting point
     model.train()
     window: dict[str, list[float]] = {}
     with Progress(description, config.steps - start) as progress:
@@ -168,7 +179,8 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
             indices = batch_indices(n_examples, config.batch_size, config.seed, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
-            loss, stats = step_loss(model, Step(indices, indices[rank::processes], accelerator.device, processes))
+            loss, stats = step_loss(model, Step(indices, indices[rank::processes], accelerator.device, processes,
+                                                   rank, step))
             values = accelerator.reduce(torch.tensor([loss.item(), *stats.values()], device=accelerator.device),
                                         reduction="mean").tolist()
             if not math.isfinite(values[0]):
@@ -188,7 +200,7 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
                 if accelerator.is_main_process:
                     means = {k: round(sum(v) / len(v), 6) for k, v in window.items()}
                     due = done == config.steps or (config.eval_every and done % config.eval_every == 0)
-                    extra = _evaluate(accelerator.unwrap_model(model), evaluate, config.seed + done) if due else {}
+                    extra = _evaluate(accelerator.unwrap_model(model), evaluate, config.seed) if due else {}
                     run.log(done, **means, lr=round(lr_at(step, config), 8), **extra)
                 window = {}
             if done % config.checkpoint_every == 0 and done < config.steps:

@@ -1,0 +1,241 @@
+"""PPO for RLHF: the policy with a value head (an actor–critic) trained against a reward, with a
+per-token KL penalty to the frozen reference (Ziegler et al. 2019, "Fine-tuning language models from
+human preferences"; Stiennon et al. 2020; Ouyang et al. 2022), as in ``lm-human-preferences`` and
+TRL's PPO trainer:
+
+    rollout   sample one response per prompt from π; score it (normalised to mean 0, std 1 under the
+              starting policy, minus ``missing_eos_penalty`` when it has no eos); per-token rewards
+              r_t = −β kl_t + [t = last] · score (k1 or k3); values V_t from the critic; GAE
+              advantages and returns; advantages whitened
+    update    ``ppo_epochs`` passes over the rollout in ``mini_batches`` mini-batches, each one
+              optimiser step on L = L_clip(π) + c_v · L_Vclip  (:func:`.losses.policy_loss`,
+              :func:`.losses.value_loss`)
+    control   β fixed, or adapted towards a target KL after each rollout (:class:`AdaptiveKLController`)
+
+An optimiser update is one step of :func:`safetylab.models.train.train_loop` (accelerate,
+checkpoints, resume, NaN guard, gold tracking), so a rollout spans ``ppo_epochs · mini_batches``
+steps, and checkpoints fall on rollout boundaries. β and the score normalisation are saved with each
+checkpoint. Logged with TRL's names: ``objective/scores`` (raw reward-model scores;
+``objective/scores_normalized``: the ones the rewards use), ``objective/kl`` (the estimator the
+penalty uses, beside ``objective/kl_k1|k2|k3``), ``objective/entropy``, ``objective/non_score_reward``,
+``objective/rlhf_reward``, ``objective/kl_coef``, ``policy/approxkl_avg``, ``policy/clipfrac_avg``,
+``policy/entropy_avg``, ``loss/policy_avg``, ``loss/value_avg``, ``val/clipfrac_avg``, ``val/ratio``,
+``val/num_eos_tokens``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import reduce
+from torch import nn
+
+from safetylab.align.advantages import (
+    AdaptiveKLController,
+    FixedKLController,
+    ScoreNormalizer,
+    gae,
+    kl_penalized_rewards,
+    missing_eos_penalty,
+    sequence_kl_stats,
+)
+from safetylab.align.best_of_n import RewardFn
+from safetylab.align.losses import entropy_from_logits, policy_loss, value_loss
+from safetylab.align.utils import masked_mean, masked_whiten
+from safetylab.core.errors import SafetylabError
+from safetylab.core.runs import RunDir
+from safetylab.models.logprobs import Batch, Template, batch_logprobs, check_same_vocabulary, gather_logprobs
+from safetylab.models.sampling import sample
+from safetylab.models.train import Step, TrainConfig, batch_indices, train_loop
+from safetylab.world.world import chat
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    # steps: optimiser updates (ppo_epochs · mini_batches per rollout); batch_size: prompts per rollout
+    train: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=3e-5, warmup_steps=8, log_every=8,
+                                     checkpoint_every=40, eval_every=40)
+    ppo_epochs: int = 4
+    mini_batches: int = 1
+    clip: float = 0.2  # ε of the ratio
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    normalize_scores: bool = True  # scores to mean 0, std 1 under the starting policy (fixed after rollout 1)
+    kl_coef: float = 0.05  # β, or its start when kl_target > 0
+    kl_target: float = 0.0  # > 0: adapt β towards this KL (nats per response); 0: β fixed
+    kl_horizon: int = 10_000
+    kl_estimator: str = "k1"  # "k1" or "k3"
+    missing_eos_penalty: float = 1.0
+    max_new_tokens: int = 48  # sampling is at temperature 1: the gradient is the sampling policy's
+
+
+class ActorCritic(nn.Module):
+    """A causal LM (the actor) with a scalar value head on its last hidden state (the critic). One
+    backbone serves both, as TRL's ``AutoModelForCausalLMWithValueHead``: no second model in memory.
+    The head starts at zero, so the first values are 0."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, T, V], values [B, T])``."""
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
+
+
+@dataclass
+class Rollout:
+    """One batch of experience: the sampled sequences and, on their response tokens (``mask``,
+    ``[B, T−1]`` aligned with next-token log-probs), π_old's log-probs, V_old, advantages and returns."""
+
+    batch: Batch
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    stats: dict[str, float]
+
+    def rows(self, index: torch.Tensor) -> Rollout:
+        """The rollout restricted to the rows in ``index``, trimmed to their longest sequence."""
+        width = int(self.batch.attention_mask[index].sum(-1).max())
+        batch = Batch(self.batch.input_ids[index, :width], self.batch.attention_mask[index, :width],
+                      self.batch.response_mask[index, :width])
+        tokens = [t[index, : width - 1] for t in (self.mask, self.logprobs, self.values, self.advantages, self.returns)]
+        return Rollout(batch, *tokens, self.stats)
+
+
+def response_logprobs_and_values(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """One forward pass of an :class:`ActorCritic`: ``(logprobs, values, mask, logits)`` at the
+    positions that predict each next token (``[B, T−1]``; logits ``[B, T−1, V]``), masked to the
+    response. V_t is the value of the state before token t + 1 is emitted."""
+    logits, values = model(batch.input_ids, batch.attention_mask)
+    logits = logits[:, :-1]
+    mask = batch.response_mask[:, 1:].to(logits.dtype)
+    return gather_logprobs(logits, batch.input_ids[:, 1:]) * mask, values[:, :-1] * mask, mask, logits
+
+
+@torch.no_grad()
+def collect_rollout(model: nn.Module, tokenizer, prompts: Sequence[str], reward: RewardFn, reference: nn.Module,
+                    kl_coef: float, config: PPOConfig, device: torch.device, template: Template = chat,
+                    normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
+    """Sample, score and evaluate one response per prompt under the current actor–critic;
+    ``normalize`` (a fitted :class:`ScoreNormalizer`) maps raw scores to the scale the rewards use."""
+    actor = getattr(model, "module", model).policy  # generate on the bare model, not its DDP wrapper
+    samples = sample(actor, tokenizer, prompts, config.max_new_tokens, template=template)
+    batch = samples.to_batch(tokenizer, template).to(device)
+    logprobs, values, mask, _ = response_logprobs_and_values(model, batch)
+    ref_logprobs, _ = batch_logprobs(reference, batch)
+    finished = samples.finished.to(device)
+    raw = reward(prompts, samples.texts).to(device).float()
+    scores = missing_eos_penalty(raw if normalize is None else normalize(raw), finished, config.missing_eos_penalty)
+    rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
+    advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    kl = sequence_kl_stats(logprobs, ref_logprobs, mask, config.kl_estimator)
+    stats = {
+        "objective/scores": raw.mean().item(),
+        "objective/scores_normalized": scores.mean().item(),
+        **kl,
+        "objective/non_score_reward": -kl_coef * kl["objective/kl"],
+        "objective/rlhf_reward": scores.mean().item() - kl_coef * kl["objective/kl"],  # on the rewards' scale
+        "objective/entropy": -logprobs.sum(-1).mean().item(),
+        "objective/kl_coef": kl_coef,
+        "val/num_eos_tokens": finished.float().mean().item(),
+    }
+    return Rollout(batch, mask, logprobs, values, advantages, returns, stats)
+
+
+def ppo_loss(model: nn.Module, rollout: Rollout, config: PPOConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = L_clip + c_v · L_Vclip on one mini-batch of a rollout, and TRL's statistics of it."""
+    logprobs, values, mask, logits = response_logprobs_and_values(model, rollout.batch)
+    pg_loss, pg = policy_loss(logprobs, rollout.logprobs, rollout.advantages, mask, config.clip)
+    vf_loss, vf = value_loss(values, rollout.values, rollout.returns, mask, config.value_clip)
+    with torch.no_grad():
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+    return pg_loss + config.vf_coef * vf_loss, {
+        **rollout.stats,
+        "policy/approxkl_avg": pg["approxkl"].item(),
+        "policy/clipfrac_avg": pg["clipfrac"].item(),
+        "policy/entropy_avg": entropy.item(),
+        "loss/policy_avg": pg_loss.item(),
+        "loss/value_avg": vf_loss.item(),
+        "val/clipfrac_avg": vf["clipfrac"].item(),
+        "val/ratio": pg["ratio"].item(),
+    }
+
+
+def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: RewardFn, reference, config: PPOConfig,
+              run: RunDir, template: Template = chat,
+              evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+    """Optimise ``policy`` against ``reward`` on ``prompts`` with PPO; returns the trained policy (the
+    value head is only in the run's checkpoints). ``reference`` (frozen) must share the policy's
+    tokenizer. Dropout is switched off in ``policy``, as TRL does: with it, π_old and π would differ
+    at ratio 1."""
+    _check(config, len(prompts))
+    check_same_vocabulary(policy, reference)
+    for module in policy.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    updates = config.ppo_epochs * config.mini_batches
+    controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target > 0
+                  else FixedKLController(config.kl_coef))
+    normalizer = ScoreNormalizer()
+
+    def fitted_normalizer(scores: torch.Tensor) -> torch.Tensor:
+        if normalizer.mean is None:  # the first rollout: μ₀ and σ₀ over every process's samples
+            moments = reduce(torch.stack([scores.mean(), scores.pow(2).mean()]), "mean")
+            normalizer.fit(*moments.tolist())
+        return normalizer(scores)
+
+    current: dict[str, object] = {}
+
+    def step_loss(model, step: Step):
+        phase = step.number % updates
+        if phase == 0 or not current:  # a new rollout (or the first after resuming mid-rollout)
+            indices = batch_indices(len(prompts), config.train.batch_size, config.train.seed, step.number // updates)
+            local = [prompts[i] for i in indices[step.rank::step.processes]]
+            if len(local) < config.mini_batches:
+                raise SafetylabError(f"ppo: {config.mini_batches} mini-batches do not fit this process's "
+                                     f"{len(local)} prompts per rollout")
+            rollout = collect_rollout(model, tokenizer, local, reward, reference, controller.value, config,
+                                      step.device, template, fitted_normalizer if config.normalize_scores else None)
+            kl = reduce(torch.tensor(rollout.stats["objective/kl"], device=step.device), "mean").item()
+            controller.update(kl, config.train.batch_size)
+            current.update(rollout=rollout, orders=[torch.randperm(len(local)) for _ in range(config.ppo_epochs)])
+        epoch, part = divmod(phase, config.mini_batches)
+        index = current["orders"][epoch].chunk(config.mini_batches)[part].to(step.device)
+        return ppo_loss(model, current["rollout"].rows(index), config)
+
+    trained = train_loop(ActorCritic(policy), len(prompts), step_loss, config.train, run, "ppo",
+                         None if evaluate is None else lambda model: evaluate(model.policy),
+                         state=[controller, normalizer])
+    return trained.policy
+
+
+def _check(config: PPOConfig, n_prompts: int) -> None:
+    updates = config.ppo_epochs * config.mini_batches
+    if n_prompts < 1:
+        raise SafetylabError("ppo: no prompts")
+    if config.ppo_epochs < 1 or config.mini_batches < 1:
+        raise SafetylabError(f"ppo: ppo_epochs and mini_batches must be at least 1, got {config.ppo_epochs} and "
+                             f"{config.mini_batches}")
+    if config.train.checkpoint_every % updates:
+        raise SafetylabError(f"ppo: checkpoint_every ({config.train.checkpoint_every}) must be a multiple of "
+                             f"ppo_epochs × mini_batches ({updates}), so that checkpoints fall between rollouts")
+    if config.kl_estimator not in ("k1", "k3"):
+        raise SafetylabError(f"ppo: kl_estimator must be 'k1' or 'k3', got {config.kl_estimator!r}")
+    if config.kl_coef < 0 or config.kl_target < 0 or (config.kl_target > 0 and config.kl_coef == 0):
+        raise SafetylabError(f"ppo: kl_coef and kl_target must be >= 0, and kl_coef > 0 when adapted towards a "
+                             f"target, got kl_coef {config.kl_coef} and kl_target {config.kl_target}")
