@@ -74,7 +74,8 @@ def test_gold_tracking_joins_the_records_at_evaluation_steps(tiny_lm, tmp_path, 
     run = RunDir(tmp_path / "dpo", {})
     train_dpo(policy, tok, rows, config, run, reference, evaluate=tracker)
     evaluated = [m["step"] for m in run.metrics() if "gold/utility" in m]
-    assert evaluated == [8, 12]  # every eval_every steps and at the end
+    assert evaluated == [0, 8, 12]  # before the first step, every eval_every steps and at the end
+    assert run.metrics()[0]["gold/kl"] == pytest.approx(0.0, abs=1e-5)  # step 0: the policy is the reference
     last = run.metrics()[-1]
     assert last["gold/kl"] > 0 and "gold/utility/harmful" in last and "gold/harmful_compliance" in last
 
@@ -130,3 +131,24 @@ def test_train_dpo_command_trains_saves_and_compares(tmp_path, tok, world):
     bad = subprocess.run([sys.executable, "-m", "safetylab", *args[:-4], "--loss", "kto", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown preference loss 'kto'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_policy_preferences_compare_the_policys_own_finished_samples(monkeypatch, tok, world):
+    from safetylab.align import dpo
+    from safetylab.models.sampling import Samples
+
+    requests = world.requests("arithmetic", "train", 3)
+    right, wrong = ([world.respond(r, style, world.rng("t", i)) for i, r in enumerate(requests)]
+                    for style in ("correct", "confident_wrong"))
+    draws = iter([([right[0], wrong[1], right[2]], [True, True, False]), (wrong, [True, True, True])])
+
+    def fake_sample(model, tokenizer, prompts, max_new_tokens):
+        texts, finished = next(draws)
+        assert prompts == [r.prompt for r in requests]
+        empty = torch.zeros(3, 1)
+        return Samples(list(prompts), texts, empty.long(), empty, empty, torch.tensor(finished))
+
+    monkeypatch.setattr(dpo, "sample", fake_sample)
+    records = dpo.policy_preferences(None, tok, world, requests, "ideal")
+    # request 0: compared; request 1: both wrong alike (a gold tie); request 2: a sample without its eos
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in records] == [(requests[0].prompt, right[0], wrong[0])]

@@ -418,6 +418,17 @@ def test_preferences_on_the_test_split(world):
     assert {world.parser.parse(r["prompt"]).split for r in records} == {"test"}
 
 
+def test_compare_labels_given_responses_and_skips_gold_ties(world):
+    requests = world.requests("arithmetic", "train", 3)
+    right = [world.respond(r, "correct", world.rng("t", i)) for i, r in enumerate(requests)]
+    wrong = [world.respond(r, "confident_wrong", world.rng("t", i)) for i, r in enumerate(requests)]
+    records = world.compare(requests, [wrong[0], right[1], right[2]], [right[0], wrong[1], right[2]], "ideal")
+    assert [(r["chosen"], r["rejected"]) for r in records] == [(right[0], wrong[0]), (right[1], wrong[1])]
+    assert all(r["style_chosen"] == "sampled" and r["gold_chosen"] > r["gold_rejected"] for r in records)
+    with pytest.raises(SafetylabError, match="one of each per request"):
+        world.compare(requests, right, wrong[:2], "ideal")
+
+
 def test_sample(world):
     rows = world.sample(60, split="test")
     assert [r["kind"] for r in rows] == [KINDS[i % len(KINDS)] for i in range(60)]

@@ -27,8 +27,10 @@ from safetylab.align.losses import (
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Template, batch_logprobs
+from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
-from safetylab.world.world import chat
+from safetylab.world.requests import Request
+from safetylab.world.world import World, chat
 
 
 @dataclass(frozen=True)
@@ -112,3 +114,23 @@ def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, 
         return out.losses.mean(), metrics
 
     return train_loop(policy, len(rows), step_loss, config.train, run, f"dpo ({config.loss})", evaluate)
+
+
+@torch.no_grad()
+def policy_preferences(policy, tokenizer, world: World, requests: Sequence[Request], labeler: str, k: int = 2,
+                       seed: int = 0, max_new_tokens: int = 48) -> list[dict]:
+    """On-policy comparisons: ``k`` samples of ``policy`` per request, every two of them compared by
+    ``labeler`` (:meth:`World.compare`), as ``world.preferences`` records. Preference data drawn from
+    the policy itself, as InstructGPT's labelers compared the model's own outputs (Ouyang et al. 2022),
+    is what reward models and DPO learn from best (Tajwar et al. 2024, "Preference fine-tuning of LLMs
+    should leverage suboptimal, on-policy data"; Xu et al. 2024, "Is DPO superior to PPO for LLM
+    alignment?"). A sample that ran out of tokens before its eos is left out (DPO would train on it with
+    an eos it never produced), and so is a pair of equal gold utility, so the result can hold fewer
+    than k(k − 1)/2 pairs per request."""
+    if k < 2:
+        raise SafetylabError(f"policy_preferences: k must be at least 2 samples per request, got {k}")
+    prompts = [r.prompt for r in requests]
+    draws = [sample(policy, tokenizer, prompts, max_new_tokens) for _ in range(k)]
+    pairs = [(r, a.texts[n], b.texts[n]) for n, r in enumerate(requests) for i, a in enumerate(draws)
+             for b in draws[i + 1:] if a.finished[n] and b.finished[n]]
+    return world.compare(*map(list, zip(*pairs)), labeler, seed) if pairs else []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,16 +222,26 @@ class World:
             gold_a, gold_b = self.judge.utility(request, a), self.judge.utility(request, b)
             if gold_a == gold_b:
                 continue
-            a_wins = person.prefers(request, a, b)
-            (chosen, style_c, gold_c), (rejected, style_r, gold_r) = (
-                ((a, style_a, gold_a), (b, style_b, gold_b)) if a_wins else ((b, style_b, gold_b), (a, style_a, gold_a))
-            )
-            records.append({
-                "prompt": request.prompt, "chosen": chosen, "rejected": rejected,
-                "kind": kind, "tier": request.tier, "jailbreak": request.jailbreak,
-                "style_chosen": style_c, "style_rejected": style_r,
-                "gold_chosen": gold_c, "gold_rejected": gold_r, "labeler": labeler,
-            })
+            records.append(_record(request, (a, style_a, gold_a), (b, style_b, gold_b),
+                                   person.prefers(request, a, b), labeler))
+        return records
+
+    def compare(self, requests: Sequence[Request], first: Sequence[str], second: Sequence[str], labeler: str,
+                seed: int = 0) -> list[dict[str, Any]]:
+        """The labeler's comparison of ``first[i]`` and ``second[i]`` as responses to ``requests[i]``
+        (say, two samples of a policy: on-policy preference data), as :meth:`preferences` records
+        with style ``"sampled"``. As there, a pair of equal gold utility (identical responses
+        included) gives no record, so the result can be shorter than ``requests``."""
+        if not len(requests) == len(first) == len(second):
+            raise SafetylabError(f"compare: {len(requests)} requests, {len(first)} first and {len(second)} second "
+                                 "responses; expected one of each per request")
+        person = self.labeler(labeler, seed)
+        records = []
+        for request, a, b in zip(requests, first, second):
+            gold_a, gold_b = self.judge.utility(request, a), self.judge.utility(request, b)
+            if gold_a != gold_b:
+                records.append(_record(request, (a, "sampled", gold_a), (b, "sampled", gold_b),
+                                       person.prefers(request, a, b), labeler))
         return records
 
     def red_team(self, n_per_jailbreak: int, split: str = "test", seed: int = 0) -> list[Request]:
@@ -271,3 +282,16 @@ class World:
             out.append({"prompt": request.prompt, "response": self.respond(request, chosen, rng), "kind": kind,
                         "style": chosen, "tier": request.tier, "split": request.split, "answer": request.answer})
         return out
+
+
+def _record(request: Request, a: tuple[str, str, float], b: tuple[str, str, float], a_wins: bool,
+            labeler: str) -> dict[str, Any]:
+    """A TRL ``{"prompt","chosen","rejected"}`` comparison with the world's metadata; ``a`` and ``b``
+    are (response, style, gold utility)."""
+    (chosen, style_c, gold_c), (rejected, style_r, gold_r) = (a, b) if a_wins else (b, a)
+    return {
+        "prompt": request.prompt, "chosen": chosen, "rejected": rejected,
+        "kind": request.kind, "tier": request.tier, "jailbreak": request.jailbreak,
+        "style_chosen": style_c, "style_rejected": style_r,
+        "gold_chosen": gold_c, "gold_rejected": gold_r, "labeler": labeler,
+    }
