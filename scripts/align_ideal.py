@@ -3,8 +3,8 @@ judge on held-out prompts: the alignment table of docs/results.md.
 
 The comparisons are on-policy, as in InstructGPT: the labeler compares the SFT model's own samples
 (four per train prompt, every two). The reward model learns from those and from the world's
-comparisons of written styles; DPO learns from the on-policy ones; PPO and RLOO optimise the reward
-model.
+comparisons of written styles; DPO, and DPO with the chosen responses' NLL added (RPO), learn from
+the on-policy ones; PPO and RLOO optimise the reward model.
 
     for s in 0 1 2; do safetylab audit --seed $s --out runs/seed$s; done
     for s in 0 1 2; do python scripts/align_ideal.py runs/seed$s --out runs/align-ideal/seed$s; done
@@ -76,6 +76,8 @@ def run_seed(audit: Path, out: Path) -> dict:
     trainers = {
         "dpo": (DPO, lambda policy, c, run: train_dpo(policy, tokenizer, sampled["train"], c, run, sft,
                                                       evaluate=tracker)),
+        "rpo": (replace(DPO, rpo_alpha=1.0), lambda policy, c, run: train_dpo(policy, tokenizer, sampled["train"], c,
+                                                                              run, sft, evaluate=tracker)),
         "ppo": (PPO, lambda policy, c, run: train_ppo(policy, tokenizer, prompts, reward, sft, c, run,
                                                       evaluate=tracker)),
         "rloo": (RLOO, lambda policy, c, run: train_rloo(policy, tokenizer, prompts, reward, sft, c, run,
@@ -110,7 +112,7 @@ def _sampled(path: Path, sft, tokenizer, world: World, split: str, seed: int):
 def summarize(paths: list[str]) -> None:
     results = [json.loads((Path(p) / "results.json").read_text()) for p in paths]
     print(f"{len(results)} seeds: {', '.join(str(r['seed']) for r in results)}\n")
-    models = [m for m in ("sft", "dpo", "ppo", "rloo") if m in results[0]]
+    models = [m for m in ("sft", "dpo", "rpo", "ppo", "rloo") if m in results[0]]
     print(f"| metric | {' | '.join(m.upper() for m in models)} |\n|---|{'---:|' * len(models)}")
     for metric in METRICS:
         print(f"| {metric} | {' | '.join(_cell([r[m][metric] for r in results]) for m in models)} |")

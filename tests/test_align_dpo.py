@@ -66,6 +66,21 @@ def test_at_the_start_the_implicit_rewards_are_zero(tiny_lm, tmp_path, tok, rows
     assert first["loss"] == pytest.approx(0.6931472, abs=1e-5)  # log 2: policy equals reference
 
 
+def test_rpo_adds_alpha_times_the_chosen_nll(tiny_lm, tmp_path, tok, rows):
+    from safetylab.align.dpo import chosen_nll
+
+    policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
+    config = DPOConfig(train=replace(TRAIN, steps=1, log_every=1, lr=1e-12, warmup_steps=0, batch_size=len(rows)),
+                       rpo_alpha=0.5)  # one step over every row, at the reference: the DPO term is log 2
+    run = RunDir(tmp_path / "rpo", {})
+    train_dpo(policy, tok, rows, config, run, reference)
+    with torch.no_grad():
+        nll = chosen_nll(sequence_logps(reference, tok, rows)).item()
+    first = run.metrics()[0]
+    assert first["nll_loss"] == pytest.approx(nll, rel=1e-4) and nll > 0
+    assert first["loss"] == pytest.approx(0.6931472 + 0.5 * nll, rel=1e-4)
+
+
 def test_gold_tracking_joins_the_records_at_evaluation_steps(tiny_lm, tmp_path, tok, rows, world):
     policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
     requests = world.evaluation_set(2, 1)

@@ -239,6 +239,7 @@ def train_dpo_command(
     beta: Annotated[float, typer.Option(help="β (SimPO: its reward scale).")] = 0.1,
     label_smoothing: Annotated[float, typer.Option(help="ε of cDPO and robust DPO.")] = 0.0,
     gamma: Annotated[float, typer.Option(help="SimPO's target margin γ.")] = 0.5,
+    rpo_alpha: Annotated[float, typer.Option(help="Weight of the chosen responses' NLL in the loss (RPO).")] = 0.0,
     steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/dpo"),
@@ -253,7 +254,7 @@ def train_dpo_command(
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 
-    config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+    config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma, rpo_alpha=rpo_alpha)
     config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
     rows, _, source, _ = _preference_rows(preferences, labeler, n, seed)
     where = select_device(device)

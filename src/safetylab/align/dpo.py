@@ -3,8 +3,8 @@
 The loss is chosen by name from :data:`LOSSES` (each a pure function in :mod:`.losses`). Reference
 log-probs are computed once, before training, so the reference model is not held in memory while the
 policy trains. Logged per window: ``loss`` and TRL's ``rewards/chosen``, ``rewards/rejected``,
-``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``; with a gold
-tracker, the gold judge's metrics every ``eval_every`` steps.
+``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected`` (and ``nll_loss``
+with ``rpo_alpha``); with a gold tracker, the gold judge's metrics every ``eval_every`` steps.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class DPOConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0  # cDPO and robust DPO
     gamma: float = 0.5  # SimPO's target margin
+    rpo_alpha: float = 0.0  # > 0: add α · NLL of the chosen responses (RPO; TRL's rpo_alpha)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,17 @@ LOSSES: dict[str, LossFn] = {
                                         gamma=c.gamma),
 }
 REFERENCE_FREE = ("simpo",)
+
+
+def chosen_nll(logps: SequenceLogps) -> torch.Tensor:
+    """The mean per-token negative log-likelihood of the chosen responses,
+
+        NLL = mean_i (−log π(y_w,i | x_i) / |y_w,i|)
+
+    the term RPO adds to DPO with weight α (Pang et al. 2024, "Iterative reasoning preference
+    optimization"; TRL's ``rpo_alpha``): it keeps the chosen responses likely while the margin grows,
+    against the likelihood displacement of plain DPO (Razin et al. 2024)."""
+    return (-logps.chosen / logps.chosen_lengths).mean()
 
 
 def sequence_logps(model, tokenizer, rows: Sequence[Preference], template: Template = chat,
@@ -111,7 +123,10 @@ def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, 
         out = LOSSES[config.loss](logps, ref_logps, config)
         metrics = preference_metrics(out.chosen_rewards, out.rejected_rewards, logps.chosen.detach(),
                                      logps.rejected.detach())
-        return out.losses.mean(), metrics
+        if not config.rpo_alpha:
+            return out.losses.mean(), metrics
+        nll = chosen_nll(logps)
+        return out.losses.mean() + config.rpo_alpha * nll, {**metrics, "nll_loss": nll.item()}
 
     return train_loop(policy, len(rows), step_loss, config.train, run, f"dpo ({config.loss})", evaluate)
 
