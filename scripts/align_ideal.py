@@ -22,6 +22,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from statistics import fmean, stdev
 
+import torch
+
 from safetylab.align.data import preferences_from_records, read_preferences
 from safetylab.align.dpo import DPOConfig, policy_preferences, train_dpo
 from safetylab.align.ppo import PPOConfig, train_ppo
@@ -135,7 +137,9 @@ if __name__ == "__main__":
     parser.add_argument("paths", nargs="+", help="an audit run directory (or, with --summarize, result directories)")
     parser.add_argument("--out", type=Path, help="where the runs and results.json go")
     parser.add_argument("--summarize", action="store_true", help="print the table over the given result directories")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 per process is fastest)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.summarize:
         summarize(args.paths)
     else:

@@ -88,7 +88,8 @@ class ActorCritic(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits [B, T, V], values [B, T])``."""
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          use_cache=False)
         return out.logits, self.value_head(out.hidden_states[-1]).squeeze(-1).float()
 
 

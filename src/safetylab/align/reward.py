@@ -72,6 +72,8 @@ class RewardModel(nn.Module):
         if pooling not in POOLINGS:
             raise SafetylabError(f"reward pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
         self.backbone = backbone
+        if getattr(backbone.config, "use_cache", None):
+            backbone.config.use_cache = False  # scoring reads hidden states once: a key/value cache is wasted work
         self.pooling = pooling
         hidden = backbone.config.hidden_size
         self.head = nn.Linear(hidden, 1)

@@ -70,7 +70,7 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def batch_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each sequence's tokens after the first: ``(logprobs, mask)`` of shape
     ``[B, T−1]``; ``mask`` selects response tokens, and masked-out entries are 0."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
     mask = batch.response_mask[:, 1:].to(logits.dtype)
     return gather_logprobs(logits, batch.input_ids[:, 1:]) * mask, mask
 
@@ -157,7 +157,7 @@ def policy_kl(policy, reference, tokenizer, prompts: Sequence[str], responses: S
     for start in range(0, len(prompts), batch_size):
         batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
                              template).to(device)
-        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
         logits_p = policy(**kwargs).logits[:, :-1]
         logits_q = reference(**kwargs).logits[:, :-1]
         out.append(full_kl(logits_p, logits_q, batch.response_mask[:, 1:].float()))

@@ -163,7 +163,8 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
     device = select_device(config.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                  fused=device.type in ("cpu", "cuda") or None)  # one kernel, not one per tensor
     model, optimizer = accelerator.prepare(model, optimizer)
     if state:
         accelerator.register_for_checkpointing(*state)
@@ -218,7 +219,7 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
         tokens = sum(sum(examples[i].loss_mask[1:]) for i in step.indices)
         batch = collate([examples[i] for i in step.local], tokenizer.pad_token_id)
         batch = {k: v.to(step.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return lm_loss(logits, batch["labels"], max(tokens, 1) / step.processes), {"tokens": float(tokens)}
 
     return train_loop(model, len(examples), step_loss, config, run, description)
