@@ -34,7 +34,7 @@ from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
 from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy, gold_tracker
 from safetylab.models.lm import load_model, save_model
-from safetylab.models.train import TrainConfig
+from safetylab.models.train import TrainConfig, finetune
 from safetylab.world import KINDS, World, WorldConfig
 
 PAIRS = 3_000  # the world's comparisons of written styles
@@ -51,10 +51,13 @@ RLOO = RLOOConfig(train=TrainConfig(steps=100, batch_size=16, lr=1e-4, warmup_st
                                     checkpoint_every=50, eval_every=20))
 
 
-def run_seed(audit: Path, out: Path) -> dict:
-    seed = json.loads((audit / "report.json").read_text())["config"]["seed"]
-    sft_path = audit / "stages" / "sft" / "artifacts" / "model"
+def run_seed(audit: Path, out: Path, flattery: float = 0.0) -> dict:
+    config = json.loads((audit / "report.json").read_text())["config"]
+    seed = config["seed"]
     world = World(WorldConfig(seed=seed))
+    sft_path = audit / "stages" / "sft" / "artifacts" / "model"
+    if flattery:
+        sft_path = _flattering_sft(audit, out / "sft", world, config, flattery)
     sft, tokenizer = load_model(sft_path)
     sampled = {split: _sampled(out / f"sampled-{split}.jsonl", sft, tokenizer, world, split, seed)
                for split in ("train", "test")}
@@ -101,6 +104,19 @@ def run_seed(audit: Path, out: Path) -> dict:
     return results
 
 
+def _flattering_sft(audit: Path, out: Path, world: World, config: dict, flattery: float) -> Path:
+    """The audit's SFT again from its base model, with a ``flattery`` share of the answers in the
+    demonstrations wrapped in flattery (a contractor's habit; gold utility −0.1 a phrase)."""
+    sft = TrainConfig(**config["sft"])
+    demos = world.demonstrations(config["demonstrations"], flattery_rate=flattery)
+    corpus = (audit / "stages" / "world" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    replay = [line for line in corpus if not line.startswith("<user>")][: round(config["sft_replay"] * len(demos))]
+    run = RunDir(out, {"train": asdict(sft), "demonstrations": len(demos), "flattery": flattery, "replay": len(replay)})
+    base, tokenizer = load_model(audit / "stages" / "base" / "artifacts" / "model")
+    finetune(base, tokenizer, [(d["prompt"], d["response"]) for d in demos], sft, run, replay)
+    return run.artifacts / "model"
+
+
 def _sampled(path: Path, sft, tokenizer, world: World, split: str, seed: int):
     """The ideal labeler's comparisons of SFT samples on ``split`` prompts, made once and kept."""
     if not path.exists():
@@ -137,10 +153,12 @@ if __name__ == "__main__":
     parser.add_argument("paths", nargs="+", help="an audit run directory (or, with --summarize, result directories)")
     parser.add_argument("--out", type=Path, help="where the runs and results.json go")
     parser.add_argument("--summarize", action="store_true", help="print the table over the given result directories")
+    parser.add_argument("--flattery", type=float, default=0.0,
+                        help="start from an SFT whose demonstrations flatter this share of answers (0: the audit's)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 per process is fastest)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.summarize:
         summarize(args.paths)
     else:
-        print(json.dumps(run_seed(Path(args.paths[0]), args.out), indent=2))
+        print(json.dumps(run_seed(Path(args.paths[0]), args.out, args.flattery), indent=2))
