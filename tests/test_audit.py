@@ -426,6 +426,7 @@ def test_audit_align_section(audit_dir, report):
     bound = curve["columns"].index("kl_bound")
     assert curve["rows"][0][bound] == 0.0 and curve["rows"][1][bound] > 0
     assert [row[0] for row in policies["rows"]] == ["sft", "dpo", "ppo"]
+    assert policies["rows"][0][policies["columns"].index("kl_to_reference")] == 0.0  # SFT is the reference here
     assert policies["columns"][:3] == ["model", "proxy_reward", "gold_utility"]
     for name in ("dpo", "ppo"):
         assert align["data"][name]["kl_to_reference"] > 0  # each moved the policy away from SFT

@@ -50,7 +50,7 @@ class AlignStageConfig:
         train=TrainConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10, checkpoint_every=50)))
     ppo_prompts_per_kind: int = 100
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        train=TrainConfig(steps=80, batch_size=32, lr=3e-5, warmup_steps=8, log_every=8, checkpoint_every=40)))
+        train=TrainConfig(steps=80, batch_size=32, lr=1e-4, warmup_steps=8, log_every=8, checkpoint_every=40)))
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,8 @@ def align_stage(ctx: Context) -> Section:
                                              align.ppo, run), tokenizer, device),
     }
     requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)
-    overall = {"sft": {**ctx.sections["evaluate"].data["overall"]["sft"], "proxy_reward": proxy(_samples(ctx, "sft"))}}
+    sft_overall = ctx.sections["evaluate"].data["overall"]["sft"]  # its KL there is to the base model
+    overall = {"sft": {**sft_overall, "kl_to_reference": 0.0, "proxy_reward": proxy(_samples(ctx, "sft"))}}
     for name, (policy, _) in policies.items():
         seed_everything(cfg.seed)
         result = evaluate_policy(policy, tokenizer, world.judge, requests, sft, cfg.eval)
