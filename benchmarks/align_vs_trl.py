@@ -61,7 +61,6 @@ import gc
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -71,6 +70,8 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from peak_memory import peak_kib, reset_peak_rss, status_kib
 
 TARGET_FLOOR_RATIO = 1.15  # safetylab step time / floor step time
 TARGET_TRL_SPEEDUP = 1.3  # safetylab steps/s / TRL's fastest setting, DPO and RLOO
@@ -980,37 +981,6 @@ def lean_sample(model, tokenizer, prompts, max_new_tokens=48, temperature=1.0, g
 
 
 # ----------------------------------------------------------------------------- memory (subprocess)
-def _status_kib(name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {name}")
-
-
-def reset_peak_rss() -> str:
-    """Reset ``VmHWM`` to the current RSS (``/proc/self/clear_refs``, Linux 4.0+); ``ru_maxrss``
-    (which cannot be reset) is the fallback. See ``train_step.py``. First the heap memory that is free
-    but still mapped goes back to the system (glibc ``malloc_trim``): otherwise the steps of a side
-    that did bigger work before them (safetylab's reference precompute, in batches of 64) reuse those
-    pages and show no growth at all."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
-def peak_kib(source: str) -> int:
-    return _status_kib("VmHWM") if source == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def memory_child(args) -> None:
     algorithm, side = args.child.split(":")
     setup = load_setup(Path(args.data))
@@ -1020,9 +990,9 @@ def memory_child(args) -> None:
         state = {}
 
         def start():
-            state["source"] = reset_peak_rss()
+            state["source"] = reset_peak_rss(trim=True)
             state["before"] = peak_kib(state["source"])
-            state["rss"] = _status_kib("VmRSS")
+            state["rss"] = status_kib("VmRSS")
 
         bench.run[side](args.mem_steps, Hooks(start=start))
         after = peak_kib(state["source"])

@@ -40,13 +40,14 @@ import gc
 import io
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from peak_memory import peak_kib, reset_peak_rss, status_kib
 
 TARGET_TIME_RATIO = 1.15
 
@@ -196,31 +197,6 @@ def check_same_batches(model, tokenizer, examples, batches, args, workdir: Path)
 
 
 # ----------------------------------------------------------------------------- memory (subprocess)
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def reset_peak_rss() -> str:
-    """Make the peak RSS start from the current RSS: write 5 to ``/proc/self/clear_refs`` (Linux
-    4.0+), which resets ``VmHWM``. ``ru_maxrss`` cannot be reset and, after ``exec``, starts at the
-    *parent's* peak (the kernel carries the old address space's high-water mark over), so a child of
-    a parent that holds torch and the data reads several hundred MiB of "peak" before doing anything."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return "VmHWM"
-    except OSError:
-        return "ru_maxrss"
-
-
-def peak_kib(source: str) -> int:
-    return _status_kib("VmHWM") if source == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def memory_child(args) -> None:
     import accelerate  # noqa: F401 - imported before the baseline on both sides
     import torch
@@ -247,7 +223,7 @@ def memory_child(args) -> None:
             gc.collect()
             source = reset_peak_rss()
             before = peak_kib(source)
-            rss_before = _status_kib("VmRSS")
+            rss_before = status_kib("VmRSS")
             if args.child == "safetylab":
                 run_safetylab(model, tokenizer, examples, config, Path(tmp), f"memory-{phase}")
             else:

@@ -185,29 +185,20 @@ def test_a_causal_lm_reward_is_also_bounded_by_its_context(tmp_path, tok, tiny_l
         train_reward_model(model, tok, [rows[0], long], config, RunDir(tmp_path / "r", {}))
 
 
-def test_an_encoder_tokenizer_needs_a_pad_token(tmp_path, bert_dir):
+@pytest.mark.parametrize(("token", "message"), [
+    ("pad_token", "no pad token"),
+    ("sep_token", "neither a separator token .* nor an end-of-sequence token"),
+])
+def test_an_encoder_tokenizer_without_a_needed_token_is_an_error(tmp_path, bert_dir, token, message):
     import shutil
 
-    path = tmp_path / "nopad"
+    path = tmp_path / "tokenizer"
     shutil.copytree(bert_dir, path)
     config = path / "tokenizer_config.json"
     settings = json.loads(config.read_text())
-    settings["pad_token"] = None
+    settings[token] = None
     config.write_text(json.dumps(settings))
-    with pytest.raises(SafetylabError, match="no pad token"):
-        backbone_from(path)
-
-
-def test_a_tokenizer_without_separator_or_eos_is_an_error(tmp_path, bert_dir):
-    import shutil
-
-    path = tmp_path / "nosep"
-    shutil.copytree(bert_dir, path)
-    config = path / "tokenizer_config.json"
-    settings = json.loads(config.read_text())
-    settings["sep_token"] = None
-    config.write_text(json.dumps(settings))
-    with pytest.raises(SafetylabError, match="neither a separator token .* nor an end-of-sequence token"):
+    with pytest.raises(SafetylabError, match=message):
         backbone_from(path)
 
 
