@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from safetylab.align.data import Preference
@@ -276,7 +277,8 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
 
     Rows are cut to ``config.train.max_length`` tokens or the backbone's context
     (:func:`reward_context`), whichever is smaller, on the response side; a prompt that leaves no
-    room for a response is an error naming its row, raised before training starts."""
+    room for a response is an error naming its row, raised before training starts. Rows are
+    tokenized once, before the first step; each step only pads."""
     context = reward_context(model, tokenizer)
     max_length = min(config.train.max_length, context) if context else config.train.max_length
     for number, row in enumerate(rows, start=1):
@@ -287,12 +289,18 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
             raise SafetylabError(f"preference {number}: the prompt has {length} tokens, more than the "
                                  f"{max_length - 1} that leave room for a response ({limits})")
 
+    sequences = []  # each row's (chosen, rejected) token ids, tokenized once, unpadded
+    for number, row in enumerate(rows, start=1):
+        pair = encode_rewards(tokenizer, [row.prompt] * 2, [row.chosen, row.rejected], template, max_length,
+                              first=number, what="preference")
+        sequences.append([ids[mask.bool()] for ids, mask in zip(pair.input_ids, pair.attention_mask)])
+
     def step_loss(model, step: Step):
-        batch_rows = [rows[i] for i in step.local]
-        prompts = [r.prompt for r in batch_rows] * 2  # chosen rows then rejected rows: one forward pass
-        responses = [r.chosen for r in batch_rows] + [r.rejected for r in batch_rows]
-        batch = encode_rewards(tokenizer, prompts, responses, template, max_length).to(step.device)
-        rewards = model(batch.input_ids, batch.attention_mask)
+        # chosen rows then rejected rows, right-padded: one forward pass scores both
+        ids = [sequences[i][0] for i in step.local] + [sequences[i][1] for i in step.local]
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id).to(step.device)
+        attention = pad_sequence([torch.ones_like(x) for x in ids], batch_first=True).to(step.device)
+        rewards = model(input_ids, attention)
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, margin=config.margin or None, center_coef=config.center_coef)
         diff = (chosen - rejected).detach()
