@@ -167,3 +167,24 @@ def test_policy_preferences_compare_the_policys_own_finished_samples(monkeypatch
     records = dpo.policy_preferences(None, tok, world, requests, "ideal")
     # request 0: compared; request 1: both wrong alike (a gold tie); request 2: a sample without its eos
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in records] == [(requests[0].prompt, right[0], wrong[0])]
+
+
+def test_policy_preferences_compare_every_two_of_k_samples(monkeypatch, tok, world):
+    from safetylab.align import dpo
+    from safetylab.models.sampling import Samples
+
+    request = world.requests("arithmetic", "train", 1)
+    texts = [world.respond(request[0], style, world.rng("k", style))
+             for style in ("correct", "hedged_correct", "confident_wrong")]
+    draws = iter(texts)
+
+    def fake_sample(model, tokenizer, prompts, max_new_tokens):
+        empty = torch.zeros(1, 1)
+        return Samples(list(prompts), [next(draws)], empty.long(), empty, empty, torch.tensor([True]))
+
+    monkeypatch.setattr(dpo, "sample", fake_sample)
+    records = dpo.policy_preferences(None, tok, world, request, "ideal", k=3)
+    assert [(r["chosen"], r["rejected"]) for r in records] == [(texts[0], texts[1]), (texts[0], texts[2]),
+                                                              (texts[1], texts[2])]  # gold: 1 > 0.6 > -1
+    with pytest.raises(SafetylabError, match="k must be at least 2"):
+        dpo.policy_preferences(None, tok, world, request, "ideal", k=1)
