@@ -439,24 +439,38 @@ def preference_dataset(rows, order):
     return Dataset.from_list(records)
 
 
+def bench_train_config(args, defaults, steps: int):
+    """safetylab's training settings for a benchmark: the trainer's own lr and warm-up, the benchmark's
+    steps and batch size, no logging or checkpoints inside the timed steps."""
+    from safetylab.models.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=defaults.lr, warmup_steps=defaults.warmup_steps,
+                       log_every=10**9, checkpoint_every=10**9, device="cpu", seed=SEED)
+
+
+def preference_batches(setup: Setup, args, steps: int, max_length: int):
+    """The batch order every side follows, and safetylab's padded batches in that order."""
+    from safetylab.align.data import encode_preferences
+
+    order = batch_order(len(setup.rows), args.batch_size, steps)
+    return order, [encode_preferences(setup.tokenizer, [setup.rows[i] for i in b], max_length=max_length)
+                   for b in order]
+
+
 def make_rm(args, setup: Setup, work: Path, steps: int) -> Bench:
     import torch
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from safetylab.align.data import encode_preferences
     from safetylab.align.reward import RewardConfig, train_reward_model
     from safetylab.core.runs import RunDir
-    from safetylab.models.train import TrainConfig
 
     tok, rows = setup.tokenizer, setup.rows
     config = RewardConfig()
     lr = config.train.lr
-    train = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, warmup_steps=config.train.warmup_steps,
-                        log_every=10**9, checkpoint_every=10**9, device="cpu", seed=SEED)
+    train = bench_train_config(args, config.train, steps)
     ours, theirs = reward_models(setup.policy)
-    order = batch_order(len(rows), args.batch_size, steps)
-    batches = [encode_preferences(tok, [rows[i] for i in b], max_length=train.max_length) for b in order]
+    order, batches = preference_batches(setup, args, steps, train.max_length)
     trainer = None
     if "trl" in args.sides:
         trainer = RewardTrainer(model=theirs, args=trl_args(TRLRewardConfig, args, work / "trl-rm", steps, lr),
@@ -493,20 +507,16 @@ def make_dpo(args, setup: Setup, work: Path, steps: int) -> Bench:
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
-    from safetylab.align.data import encode_preferences
     from safetylab.align.dpo import DPOConfig, train_dpo
     from safetylab.core.runs import RunDir
-    from safetylab.models.train import TrainConfig
 
     tok, rows = setup.tokenizer, setup.rows
     config = DPOConfig()
     lr = config.train.lr
-    train = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, warmup_steps=config.train.warmup_steps,
-                        log_every=10**9, checkpoint_every=10**9, device="cpu", seed=SEED)
+    train = bench_train_config(args, config.train, steps)
     policy = copy.deepcopy(setup.policy)
     reference = copy.deepcopy(setup.policy).eval()
-    order = batch_order(len(rows), args.batch_size, steps)
-    batches = [encode_preferences(tok, [rows[i] for i in b], max_length=train.max_length) for b in order]
+    order, batches = preference_batches(setup, args, steps, train.max_length)
     dataset = preference_dataset(rows, order)
     trainers = {}
     for side, precompute in (("trl", True), ("trl-ref", False)):

@@ -30,6 +30,10 @@ PreferenceFile = Annotated[
 ]
 Labeler = Annotated[str, typer.Option(help="Labeler preset of the world's preferences.")]
 Pairs = Annotated[int, typer.Option("--n", help="World preference pairs to train on (without --preferences).")]
+SFTBase = Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")]
+RewardDir = Annotated[Path, typer.Option(help="Reward model directory (from train rm).")]
+PromptsPerKind = Annotated[int, typer.Option(help="Train-split world prompts per request kind.")]
+Lr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
 
 
 @app.callback()
@@ -231,7 +235,7 @@ def train_rm(
 
 @train_app.command("dpo")
 def train_dpo_command(
-    base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
+    base: SFTBase,
     preferences: PreferenceFile = None,
     labeler: Labeler = "typical",
     n: Pairs = 4_000,
@@ -241,7 +245,7 @@ def train_dpo_command(
     gamma: Annotated[float, typer.Option(help="SimPO's target margin γ.")] = 0.5,
     rpo_alpha: Annotated[float, typer.Option(help="Weight of the chosen responses' NLL in the loss (RPO).")] = 0.0,
     steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr: Lr = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/dpo"),
     seed: Seed = 0,
     device: Device = "auto",
@@ -269,13 +273,13 @@ def train_dpo_command(
 
 @train_app.command("rloo")
 def train_rloo_command(
-    base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
-    reward: Annotated[Path, typer.Option(help="Reward model directory (from train rm).")],
-    prompts_per_kind: Annotated[int, typer.Option(help="Train-split world prompts per request kind.")] = 100,
+    base: SFTBase,
+    reward: RewardDir,
+    prompts_per_kind: PromptsPerKind = 100,
     k: Annotated[int, typer.Option(help="Samples per prompt (the leave-one-out group).")] = 4,
     kl_coef: Annotated[float, typer.Option(help="β of the KL penalty to the reference.")] = 0.05,
     steps: Annotated[int | None, typer.Option(help="Policy updates.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr: Lr = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/rloo"),
     seed: Seed = 0,
     device: Device = "auto",
@@ -291,15 +295,15 @@ def train_rloo_command(
 
 @train_app.command("ppo")
 def train_ppo_command(
-    base: Annotated[Path, typer.Option(help="The SFT model directory: the starting policy and the reference.")],
-    reward: Annotated[Path, typer.Option(help="Reward model directory (from train rm).")],
-    prompts_per_kind: Annotated[int, typer.Option(help="Train-split world prompts per request kind.")] = 100,
+    base: SFTBase,
+    reward: RewardDir,
+    prompts_per_kind: PromptsPerKind = 100,
     kl_coef: Annotated[float, typer.Option(help="β of the KL penalty (its start when --kl-target is set).")] = 0.05,
     kl_target: Annotated[float, typer.Option(help="Adapt β towards this KL in nats (0: β fixed).")] = 0.0,
     ppo_epochs: Annotated[int, typer.Option(help="Passes over each rollout.")] = 4,
     mini_batches: Annotated[int, typer.Option(help="Mini-batches per pass (one optimiser step each).")] = 1,
     steps: Annotated[int | None, typer.Option(help="Optimiser steps (ppo_epochs × mini_batches per rollout).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr: Lr = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/ppo"),
     seed: Seed = 0,
     device: Device = "auto",
@@ -319,7 +323,7 @@ def train_ppo_command(
 @sample_app.command("best-of-n")
 def sample_best_of_n(
     policy: Annotated[Path, typer.Option(help="Policy model directory (e.g. the SFT model).")],
-    reward: Annotated[Path, typer.Option(help="Reward model directory (from train rm).")],
+    reward: RewardDir,
     n: Annotated[list[int] | None, typer.Option("--n", help="Candidates per prompt (repeatable: a sweep).")] = None,
     per_kind: Annotated[int, typer.Option(help="Held-out world prompts per request kind.")] = 20,
     jailbroken: Annotated[int, typer.Option(help="Jailbroken harmful prompts per wrapper.")] = 4,
