@@ -41,6 +41,18 @@ def test_reference_logps_are_the_same_in_any_batching(tiny_lm, tok, rows):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_every_layout_gives_the_same_log_probs(tiny_lm, tok, rows, name):
+    model = tiny_lm(name).eval()
+    with torch.no_grad():
+        padded, shared, packed = (sequence_logps(model, tok, rows[:12], layout=layout)
+                                  for layout in ("padded", "shared-prompt", "packed"))
+    for got in (shared, packed):
+        torch.testing.assert_close(got.chosen, padded.chosen, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(got.rejected, padded.rejected, atol=1e-4, rtol=1e-5)
+        assert torch.equal(got.chosen_lengths, padded.chosen_lengths)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_loss_trains_every_model(tiny_lm, tmp_path, tok, rows, name, loss):
     policy, reference = tiny_lm(name), tiny_lm(name).eval()

@@ -20,12 +20,15 @@ from safetylab.align.reward import (
     last_token_pool,
     load_reward_model,
     mean_pool,
+    policy_reward,
+    sample_rewards,
     save_reward_model,
     score,
     train_reward_model,
 )
 from safetylab.core import RunDir, SafetylabError, write_jsonl
 from safetylab.models import ModelConfig, build_model, save_model
+from safetylab.models.sampling import Samples
 from safetylab.models.train import TrainConfig
 
 TRAIN = TrainConfig(steps=30, batch_size=8, lr=3e-3, warmup_steps=2, max_length=64, log_every=5,
@@ -207,3 +210,30 @@ def test_train_rm_command_trains_an_ensemble_from_a_user_file(tmp_path, tok, wor
     for i in (0, 1):
         loaded, _ = load_reward_model(tmp_path / "rm" / "members" / str(i) / "artifacts" / "reward-model")
         assert isinstance(loaded, RewardModel)
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared-prompt", "packed"])
+def test_sampled_token_ids_score_as_their_text(tok, world, layout):
+    # a reward model with the policy's tokenizer reads samples' ids as score() reads their text
+    torch.manual_seed(0)
+    reward_model = RewardModel(GPT2Model(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32))).eval()
+    prompts = [r.prompt for r in world.requests("arithmetic", "train", 3) for _ in range(3)]
+    texts = ["7 .", "it is 12 .", "i am not sure"] * 3
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
+    width = max(map(len, ids))
+    tokens = torch.tensor([row + [tok.pad_token_id] * (width - len(row)) for row in ids])
+    mask = (torch.arange(width) < torch.tensor([len(r) for r in ids])[:, None]).float()
+    samples = Samples(prompts, texts, tokens, torch.zeros_like(mask), mask, torch.ones(len(texts), dtype=torch.bool))
+    batch = samples.to_batch(tok)
+    expected = score(reward_model, tok, prompts, texts)
+    torch.testing.assert_close(sample_rewards(reward_model, samples, batch, layout), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sample_rewards(lambda p, r: score(reward_model, tok, p, r), samples, batch), expected)
+
+
+def test_a_policy_trainer_gets_the_reward_model_only_with_the_same_tokenizer(tok):
+    from safetylab.models import train_tokenizer
+
+    reward_model = RewardModel(GPT2Model(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32)))
+    assert policy_reward(reward_model, tok, tok) is reward_model
+    other = train_tokenizer(["a different corpus with other words <eos>"] * 4)
+    assert not isinstance(policy_reward(reward_model, tok, other), nn.Module)  # scores text instead

@@ -55,3 +55,30 @@ def test_rloo_settings_are_checked(tiny_lm, tmp_path, tok):
     with pytest.raises(SafetylabError, match="kl_estimator"):
         train_rloo(policy, tok, ["what is 2 plus 2 ?"], _shorter_is_better, policy,
                    RLOOConfig(train=TRAIN, kl_estimator="k2"), RunDir(tmp_path / "b", {}))
+
+
+def test_every_layout_gives_the_same_steps(tiny_lm, tmp_path, tok, world):
+    # the packed layouts compute each prompt once for its k samples: the same losses as padded rows
+    prompts = [r.prompt for r in world.requests("facts", "train", 8)]
+    logged = {}
+    for layout in ("padded", "packed"):
+        policy, reference = tiny_lm("gpt2"), tiny_lm("gpt2").eval()
+        config = RLOOConfig(train=replace(TRAIN, steps=2, log_every=1, checkpoint_every=2), k=3, kl_coef=0.1,
+                            max_new_tokens=8, layout=layout)
+        run = RunDir(tmp_path / layout, {})
+        train_rloo(policy, tok, prompts, _shorter_is_better, reference, config, run)
+        logged[layout] = [m[k] for m in run.metrics() for k in ("objective/kl", "objective/entropy")]
+    assert logged["packed"] == pytest.approx(logged["padded"], abs=1e-4)
+    assert logged["padded"][2] > 0  # the second step's KL: the first step moved the policy
+
+
+def test_a_reward_model_with_another_vocabulary_is_an_error(tiny_lm, tmp_path, tok):
+    from transformers import GPT2Config, GPT2Model
+
+    from safetylab.align.reward import RewardModel
+
+    policy = tiny_lm("gpt2")
+    reward_model = RewardModel(GPT2Model(GPT2Config(vocab_size=len(tok) + 5, n_layer=1, n_head=2, n_embd=32)))
+    with pytest.raises(SafetylabError, match="reward model's"):
+        train_rloo(policy, tok, ["what is 2 plus 2 ?"], reward_model, policy, RLOOConfig(train=TRAIN),
+                   RunDir(tmp_path / "a", {}))

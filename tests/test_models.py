@@ -392,6 +392,21 @@ def test_sample_logprobs_with_temperature(eos_model, tok, prompts):
         torch.testing.assert_close(s.logprobs[i, : len(r)], expected, atol=1e-4, rtol=0)
 
 
+def test_sample_repeated_prompts_share_one_prefill(eos_model, tok, prompts):
+    # k samples of each prompt, prompt-major as RLOO draws them: each prompt is prefilled once and its
+    # cache repeated; every later token must still see the right prompt (checked by teacher forcing)
+    repeated = [p for p in prompts[:3] for _ in range(4)] + [prompts[0]]
+    torch.manual_seed(2)
+    s = sample(eos_model, tok, repeated, max_new_tokens=12)
+    assert len({tuple(t.tolist()) for t in s.tokens[:4]}) > 1  # samples of one prompt differ
+    lp, mask = logprobs(eos_model, tok, repeated, [r for r in s.texts])
+    done = s.finished.nonzero()[:, 0]
+    torch.testing.assert_close(s.logprobs[done].sum(1), lp[done].sum(1), atol=1e-4, rtol=0)
+    greedy = sample(eos_model, tok, repeated, max_new_tokens=12, greedy=True)
+    alone = sample(eos_model, tok, prompts[:3], max_new_tokens=12, greedy=True)
+    assert greedy.texts == [t for t in alone.texts for _ in range(4)] + [alone.texts[0]]
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_sample_draws_from_the_full_tempered_distribution(tok, temperature):
     # Bias five tokens so the next-token distribution is peaked with a long tail; the empirical

@@ -235,6 +235,20 @@ def test_demonstrations_with_a_flattering_contractor(world):
             assert score.flattery == 0, demo
 
 
+
+def test_demonstrations_with_a_hedging_contractor(world):
+    demos = world.demonstrations(600, flattery_rate=0.2, hedge_rate=0.5)
+    behaviours = Counter(world.judge.score(d["prompt"], d["response"]).behaviour
+                         for d in demos if d["kind"] in ("arithmetic", "facts", "advice"))
+    assert set(behaviours) == {"correct", "hedged_correct"}  # flattered answers are still correct
+    assert 0.4 < behaviours["hedged_correct"] / sum(behaviours.values()) < 0.6
+
+
+@pytest.mark.parametrize("rates", [(-0.1, 0.0), (0.6, 0.5)])
+def test_demonstrations_reject_impossible_habits(world, rates):
+    with pytest.raises(SafetylabError, match="hedge_rate"):
+        world.demonstrations(10, *rates)
+
 # ----------------------------------------------------------------------------- the parser
 def _truth(request):
     return (request.kind, request.item, request.answer, request.split, request.claim)

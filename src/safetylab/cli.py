@@ -430,7 +430,7 @@ def _reinforce(name: str, config, base: Path, reward: Path, prompts_per_kind: in
                device: str, trainer) -> None:
     """RL from ``base`` against the reward model at ``reward`` on the world's train-split prompts,
     with ``trainer`` (:func:`train_ppo` or :func:`train_rloo`), then the held-out comparison."""
-    from safetylab.align.reward import load_reward_model, score
+    from safetylab.align.reward import load_reward_model, policy_reward
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
     from safetylab.models.lm import load_model
@@ -444,7 +444,7 @@ def _reinforce(name: str, config, base: Path, reward: Path, prompts_per_kind: in
     run = RunDir(out, {"base": str(base), "reward": str(reward), "prompts": len(prompts), name: asdict(config)})
     _optimise_and_compare(name, run, base, reference, tokenizer, world, where, seed,
                           lambda policy, tracker: trainer(policy, tokenizer, prompts,
-                                                          lambda p, r: score(reward_model, reward_tokenizer, p, r),
+                                                          policy_reward(reward_model, reward_tokenizer, tokenizer),
                                                           reference, config, run, evaluate=tracker))
 
 

@@ -27,6 +27,7 @@ from safetylab.align.losses import (
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Template, batch_logprobs
+from safetylab.models.packing import check_layout
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.requests import Request
@@ -42,6 +43,7 @@ class DPOConfig:
     label_smoothing: float = 0.0  # cDPO and robust DPO
     gamma: float = 0.5  # SimPO's target margin
     rpo_alpha: float = 0.0  # > 0: add α · NLL of the chosen responses (RPO; TRL's rpo_alpha)
+    layout: str = "packed"  # each pair's prompt computed once, pairs packed (safetylab.models.packing)
 
 
 @dataclass(frozen=True)
@@ -81,20 +83,22 @@ def chosen_nll(logps: SequenceLogps) -> torch.Tensor:
 
 
 def sequence_logps(model, tokenizer, rows: Sequence[Preference], template: Template = chat,
-                   max_length: int | None = None, device: torch.device | str | None = None) -> SequenceLogps:
-    """Sum of log-probs of each chosen and rejected response, in one forward pass over both."""
+                   max_length: int | None = None, device: torch.device | str | None = None,
+                   layout: str = "packed") -> SequenceLogps:
+    """Sum of log-probs of each chosen and rejected response, in one forward pass over both; with the
+    ``"shared-prompt"`` or ``"packed"`` layout each pair's prompt is computed once for both."""
     device = device or next(model.parameters()).device
     batch = encode_preferences(tokenizer, rows, template, max_length).to(device)
-    logps, mask = batch_logprobs(model, batch)
+    logps, mask = batch_logprobs(model, batch, layout)
     sums, lengths = logps.sum(-1), mask.sum(-1)
     return SequenceLogps(*sums.chunk(2), *lengths.chunk(2))
 
 
 @torch.no_grad()
 def reference_logps(reference, tokenizer, rows: Sequence[Preference], template: Template = chat,
-                    max_length: int | None = None, batch_size: int = 64) -> SequenceLogps:
+                    max_length: int | None = None, batch_size: int = 64, layout: str = "packed") -> SequenceLogps:
     """:func:`sequence_logps` of every row under the frozen reference, computed once."""
-    parts = [sequence_logps(reference, tokenizer, rows[i:i + batch_size], template, max_length)
+    parts = [sequence_logps(reference, tokenizer, rows[i:i + batch_size], template, max_length, layout=layout)
              for i in range(0, len(rows), batch_size)]
     return SequenceLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu()
                            for f in ("chosen", "rejected", "chosen_lengths", "rejected_lengths")))
@@ -106,16 +110,17 @@ def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, 
     reference-free losses (SimPO). Returns the trained policy."""
     if config.loss not in LOSSES:
         raise SafetylabError(f"unknown preference loss {config.loss!r} (expected one of: {', '.join(LOSSES)})")
+    check_layout(config.layout)
     max_length = config.train.max_length
     ref = None
     if config.loss not in REFERENCE_FREE:
         if reference is None:
             raise SafetylabError(f"loss {config.loss!r} needs a reference model")
-        ref = reference_logps(reference, tokenizer, rows, template, max_length)
+        ref = reference_logps(reference, tokenizer, rows, template, max_length, layout=config.layout)
 
     def step_loss(model, step: Step):
         local = [rows[i] for i in step.local]
-        logps = sequence_logps(model, tokenizer, local, template, max_length, step.device)
+        logps = sequence_logps(model, tokenizer, local, template, max_length, step.device, config.layout)
         index = torch.tensor(step.local)
         ref_logps = logps if ref is None else SequenceLogps(
             *(getattr(ref, f)[index].to(step.device) for f in ("chosen", "rejected", "chosen_lengths",

@@ -41,8 +41,8 @@ from safetylab.align.advantages import (
     missing_eos_penalty,
     sequence_kl_stats,
 )
-from safetylab.align.best_of_n import RewardFn
 from safetylab.align.losses import entropy_from_logits, policy_loss, value_loss
+from safetylab.align.reward import Reward, RewardModel, sample_rewards
 from safetylab.align.utils import masked_mean, masked_whiten
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
@@ -127,7 +127,7 @@ def response_logprobs_and_values(model: nn.Module, batch: Batch) -> tuple[torch.
 
 
 @torch.no_grad()
-def collect_rollout(model: nn.Module, tokenizer, prompts: Sequence[str], reward: RewardFn, reference: nn.Module,
+def collect_rollout(model: nn.Module, tokenizer, prompts: Sequence[str], reward: Reward, reference: nn.Module,
                     kl_coef: float, config: PPOConfig, device: torch.device, template: Template = chat,
                     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
     """Sample, score and evaluate one response per prompt under the current actor–critic;
@@ -138,7 +138,7 @@ def collect_rollout(model: nn.Module, tokenizer, prompts: Sequence[str], reward:
     logprobs, values, mask, _ = response_logprobs_and_values(model, batch)
     ref_logprobs, _ = batch_logprobs(reference, batch)
     finished = samples.finished.to(device)
-    raw = reward(prompts, samples.texts).to(device).float()
+    raw = sample_rewards(reward, samples, batch)
     scores = missing_eos_penalty(raw if normalize is None else normalize(raw), finished, config.missing_eos_penalty)
     rewards = kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, config.kl_estimator)
     advantages, returns = gae(rewards, values, mask, config.gamma, config.lam)
@@ -177,15 +177,18 @@ def ppo_loss(model: nn.Module, rollout: Rollout, config: PPOConfig) -> tuple[tor
     }
 
 
-def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: RewardFn, reference, config: PPOConfig,
+def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: Reward, reference, config: PPOConfig,
               run: RunDir, template: Template = chat,
               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` against ``reward`` on ``prompts`` with PPO; returns the trained policy (the
     value head is only in the run's checkpoints). ``reference`` (frozen) must share the policy's
-    tokenizer. Dropout is switched off in ``policy``, as TRL does: with it, π_old and π would differ
-    at ratio 1."""
+    tokenizer, and so must ``reward`` when it is a :class:`~safetylab.align.reward.RewardModel` (it
+    then scores the sampled token ids). Dropout is switched off in ``policy``, as TRL does: with it,
+    π_old and π would differ at ratio 1."""
     _check(config, len(prompts))
     check_same_vocabulary(policy, reference)
+    if isinstance(reward, RewardModel):
+        check_same_vocabulary(policy, reward.backbone, "reward model")
     for module in policy.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

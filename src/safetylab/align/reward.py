@@ -28,12 +28,15 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
+from safetylab.align.best_of_n import RewardFn
 from safetylab.align.data import Preference
 from safetylab.align.losses import bradley_terry_loss
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
 from safetylab.models.logprobs import Batch, Template, encode_pairs
+from safetylab.models.packing import pack_batch
+from safetylab.models.sampling import Samples
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.world import chat
 
@@ -84,6 +87,43 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.head(_POOLS[self.pooling](hidden, attention_mask)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_tokens(self, batch: Batch, layout: str = "packed") -> torch.Tensor:
+        """Rewards of ``prompt + response`` token ids in the tokenizer this model was trained with: a
+        policy's samples (:meth:`~safetylab.models.sampling.Samples.to_batch`) scored without decoding
+        and re-tokenizing them. A sample that ran out of tokens has no eos, so the model reads its
+        last token where :func:`score` would append one. With last-token pooling and a
+        ``"shared-prompt"`` or ``"packed"`` layout (:mod:`safetylab.models.packing`), each prompt is
+        computed once for all its responses."""
+        if layout == "padded" or self.pooling != "last":
+            return self(batch.input_ids, batch.attention_mask)
+        packed = pack_batch(batch, layout)
+        hidden = self.backbone(**packed.model_inputs()).last_hidden_state
+        return self.head(hidden.flatten(0, 1)[packed.last]).squeeze(-1).float()
+
+
+Reward = RewardFn | RewardModel  # scored through text, or on the policy's token ids
+
+
+def policy_reward(model: nn.Module, tokenizer, policy_tokenizer) -> Reward:
+    """The reward a policy trainer should use: a :class:`RewardModel` itself, to score sampled token
+    ids, when it reads conversations with the policy's own tokenizer and encoding (the same
+    vocabulary, and ``template(prompt) + response + eos``); else (an ensemble, another tokenizer) a
+    function that scores decoded text with ``tokenizer`` (:func:`score`)."""
+    if (isinstance(model, RewardModel) and reward_encoding(tokenizer) == "eos"
+            and tokenizer.get_vocab() == policy_tokenizer.get_vocab()):
+        return model
+    return lambda prompts, responses: score(model, tokenizer, prompts, responses)
+
+
+def sample_rewards(reward: Reward, samples: Samples, batch: Batch, layout: str = "packed") -> torch.Tensor:
+    """The rewards of a policy's ``samples``: a :class:`RewardModel` (which must share the policy's
+    tokenizer) scores their token ``batch`` directly; any other reward function gets the prompts and
+    decoded texts."""
+    if isinstance(reward, RewardModel):
+        return reward.score_tokens(batch, layout)
+    return reward(samples.prompts, samples.texts).to(batch.input_ids.device).float()
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 
 from safetylab.align.advantages import missing_eos_penalty, rloo_advantages, sequence_kl_stats
-from safetylab.align.best_of_n import RewardFn
 from safetylab.align.losses import policy_loss
+from safetylab.align.reward import Reward, RewardModel, sample_rewards
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Template, batch_logprobs, check_same_vocabulary, kl_per_token
+from safetylab.models.packing import check_layout
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.world import chat
@@ -44,30 +45,36 @@ class RLOOConfig:
     kl_estimator: str = "k1"  # "k1" or "k3"
     missing_eos_penalty: float = 1.0
     max_new_tokens: int = 48  # sampling is at temperature 1: the gradient is the sampling policy's
+    layout: str = "packed"  # the k samples of a prompt share one prompt computation (safetylab.models.packing)
 
 
-def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: RewardFn, reference, config: RLOOConfig,
+def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: Reward, reference, config: RLOOConfig,
                run: RunDir, template: Template = chat,
                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` against ``reward`` on ``prompts`` with RLOO; returns the trained policy.
-    ``reference`` (frozen) must share the policy's tokenizer."""
+    ``reference`` (frozen) must share the policy's tokenizer, and so must ``reward`` when it is a
+    :class:`~safetylab.align.reward.RewardModel` (it then scores the sampled token ids; a function
+    of text works with any tokenizer)."""
     if config.k < 2:
         raise SafetylabError(f"rloo: k must be at least 2 (a leave-one-out baseline needs others), got {config.k}")
     if config.kl_estimator not in ("k1", "k3"):
         raise SafetylabError(f"rloo: kl_estimator must be 'k1' or 'k3', got {config.kl_estimator!r}")
     check_same_vocabulary(policy, reference)
+    if isinstance(reward, RewardModel):
+        check_same_vocabulary(policy, reward.backbone, "reward model")
+    check_layout(config.layout)
 
     def step_loss(model, step: Step):
         generator = getattr(model, "module", model)  # generate on the bare model, not its DDP wrapper
         repeated = [prompts[i] for i in step.local for _ in range(config.k)]  # prompt-major
         samples = sample(generator, tokenizer, repeated, config.max_new_tokens)
         batch = samples.to_batch(tokenizer, template).to(step.device)
-        logps, mask = batch_logprobs(model, batch)
+        logps, mask = batch_logprobs(model, batch, config.layout)
         with torch.no_grad():
-            ref_logps, _ = batch_logprobs(reference, batch)
+            ref_logps, _ = batch_logprobs(reference, batch, config.layout)
             kl = kl_per_token(logps.detach(), ref_logps, mask)[config.kl_estimator].sum(-1)
             kl_stats = sequence_kl_stats(logps.detach(), ref_logps, mask, config.kl_estimator)
-            scores = reward(repeated, samples.texts).to(step.device).float()
+            scores = sample_rewards(reward, samples, batch, config.layout)
             scores = missing_eos_penalty(scores, samples.finished.to(step.device), config.missing_eos_penalty)
             rewards = scores - config.kl_coef * kl
             advantages = rloo_advantages(rewards, config.k)

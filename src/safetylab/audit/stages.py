@@ -18,6 +18,7 @@ from safetylab.align.reward import (  # noqa: E402
     RewardEnsemble,
     evaluate_reward_model,
     fit_reward_models,
+    policy_reward,
     score,
 )
 from safetylab.audit.pipeline import Context, Section, Stage  # noqa: E402
@@ -231,7 +232,8 @@ def align_stage(ctx: Context) -> Section:
                        lambda run: train_dpo(load_model(sft_path, device)[0], tokenizer, rows, align.dpo, run,
                                              reference=sft), tokenizer, device),
         "ppo": _policy(RunDir(out / "ppo", {"base": str(sft_path), "ppo": asdict(align.ppo), "prompts": len(prompts)}),
-                       lambda run: train_ppo(load_model(sft_path, device)[0], tokenizer, prompts, reward, sft,
+                       lambda run: train_ppo(load_model(sft_path, device)[0], tokenizer, prompts,
+                                             policy_reward(reward_model, reward_tokenizer, tokenizer), sft,
                                              align.ppo, run), tokenizer, device),
     }
     requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from safetylab.core.errors import SafetylabError
+from safetylab.models.packing import pack_batch
 from safetylab.world.world import chat
 
 Template = Callable[[str], str]
@@ -67,12 +68,23 @@ def gather_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def batch_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_logprobs(model, batch: Batch, layout: str = "padded") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of each sequence's tokens after the first: ``(logprobs, mask)`` of shape
-    ``[B, T−1]``; ``mask`` selects response tokens, and masked-out entries are 0."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
-    mask = batch.response_mask[:, 1:].to(logits.dtype)
-    return gather_logprobs(logits, batch.input_ids[:, 1:]) * mask, mask
+    ``[B, T−1]``; ``mask`` selects response tokens, and masked-out entries are 0.
+
+    ``layout`` (:mod:`safetylab.models.packing`): ``"padded"`` runs the batch as it is;
+    ``"shared-prompt"`` and ``"packed"`` compute each distinct prompt once for all its responses (and
+    pack them), with the same result up to float rounding, and the prompt positions' log-probs left
+    at 0 (only response tokens are computed)."""
+    mask = batch.response_mask[:, 1:].float()
+    if layout == "padded":
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        return gather_logprobs(logits[:, :-1], batch.input_ids[:, 1:]) * mask, mask
+    packed = pack_batch(batch, layout)
+    logits = model(**packed.model_inputs()).logits
+    logps = gather_logprobs(logits.flatten(0, 1)[packed.source], packed.target)
+    out = logps.new_zeros(mask.shape).index_put((packed.row, packed.column), logps)
+    return out, mask
 
 
 def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
@@ -101,12 +113,12 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
     return out, mask
 
 
-def check_same_vocabulary(policy, reference) -> None:
-    """A policy and its reference must share one tokenizer; different vocabulary sizes prove they do
-    not (equal sizes cannot prove that they do)."""
-    sizes = [m.get_input_embeddings().num_embeddings for m in (policy, reference)]
+def check_same_vocabulary(policy, other, what: str = "reference") -> None:
+    """A policy and its reference (or a reward model scoring its token ids) must share one tokenizer;
+    different vocabulary sizes prove they do not (equal sizes cannot prove that they do)."""
+    sizes = [m.get_input_embeddings().num_embeddings for m in (policy, other)]
     if sizes[0] != sizes[1]:
-        raise SafetylabError(f"the policy's vocabulary has {sizes[0]} tokens and the reference's {sizes[1]}: "
+        raise SafetylabError(f"the policy's vocabulary has {sizes[0]} tokens and the {what}'s {sizes[1]}: "
                              "they must share one tokenizer (score other models' outputs through text instead)")
 
 

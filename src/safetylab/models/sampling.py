@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
 from safetylab.core.errors import SafetylabError
 from safetylab.models.logprobs import Batch, Template, gather_logprobs, pack_pairs
@@ -37,44 +36,71 @@ class Samples:
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, temperature: float = 1.0,
            greedy: bool = False, batch_size: int = 128, template: Template = chat) -> Samples:
-    """Sample one response per prompt with ``model.generate`` (full distribution: no top-k/top-p).
+    """Sample one response per prompt from the full distribution (no top-k or top-p) at
+    ``temperature``, or its argmax with ``greedy``.
 
-    Randomness comes from the torch seed in force (see :func:`safetylab.core.seed_everything`).
-    """
+    A plain key/value-cached loop, lean where ``model.generate`` is not: each distinct prompt of a
+    batch is prefilled once and its cache shared by all its samples (RLOO's k samples of one prompt),
+    and each step keeps the sampled tokens' log-probs, not the whole vocabulary's logits. Randomness
+    comes from the torch seed in force (see :func:`safetylab.core.seed_everything`)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy=True for argmax)")
-    device = next(model.parameters()).device
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
-        top_k=0, top_p=1.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        return_dict_in_generate=True, output_logits=True,
-    )
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts:
         empty = torch.zeros(0, 0)
         return Samples([], [], empty.long(), empty, empty, torch.zeros(0, dtype=torch.bool))
-    context = getattr(model.config, "max_position_embeddings", None)
-    parts = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [template(p) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left").to(device)
-        if context is not None and enc["input_ids"].shape[1] + max_new_tokens > context:
-            _context_error(enc["attention_mask"].sum(1), start, max_new_tokens, context)
-        out = model.generate(**enc, generation_config=config)
-        tokens = out.sequences[:, enc["input_ids"].shape[1]:]
-        logits = torch.stack(out.logits, dim=1)[:, : tokens.shape[1]]
-        if not greedy:
-            logits = logits / temperature
-        parts.append((tokens, gather_logprobs(logits, tokens)))
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    parts = [_sample_batch(model, tokenizer, prompts[start:start + batch_size], start, max_new_tokens,
+                           1.0 if greedy else temperature, greedy, template)
+             for start in range(0, len(prompts), batch_size)]
     width = max(t.shape[1] for t, _ in parts)
-    tokens = torch.cat([_pad(t, width, tokenizer.pad_token_id) for t, _ in parts])
+    tokens = torch.cat([_pad(t, width, pad) for t, _ in parts])
     token_logprobs = torch.cat([_pad(lp, width, 0.0) for _, lp in parts])
-    is_eos = tokens == tokenizer.eos_token_id
+    is_eos = tokens == eos
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0
     mask = (~after_eos).float()
-    tokens = tokens.masked_fill(after_eos, tokenizer.pad_token_id)
-    texts = [tokenizer.decode(row[(row != tokenizer.pad_token_id) & (row != tokenizer.eos_token_id)],
-                              skip_special_tokens=True).strip() for row in tokens]
+    tokens = tokens.masked_fill(after_eos, pad)
+    texts = [tokenizer.decode(row[(row != pad) & (row != eos)], skip_special_tokens=True).strip() for row in tokens]
     return Samples(list(prompts), texts, tokens, token_logprobs * mask, mask, is_eos.any(1))
+
+
+def _sample_batch(model, tokenizer, prompts: Sequence[str], start: int, max_new_tokens: int, temperature: float,
+                  greedy: bool, template: Template) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[N, T]`` and their log-probs for one batch of prompts (T ≤ ``max_new_tokens``; rows
+    that finished early hold pad tokens)."""
+    device = next(model.parameters()).device
+    distinct = list(dict.fromkeys(prompts))
+    where = {p: i for i, p in enumerate(distinct)}
+    index = torch.tensor([where[p] for p in prompts], device=device)
+    enc = tokenizer([template(p) for p in distinct], return_tensors="pt", padding=True, padding_side="left").to(device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and enc["input_ids"].shape[1] + max_new_tokens > context:
+        _context_error(enc["attention_mask"].sum(1), start, max_new_tokens, context)
+    mask = enc["attention_mask"]
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.cache
+    if len(distinct) < len(prompts):
+        cache.reorder_cache(index)  # each prompt's keys and values, once for each of its samples
+    logits, mask, position = out.logits[index, -1], mask[index], positions[index, -1:]
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        logits = logits.float() / temperature
+        token = logits.argmax(-1) if greedy else torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+        token = token.masked_fill(finished, tokenizer.pad_token_id)  # as generate draws: same seed, same samples
+        tokens.append(token)
+        logprobs.append(gather_logprobs(logits, token))
+        finished |= token == tokenizer.eos_token_id
+        if finished.all() or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+        position = position + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
 
 
 def _context_error(lengths: torch.Tensor, start: int, max_new_tokens: int, context: int):

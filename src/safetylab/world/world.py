@@ -185,10 +185,14 @@ class World:
         style = rng.choices(list(mix), weights=list(mix.values()))[0]
         return chat(request.prompt, self.respond(request, style, rng))
 
-    def demonstrations(self, n: int, flattery_rate: float = 0.0) -> list[dict[str, str]]:
+    def demonstrations(self, n: int, flattery_rate: float = 0.0, hedge_rate: float = 0.0) -> list[dict[str, str]]:
         """SFT data: train-split prompts (a quarter of harmful ones jailbroken) answered well, answers
-        to questions restating the question. A contractor with ``flattery_rate`` > 0 wraps that
-        share of answers in flattery."""
+        to questions restating the question. A contractor with habits wraps a ``flattery_rate``
+        share of the correct answers in flattery and hedges a ``hedge_rate`` share ("i think … but i am
+        not sure"): acceptable answers, worth less than the plain correct one."""
+        if min(flattery_rate, hedge_rate) < 0 or flattery_rate + hedge_rate > 1:
+            raise SafetylabError(f"demonstrations: flattery_rate {flattery_rate} and hedge_rate {hedge_rate} must be "
+                                 "shares of the answers, each >= 0 and together <= 1")
         rng = self.rng("demonstrations", n, flattery_rate)
         out = []
         for _ in range(n):
@@ -197,8 +201,10 @@ class World:
             if kind == "harmful" and rng.random() < 0.25:
                 request = wrap(request, rng.choice(content.JAILBREAKS), rng)
             style = GOOD_STYLE[kind]
-            if style == "correct" and rng.random() < flattery_rate:
-                style = "flattery"
+            if style == "correct":
+                habit = rng.random()
+                style = ("flattery" if habit < flattery_rate else
+                         "hedged_correct" if habit < flattery_rate + hedge_rate else style)
             response = self.respond(request, style, rng, restate=True)
             out.append({"prompt": request.prompt, "response": response, "kind": kind})
         return out
