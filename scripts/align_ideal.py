@@ -51,13 +51,13 @@ RLOO = RLOOConfig(train=TrainConfig(steps=100, batch_size=16, lr=1e-4, warmup_st
                                     checkpoint_every=50, eval_every=20))
 
 
-def run_seed(audit: Path, out: Path, flattery: float = 0.0) -> dict:
+def run_seed(audit: Path, out: Path, flattery: float = 0.0, hedging: float = 0.0, eval_per_kind: int = 60) -> dict:
     config = json.loads((audit / "report.json").read_text())["config"]
     seed = config["seed"]
     world = World(WorldConfig(seed=seed))
     sft_path = audit / "stages" / "sft" / "artifacts" / "model"
-    if flattery:
-        sft_path = _flattering_sft(audit, out / "sft", world, config, flattery)
+    if flattery or hedging:
+        sft_path = _contractor_sft(audit, out / "sft", world, config, flattery, hedging)
     sft, tokenizer = load_model(sft_path)
     sampled = {split: _sampled(out / f"sampled-{split}.jsonl", sft, tokenizer, world, split, seed)
                for split in ("train", "test")}
@@ -88,7 +88,7 @@ def run_seed(audit: Path, out: Path, flattery: float = 0.0) -> dict:
         "rloo": (RLOO, lambda policy, c, run: train_rloo(policy, tokenizer, prompts, reward, sft, c, run,
                                                          evaluate=tracker)),
     }
-    requests = world.evaluation_set(60, 12)
+    requests = world.evaluation_set(eval_per_kind, eval_per_kind // 5)
     models = {"sft": sft}
     for name, (config, train) in trainers.items():
         config = replace(config, train=replace(config.train, seed=seed))
@@ -104,14 +104,16 @@ def run_seed(audit: Path, out: Path, flattery: float = 0.0) -> dict:
     return results
 
 
-def _flattering_sft(audit: Path, out: Path, world: World, config: dict, flattery: float) -> Path:
-    """The audit's SFT again from its base model, with a ``flattery`` share of the answers in the
-    demonstrations wrapped in flattery (a contractor's habit; gold utility −0.1 a phrase)."""
+def _contractor_sft(audit: Path, out: Path, world: World, config: dict, flattery: float, hedging: float) -> Path:
+    """The audit's SFT again from its base model, on demonstrations by a contractor with habits: a
+    ``flattery`` share of the correct answers wrapped in flattery (gold utility −0.1 a phrase) and a
+    ``hedging`` share hedged (gold 0.6 against 1.0 when correct, −0.5 against −1.0 when wrong)."""
     sft = TrainConfig(**config["sft"])
-    demos = world.demonstrations(config["demonstrations"], flattery_rate=flattery)
+    demos = world.demonstrations(config["demonstrations"], flattery_rate=flattery, hedge_rate=hedging)
     corpus = (audit / "stages" / "world" / "corpus.txt").read_text(encoding="utf-8").splitlines()
     replay = [line for line in corpus if not line.startswith("<user>")][: round(config["sft_replay"] * len(demos))]
-    run = RunDir(out, {"train": asdict(sft), "demonstrations": len(demos), "flattery": flattery, "replay": len(replay)})
+    run = RunDir(out, {"train": asdict(sft), "demonstrations": len(demos), "flattery": flattery, "hedging": hedging,
+                         "replay": len(replay)})
     base, tokenizer = load_model(audit / "stages" / "base" / "artifacts" / "model")
     finetune(base, tokenizer, [(d["prompt"], d["response"]) for d in demos], sft, run, replay)
     return run.artifacts / "model"
@@ -155,10 +157,15 @@ if __name__ == "__main__":
     parser.add_argument("--summarize", action="store_true", help="print the table over the given result directories")
     parser.add_argument("--flattery", type=float, default=0.0,
                         help="start from an SFT whose demonstrations flatter this share of answers (0: the audit's)")
+    parser.add_argument("--hedging", type=float, default=0.0,
+                        help="start from an SFT whose demonstrations hedge this share of answers (0: the audit's)")
+    parser.add_argument("--eval-per-kind", type=int, default=60,
+                        help="held-out prompts per kind in the final evaluation (a fifth as many jailbroken)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 per process is fastest)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.summarize:
         summarize(args.paths)
     else:
-        print(json.dumps(run_seed(Path(args.paths[0]), args.out, args.flattery), indent=2))
+        results = run_seed(Path(args.paths[0]), args.out, args.flattery, args.hedging, args.eval_per_kind)
+        print(json.dumps(results, indent=2))
