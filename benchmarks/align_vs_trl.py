@@ -3,9 +3,12 @@
 Reward modelling, DPO and RLOO (TRL no longer ships PPO), each trained three ways on the same tiny
 model, the same data in the same order and the same batch size:
 
-- *safetylab*: the real trainers — ``train_reward_model``, ``train_dpo`` (reference log-probs
-  precomputed, as it always does) and ``train_rloo`` with the reward model scored through
-  ``safetylab.align.reward.score``, as ``safetylab train rloo`` wires it. Per-step times are the
+- *safetylab*: the real trainers with their defaults — ``train_reward_model``, ``train_dpo`` (reference
+  log-probs precomputed, as it always does; each pair's prompt computed once for its chosen and
+  rejected responses and pairs packed, ``layout="packed"``) and ``train_rloo`` (the sampler prefills each
+  prompt once for its k samples; the policy, the reference and the reward model read the sampled token
+  ids in the packed layout, the reward model chosen by ``policy_reward`` as ``safetylab train rloo``
+  does). Per-step times are the
   intervals between successive ``Progress.advance`` calls of ``train_loop`` (a thin subclass patched
   into ``safetylab.models.train``, as in ``train_step.py``): one whole loop body each, tokenization,
   batch building, sampling and logging statistics included.
@@ -17,12 +20,14 @@ model, the same data in the same order and the same batch size:
   its own optimizer (fused AdamW), collators, fused log-prob head and metrics. The sampler is
   sequential over the rows in safetylab's batch order, so both train on the same batches (checked on
   the first batch: the padded token ids must be equal).
-- *floor*: the work of safetylab's step in plain PyTorch on the same model: pre-built padded batches
-  (the very tensors safetylab builds), forward with ``use_cache=False`` (a key/value cache is no part of
-  the work), loss, ``backward``, ``clip_grad_norm_``, ``AdamW.step`` (torch's default implementation, as
-  safetylab's), ``zero_grad``. For RLOO the floor samples with a plain KV-cached loop (``model(...)``
-  per token and ``torch.multinomial``) and scores the sampled ids with the policy, the reference and
-  the reward model without decoding.
+- *floor*: the work of safetylab's step in plain PyTorch on the same model: pre-built batches (the
+  very tensors safetylab builds: padded for the reward model, ``pack_batch``'s packed layout for DPO),
+  forward with ``use_cache=False`` (a key/value cache is no part of the work), loss, ``backward``,
+  ``clip_grad_norm_``, fused ``AdamW.step`` (as safetylab's), ``zero_grad``. For RLOO the floor samples
+  with a plain KV-cached loop (each prompt prefilled once, ``model(...)`` per token and
+  ``torch.multinomial``) and scores the sampled ids with the policy, the reference and the reward model
+  in the packed layout (built by safetylab's ``pack_batch``, the one piece that is not bare PyTorch),
+  without decoding.
 
 Rounds: each round runs every side for ``warmup + steps`` steps, the sides in a rotating order; the
 first ``warmup`` steps of every round are dropped and medians are taken over the rest. After every
@@ -35,11 +40,6 @@ torch seed is reset to ``seed + step`` before every step, and the learning rate 
 default) so that the sampling distribution stays put; the generated tokens per step of each side are
 printed so that the work can be compared.
 
-``--what-if NAME`` adds a "safetylab + what-if" side: safetylab's trainers with parts of their step
-replaced by code in this script (computing less: the prompt once for chosen and rejected, packing,
-the reward on the sampled ids, a lean sampling loop; or cheaper: fused AdamW, no KV cache), to measure
-what a change to safetylab would buy before making it. See ``--help``.
-
 Peak memory: each (algorithm, side) runs alone in a fresh subprocess; the growth of the peak RSS over
 ``--mem-steps`` training steps from a baseline taken right before the first step (after models, data,
 TRL's preprocessing and safetylab's reference precompute, and after ``malloc_trim``) — ``VmHWM`` reset
@@ -49,7 +49,7 @@ TRL is a benchmark-only dependency: install ``benchmarks/requirements-trl.txt`` 
 environment together with safetylab (see ``benchmarks/README.md``) and run this script with it.
 
     python benchmarks/align_vs_trl.py                      # all three, 1 thread, 3 rounds x 12 steps
-    python benchmarks/align_vs_trl.py --only dpo --rounds 5 --what-if packed
+    python benchmarks/align_vs_trl.py --only dpo --rounds 5
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ from peak_memory import peak_kib, reset_peak_rss, status_kib
 TARGET_FLOOR_RATIO = 1.15  # safetylab step time / floor step time
 TARGET_TRL_SPEEDUP = 1.3  # safetylab steps/s / TRL's fastest setting, DPO and RLOO
 ALGORITHMS = ("rm", "dpo", "rloo")
-SIDES = {"rm": ("safetylab", "safetylab+", "trl", "floor"),
-         "dpo": ("safetylab", "safetylab+", "trl", "trl-ref", "floor"),
-         "rloo": ("safetylab", "safetylab+", "trl", "floor")}
-SIDE_NAMES = {"safetylab": "safetylab", "safetylab+": "safetylab + what-if", "trl": "TRL",
+SIDES = {"rm": ("safetylab", "trl", "floor"),
+         "dpo": ("safetylab", "trl", "trl-ref", "floor"),
+         "rloo": ("safetylab", "trl", "floor")}
+SIDE_NAMES = {"safetylab": "safetylab", "trl": "TRL",
               "trl-ref": "TRL, reference forward each step", "floor": "floor (bare PyTorch)"}
 SEED = 0
 
@@ -237,7 +237,7 @@ def reseed(step: int) -> None:
 
 # ----------------------------------------------------------------------------- floors
 class Floor:
-    """A bare-PyTorch training step on pre-built inputs; subclasses define ``loss(i)``. Its own
+    """A bare-PyTorch training step on pre-built inputs; subclasses define ``loss(i)``. Its own fused
     ``AdamW`` with safetylab's hyper-parameters."""
 
     reseed = False
@@ -247,7 +247,7 @@ class Floor:
 
         self.torch = torch
         self.params = list(params)
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01, betas=(0.9, 0.95), fused=True)
         self.times: list[float] = []
         self.tokens: list[int] = []
 
@@ -288,30 +288,36 @@ class RewardFloor(Floor):
 
 
 class DPOFloor(Floor):
-    """``GPT2LMHeadModel`` on safetylab's padded (chosen; rejected) batch: log-softmax, gather, masked
-    sums; sigmoid DPO against reference sums computed once before training."""
+    """``GPT2LMHeadModel`` on safetylab's packed (chosen; rejected) batch (``pack_batch``, built before
+    timing): gather the log-probs of the response tokens, sum them per sequence; sigmoid DPO against
+    reference sums computed once before training."""
 
     def __init__(self, policy, batches, lr, beta):
+        from safetylab.models.packing import pack_batch
+
         self.model = copy.deepcopy(policy).train()
         super().__init__(self.model.parameters(), lr)
-        self.batches, self.beta = batches, beta
+        self.batches = [(pack_batch(b), len(b.input_ids)) for b in batches]
+        self.beta = beta
         with self.torch.no_grad():
-            self.reference = [self.sums(b) for b in batches]
+            self.reference = [self.sums(*b) for b in self.batches]
 
-    def sums(self, b):
-        logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits[:, :-1]
-        logps = self.torch.log_softmax(logits, -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
-        return (logps * b.response_mask[:, 1:]).sum(-1)
+    def sums(self, packed, n):
+        logits = self.model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                            position_ids=packed.position_ids, use_cache=False).logits.flatten(0, 1)[packed.source]
+        logps = logits.gather(-1, packed.target[:, None]).squeeze(-1) - self.torch.logsumexp(logits, -1)
+        return logps.new_zeros(n).index_add(0, packed.row, logps)
 
     def loss(self, i):
-        chosen, rejected = (self.sums(self.batches[i]) - self.reference[i]).chunk(2)
+        chosen, rejected = (self.sums(*self.batches[i]) - self.reference[i]).chunk(2)
         return -self.torch.nn.functional.logsigmoid(self.beta * (chosen - rejected)).mean()
 
 
 class RLOOFloor(Floor):
-    """Sample k responses per prompt with a plain KV-cached loop, score the sampled ids with the
-    policy (with grad), the reference and the reward model (no decoding, no re-tokenizing), and take a
-    REINFORCE step with the leave-one-out baseline and a k1 KL penalty in the reward."""
+    """Sample k responses per prompt with a plain KV-cached loop (each prompt prefilled once), score
+    the sampled ids with the policy (with grad), the reference and the reward model in the packed
+    layout (no decoding, no re-tokenizing), and take a REINFORCE step with the leave-one-out baseline
+    and a k1 KL penalty in the reward."""
 
     reseed = True
 
@@ -326,12 +332,12 @@ class RLOOFloor(Floor):
         self.reward_head = copy.deepcopy(reward_model.head)
         self.k, self.max_new_tokens, self.kl_coef, self.eos_penalty = k, max_new_tokens, kl_coef, eos_penalty
         self.pad, self.eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-        self.prompts = []  # per step: left-padded ids and mask (for sampling), and each row's prompt ids
+        self.prompts = []  # per step: left-padded distinct prompts and mask (for sampling), each row's prompt ids
         for ids in prompt_batches:
             rows = [p for p in ids for _ in range(k)]  # prompt-major, as safetylab and TRL
-            width = max(len(p) for p in rows)
-            left = torch.tensor([[self.pad] * (width - len(p)) + p for p in rows])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+            width = max(len(p) for p in ids)
+            left = torch.tensor([[self.pad] * (width - len(p)) + p for p in ids])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ids])
             self.prompts.append((left, mask, rows))
 
     def sample(self, ids, mask):
@@ -340,23 +346,29 @@ class RLOOFloor(Floor):
             positions = (mask.cumsum(-1) - 1).clamp_min(0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=1)
-            finished = torch.zeros(len(ids), dtype=torch.bool)
-            position = positions[:, -1:]
+            index = torch.arange(len(ids)).repeat_interleave(self.k)
+            out.cache.reorder_cache(index)
+            logits, mask, position = out.logits[index], mask[index], positions[index, -1:]
+            finished = torch.zeros(len(index), dtype=torch.bool)
             tokens = []
             for _ in range(self.max_new_tokens):
-                token = torch.multinomial(torch.softmax(out.logits[:, -1].float(), -1), 1).squeeze(1)
+                token = torch.multinomial(torch.softmax(logits[:, -1].float(), -1), 1).squeeze(1)
                 token = token.masked_fill(finished, self.pad)
                 tokens.append(token)
                 finished |= token == self.eos
                 if finished.all():
                     break
-                mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
+                mask = torch.cat([mask, mask.new_ones(len(index), 1)], 1)
                 position = position + 1
                 out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=position,
                                  cache=out.cache, use_cache=True)
+                logits = out.logits
         return torch.stack(tokens, 1), finished
 
     def loss(self, i):
+        from safetylab.models.logprobs import Batch
+        from safetylab.models.packing import pack_batch
+
         torch = self.torch
         left, left_mask, rows = self.prompts[i]
         tokens, finished = self.sample(left, left_mask)
@@ -370,23 +382,26 @@ class RLOOFloor(Floor):
         ids = torch.tensor([s + [self.pad] * (width - len(s)) for s in seqs])
         attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         response = torch.tensor([[0] * n + [1] * (len(s) - n) + [0] * (width - len(s)) for s, n in zip(seqs, lengths)])
-        mask = response[:, 1:].float()
         self.tokens.append(int(response.sum()))
+        packed = pack_batch(Batch(ids, attention, response))
+        inputs = {"input_ids": packed.input_ids, "attention_mask": packed.attention_mask,
+                  "position_ids": packed.position_ids, "use_cache": False}
 
-        def logps(model):
-            logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits[:, :-1]
-            return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask
+        def logps(model):  # per sequence, summed over its response tokens
+            logits = model(**inputs).logits.flatten(0, 1)[packed.source]
+            token = logits.gather(-1, packed.target[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
+            return token, token.new_zeros(len(ids)).index_add(0, packed.row, token)
 
-        policy = logps(self.model)
+        policy, policy_sums = logps(self.model)
         with torch.no_grad():
-            kl = ((policy.detach() - logps(self.reference)) * mask).sum(-1)
-            hidden = self.reward_backbone(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
-            scores = self.reward_head(hidden[torch.arange(len(ids)), attention.sum(1) - 1]).squeeze(-1)
+            kl = policy_sums.detach() - logps(self.reference)[1]
+            hidden = self.reward_backbone(**inputs).last_hidden_state
+            scores = self.reward_head(hidden.flatten(0, 1)[packed.last]).squeeze(-1)
             scores = scores - self.eos_penalty * (~finished).float()
             rewards = (scores - self.kl_coef * kl).view(-1, self.k)
             advantages = (rewards - (rewards.sum(-1, keepdim=True) - rewards) / (self.k - 1)).reshape(-1)
         ratio = torch.exp(policy - policy.detach())
-        return -(advantages[:, None] * ratio * mask).sum() / mask.sum()
+        return -(advantages[packed.row] * ratio).sum() / len(ratio)
 
 
 # ----------------------------------------------------------------------------- the sides
@@ -477,11 +492,11 @@ def make_rm(args, setup: Setup, work: Path, steps: int) -> Bench:
                                 train_dataset=preference_dataset(rows, order), processing_class=tok)
     counter = {"round": 0}
 
-    def run_safetylab(n, hooks, patches=()):
+    def run_safetylab(n, hooks):
         times: list[float] = []
         run = RunDir(work / f"rm-safetylab-{counter['round']}", {})
         counter["round"] += 1
-        with what_if(patches), timed_train_loop(times, hooks):
+        with timed_train_loop(times, hooks):
             train_reward_model(ours, tok, rows, RewardConfig(train=replace_steps(train, n)), run)
         return times
 
@@ -489,7 +504,6 @@ def make_rm(args, setup: Setup, work: Path, steps: int) -> Bench:
     # would leave freed pages that the measured steps then reuse.
     floor = RewardFloor(ours, batches, lr) if "floor" in args.sides else None
     bench = Bench("rm", {"safetylab": run_safetylab}, floor)
-    add_what_if(bench, args, run_safetylab)
     if floor is not None:
         bench.run["floor"] = floor.run
     if trainer is not None:
@@ -529,29 +543,25 @@ def make_dpo(args, setup: Setup, work: Path, steps: int) -> Bench:
             train_dataset=dataset, processing_class=tok)
     counter = {"round": 0}
 
-    def run_safetylab(n, hooks, patches=()):
+    def run_safetylab(n, hooks):
         times: list[float] = []
         run = RunDir(work / f"dpo-safetylab-{counter['round']}", {})
         counter["round"] += 1
-        with what_if(patches), timed_train_loop(times, hooks):
+        with timed_train_loop(times, hooks):
             train_dpo(policy, tok, rows, DPOConfig(train=replace_steps(train, n)), run, reference=reference)
         return times
 
     floor = DPOFloor(setup.policy, batches, lr, config.beta) if "floor" in args.sides else None
     bench = Bench("dpo", {"safetylab": run_safetylab}, floor)
-    patches = add_what_if(bench, args, run_safetylab)
-    if {"shared-prompt", "packed"} & set(patches) and not args.child:
-        import safetylab.align.dpo as dpo_module
+    if not args.child:
+        from safetylab.align.dpo import sequence_logps
 
-        sample_rows = [rows[i] for i in order[0]]
+        first = [rows[i] for i in order[0]]
         with torch.no_grad():
-            plain = dpo_module.sequence_logps(setup.policy, tok, sample_rows, max_length=train.max_length)
-            with what_if(patches):
-                shared = dpo_module.sequence_logps(setup.policy, tok, sample_rows, max_length=train.max_length)
-        diff = max((getattr(plain, f) - getattr(shared, f)).abs().max().item()
-                   for f in ("chosen", "rejected", "chosen_lengths", "rejected_lengths"))
-        bench.checks.append(f"what-if sequence_logps agrees with safetylab's on the first batch: max |diff| "
-                            f"{diff:.2e}")
+            padded, packed = (sequence_logps(setup.policy, tok, first, max_length=train.max_length, layout=layout)
+                              for layout in ("padded", "packed"))
+        diff = max((getattr(padded, f) - getattr(packed, f)).abs().max().item() for f in ("chosen", "rejected"))
+        bench.checks.append(f"packed and padded sequence log-probs agree on the first batch: max |diff| {diff:.2e}")
     for side, trainer in trainers.items():
         bench.run[side] = lambda n, hooks, t=trainer: trl_train(with_steps(t, n), [], hooks)
     if floor is not None:
@@ -562,18 +572,17 @@ def make_dpo(args, setup: Setup, work: Path, steps: int) -> Bench:
             first["completion_mask"], batches[0].response_mask)
         bench.checks.append(f"{SIDE_NAMES[side]}: first batch has safetylab's padded token ids and response mask: "
                             f"{'yes' if same else 'NO'}")
-    bench.describe.append(padding_note(batches))
+    bench.describe.append(padding_note(batches, packed=True))
     return bench
 
 
 def make_rloo(args, setup: Setup, work: Path, steps: int) -> Bench:
-    import torch
     from datasets import Dataset
     from trl import RLOOConfig as TRLRLOOConfig
     from trl import RLOOTrainer
 
     import safetylab.align.rloo as rloo_module
-    from safetylab.align.reward import score
+    from safetylab.align.reward import policy_reward
     from safetylab.align.rloo import RLOOConfig, train_rloo
     from safetylab.core.runs import RunDir
     from safetylab.models.train import TrainConfig
@@ -612,40 +621,25 @@ def make_rloo(args, setup: Setup, work: Path, steps: int) -> Bench:
     bench = Bench("rloo", {}, floor, tokens={"safetylab": [], "trl": [], "floor": floor.tokens if floor else []})
     counter = {"round": 0}
 
-    state = {"samples": None, "reward-ids": False, "shared-prompt": False}
+    reward = policy_reward(ours_rm, tok, tok)  # the reward model itself: it reads the sampled ids
 
-    def reward(p, r):
-        if state["reward-ids"]:  # what-if: the sampled ids, as the policy saw them
-            batch = state["samples"].to_batch(tok)
-            if state["shared-prompt"]:
-                return shared_prompt_rewards(ours_rm, batch)
-            with torch.no_grad():
-                return ours_rm(batch.input_ids, batch.attention_mask)
-        return score(ours_rm, tok, p, r)  # as `safetylab train rloo` wires the reward model
-
-    def run_safetylab(n, hooks, patches=()):
+    def run_safetylab(n, hooks):
         times: list[float] = []
         run = RunDir(work / f"rloo-safetylab-{counter['round']}", {})
         counter["round"] += 1
-        side = "safetylab+" if patches else "safetylab"
-        with what_if(patches):
-            original = rloo_module.sample
+        original = rloo_module.sample
 
-            def spy(*a, **kw):  # keeps the samples and counts their tokens (response + eos)
-                out = state["samples"] = original(*a, **kw)
-                bench.tokens.setdefault(side, []).append(int(out.mask.sum()))
-                return out
+        def spy(*a, **kw):  # counts the samples' tokens (response + eos)
+            out = original(*a, **kw)
+            bench.tokens["safetylab"].append(int(out.mask.sum()))
+            return out
 
-            rloo_module.sample = spy
-            state["reward-ids"] = "reward-ids" in patches
-            state["shared-prompt"] = "shared-prompt" in patches
-            try:
-                with timed_train_loop(times, Hooks(hooks.start, lambda i: (reseed(i), hooks.before(i)),
-                                                   hooks.after)):
-                    train_rloo(policy, tok, prompts, reward, reference, replace_train(config, n), run)
-            finally:
-                rloo_module.sample = original
-                state["reward-ids"] = state["shared-prompt"] = False
+        rloo_module.sample = spy
+        try:
+            with timed_train_loop(times, Hooks(hooks.start, lambda i: (reseed(i), hooks.before(i)), hooks.after)):
+                train_rloo(policy, tok, prompts, reward, reference, replace_train(config, n), run)
+        finally:
+            rloo_module.sample = original
         return times
 
     def trl_tokens():
@@ -659,19 +653,6 @@ def make_rloo(args, setup: Setup, work: Path, steps: int) -> Bench:
     bench.run["safetylab"] = run_safetylab
     if floor is not None:
         bench.run["floor"] = floor.run
-    patches = add_what_if(bench, args, run_safetylab)
-    if "shared-prompt" in patches and not args.child:
-        from safetylab.models.logprobs import batch_logprobs
-        from safetylab.models.sampling import sample
-
-        reseed(0)
-        batch = sample(setup.policy, tok, [prompts[i] for i in order[0] for _ in range(k)], args.max_new_tokens
-                       ).to_batch(tok)
-        with torch.no_grad():
-            plain, shared = batch_logprobs(setup.policy, batch)[0], shared_prompt_batch_logprobs(setup.policy, batch)[0]
-            rewards = (ours_rm(batch.input_ids, batch.attention_mask) - shared_prompt_rewards(ours_rm, batch)).abs()
-        bench.checks.append(f"what-if shared-prompt log-probs and rewards agree with safetylab's on a sampled batch: "
-                            f"max |diff| {(plain - shared).abs().max().item():.2e}, {rewards.max().item():.2e}")
     if trainer is not None:
         bench.run["trl"] = run_trl
     widths = [max(len(p) for p in b) for b in prompt_ids]
@@ -679,16 +660,6 @@ def make_rloo(args, setup: Setup, work: Path, steps: int) -> Bench:
                           f"{min(min(len(p) for p in b) for b in prompt_ids)}-{max(widths)} tokens, "
                           f"max_new_tokens {args.max_new_tokens}, learning rate {lr:g} on every side")
     return bench
-
-
-def add_what_if(bench: Bench, args, run_safetylab) -> tuple[str, ...]:
-    """Register the "safetylab + what-if" side when a requested what-if applies to this algorithm."""
-    patches = applicable(args.what_if, bench.algorithm)
-    if not patches or "safetylab+" not in args.sides:
-        return ()
-    bench.run["safetylab+"] = lambda n, hooks: run_safetylab(n, hooks, patches)
-    bench.describe.append(f"what-if side: {', '.join(patches)}")
-    return patches
 
 
 def replace_steps(train, n):
@@ -708,286 +679,22 @@ def with_steps(trainer, n):
     return trainer
 
 
-def padding_note(batches) -> str:
+def padding_note(batches, packed: bool = False) -> str:
+    from safetylab.models.packing import pack_batch
+
     slots = statistics.median(b.input_ids.numel() for b in batches)
     real = statistics.median(int(b.attention_mask.sum()) for b in batches)
     prompt = statistics.median(int((b.attention_mask - b.response_mask).sum()) // 2 for b in batches)
-    return (f"median batch: {slots:.0f} padded token slots, {real:.0f} real tokens ({1 - real / slots:.0%} padding), "
+    note = (f"median batch: {slots:.0f} padded token slots, {real:.0f} real tokens ({1 - real / slots:.0%} padding), "
             f"of which {2 * prompt:.0f} prompt tokens (each prompt twice: once with the chosen, once with the "
             f"rejected response)")
+    if packed:
+        note += (f"; safetylab's packed layout: "
+                 f"{statistics.median(pack_batch(b).input_ids.numel() for b in batches):.0f} token slots")
+    return note
 
 
 MAKERS = {"rm": make_rm, "dpo": make_dpo, "rloo": make_rloo}
-
-
-# ----------------------------------------------------------------------------- what-ifs (--what-if)
-# Not safetylab's code: measured changes to its step, patched in for the "safetylab + what-if" side only, to
-# show what computing less would buy. Each one names the safetylab function it stands in for.
-WHAT_IFS = {
-    "fused-adamw": ("rm", "dpo", "rloo"),
-    "no-cache": ("rm", "dpo", "rloo"),
-    "shared-prompt": ("dpo", "rloo"),
-    "packed": ("dpo",),
-    "reward-ids": ("rloo",),
-    "lean-sample": ("rloo",),
-}
-WHAT_IF_HELP = """add a "safetylab + what-if" side with this change patched in (repeatable).
-fused-adamw: train_loop's AdamW with fused=True, TRL's default (safetylab.models.train.train_loop).
-no-cache: scoring forwards pass use_cache=False (a Hugging Face model otherwise copies every layer's keys
-and values into a cache it returns; TRL passes it) (safetylab.models.logprobs.batch_logprobs,
-safetylab.align.reward.RewardModel.forward).
-shared-prompt: DPO log-probs on one row per pair, prompt + chosen + rejected, the rejected tokens not
-attending to the chosen ones, positions restarting after the prompt, the LM head only at response
-positions (safetylab.align.dpo.sequence_logps); RLOO: the same for the k samples of a prompt in the
-policy and reference forwards (batch_logprobs) and, with reward-ids, in the reward model.
-packed: DPO as shared-prompt, pairs packed first-fit into rows as wide as the longest pair.
-reward-ids: RLOO's reward model scores the sampled token ids (Samples.to_batch) instead of decoded text
-re-tokenized by score().
-lean-sample: RLOO samples with a plain KV-cached loop, each prompt prefilled once for its k samples, no
-stacked per-step logits (safetylab.models.sampling.sample)."""
-
-
-def applicable(names, algorithm: str) -> tuple[str, ...]:
-    return tuple(n for n in names or () if algorithm in WHAT_IFS[n])
-
-
-@contextlib.contextmanager
-def what_if(names):
-    """Apply the named what-ifs that are patches of safetylab's modules (the RLOO reward one is wired
-    in ``make_rloo``)."""
-    import torch
-
-    import safetylab.align.dpo as dpo_module
-    import safetylab.align.rloo as rloo_module
-
-    saved = []
-
-    def patch(obj, attr, value):
-        saved.append((obj, attr, getattr(obj, attr)))
-        setattr(obj, attr, value)
-
-    if "fused-adamw" in names:
-        class FusedAdamW(torch.optim.AdamW):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, **{"fused": True, **kw})
-
-        patch(torch.optim, "AdamW", FusedAdamW)
-    if "no-cache" in names:
-        from safetylab.align.reward import RewardModel, last_token_pool, mean_pool
-        from safetylab.models.logprobs import gather_logprobs
-
-        def batch_logprobs(model, batch):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-            logits = logits[:, :-1]
-            mask = batch.response_mask[:, 1:].to(logits.dtype)
-            return gather_logprobs(logits, batch.input_ids[:, 1:]) * mask, mask
-
-        def forward(self, input_ids, attention_mask):
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).last_hidden_state
-            pool = last_token_pool if self.pooling == "last" else mean_pool
-            return self.head(pool(hidden, attention_mask)).squeeze(-1).float()
-
-        patch(dpo_module, "batch_logprobs", batch_logprobs)
-        patch(rloo_module, "batch_logprobs", batch_logprobs)
-        patch(RewardModel, "forward", forward)
-    if "shared-prompt" in names or "packed" in names:
-        patch(dpo_module, "sequence_logps", shared_prompt_logps(pack="packed" in names))
-    if "shared-prompt" in names:
-        patch(rloo_module, "batch_logprobs", shared_prompt_batch_logprobs)
-    if "lean-sample" in names:
-        patch(rloo_module, "sample", lean_sample)
-    try:
-        yield
-    finally:
-        for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
-
-
-def first_fit(lengths: list[int], width: int) -> list[list[int]]:
-    """Bins of total length <= width, longest items first."""
-    bins, fill = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for b, used in enumerate(fill):
-            if used + lengths[i] <= width:
-                bins[b].append(i)
-                fill[b] += lengths[i]
-                break
-        else:
-            bins.append([i])
-            fill.append(lengths[i])
-    return bins
-
-
-def shared_prompt_logps(pack: bool):
-    """A stand-in for ``safetylab.align.dpo.sequence_logps`` that computes each prompt once."""
-    import torch
-
-    from safetylab.align.dpo import SequenceLogps
-    from safetylab.world.world import chat
-
-    def sequence_logps(model, tokenizer, rows, template=chat, max_length=None, device=None):
-        device = device or next(model.parameters()).device
-        pairs = []
-        for row in rows:
-            p = tokenizer(template(row.prompt))["input_ids"]
-            c, r = ([*tokenizer(t, add_special_tokens=False)["input_ids"], tokenizer.eos_token_id]
-                    for t in (row.chosen, row.rejected))
-            if max_length is not None:
-                c, r = c[: max_length - len(p)], r[: max_length - len(p)]
-            pairs.append((p, c, r))
-        sizes = [len(p) + len(c) + len(r) for p, c, r in pairs]
-        width = max(sizes)
-        layout = first_fit(sizes, width) if pack else [[i] for i in range(len(pairs))]
-        ids, pos, group, part = (torch.full((len(layout), width), v, dtype=torch.long) for v in (0, 0, -1, -1))
-        ids.fill_(tokenizer.pad_token_id)
-        src, tgt, slot = [], [], []
-        n = len(pairs)
-        for b, members in enumerate(layout):
-            off = 0
-            for g, i in enumerate(members):
-                p, c, r = pairs[i]
-                P, C, R = len(p), len(c), len(r)
-                ids[b, off:off + P + C + R] = torch.tensor(p + c + r)
-                pos[b, off:off + P + C + R] = torch.tensor([*range(P + C), *range(P, P + R)])
-                group[b, off:off + P + C + R] = g
-                part[b, off:off + P + C + R] = torch.tensor([0] * P + [1] * C + [2] * R)
-                base = b * width + off
-                src += [base + P - 1 + t for t in range(C)] + [base + (P - 1 if t == 0 else P + C + t - 1)
-                                                              for t in range(R)]
-                tgt += c + r
-                slot += [i] * C + [n + i] * R
-                off += P + C + R
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        mask = (causal & (group[:, :, None] == group[:, None, :]) & (group[:, None, :] >= 0)
-                & ~((part[:, :, None] == 2) & (part[:, None, :] == 1)))
-        mask |= torch.eye(width, dtype=torch.bool) & (group[:, :, None] < 0)  # padding queries see themselves
-        hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask[:, None].to(device),
-                                  position_ids=pos.to(device), use_cache=False).last_hidden_state
-        logits = model.get_output_embeddings()(hidden.flatten(0, 1)[torch.tensor(src, device=device)]).float()
-        targets = torch.tensor(tgt, device=device)
-        logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-        sums = torch.zeros(2 * n, device=device, dtype=logps.dtype).index_add(0, torch.tensor(slot, device=device),
-                                                                              logps)
-        lengths = torch.tensor([len(c) for _, c, _ in pairs] + [len(r) for _, _, r in pairs], device=device)
-        return SequenceLogps(sums[:n], sums[n:], lengths[:n].to(logps.dtype), lengths[n:].to(logps.dtype))
-
-    return sequence_logps
-
-
-def shared_layout(batch):
-    """Rows of a right-padded ``Batch`` that share their prompt (the ids before ``response_mask``),
-    laid out as one row per prompt: the prompt once, then each row's response, each response attending
-    to the prompt and to itself only, positions restarting after the prompt. Returns the packed ids,
-    4D mask and positions, and for each response token of the original batch its (row, column) in the
-    ``[N, T-1]`` log-prob layout, the flat packed position that predicts it, and each original row's
-    last packed position."""
-    import torch
-
-    ids, lengths = batch.input_ids.tolist(), batch.attention_mask.sum(1).tolist()
-    starts = batch.response_mask.argmax(1).tolist()
-    groups: dict[tuple, list[int]] = {}
-    for n, (row, start) in enumerate(zip(ids, starts)):
-        groups.setdefault(tuple(row[:start]), []).append(n)
-    width = max(len(p) + sum(lengths[n] - starts[n] for n in members) for p, members in groups.items())
-    packed = torch.zeros(len(groups), width, dtype=torch.long)  # padding: any id, masked out
-    positions = torch.zeros(len(groups), width, dtype=torch.long)
-    member = torch.full((len(groups), width), -2, dtype=torch.long)  # -2 padding, -1 prompt, j response j
-    out_rows, out_cols, sources, last = [], [], [], [0] * len(ids)
-    for g, (prompt, members) in enumerate(groups.items()):
-        P = len(prompt)
-        packed[g, :P] = torch.tensor(prompt)
-        positions[g, :P] = torch.arange(P)
-        member[g, :P] = -1
-        off = P
-        for j, n in enumerate(members):
-            response = ids[n][P:lengths[n]]
-            R = len(response)
-            packed[g, off:off + R] = torch.tensor(response)
-            positions[g, off:off + R] = torch.arange(P, P + R)
-            member[g, off:off + R] = j
-            out_rows += [n] * R
-            out_cols += list(range(P - 1, P + R - 1))
-            sources += [g * width + (P - 1 if t == 0 else off + t - 1) for t in range(R)]
-            last[n] = g * width + off + R - 1
-            off += R
-    key, query = member[:, None, :], member[:, :, None]
-    mask = torch.ones(width, width, dtype=torch.bool).tril() & (key != -2) & ((key == -1) | (key == query))
-    mask |= torch.eye(width, dtype=torch.bool) & (query == -2)  # padding queries see themselves
-    return packed, mask[:, None], positions, (torch.tensor(out_rows), torch.tensor(out_cols)), \
-        torch.tensor(sources), torch.tensor(last)
-
-
-def shared_prompt_batch_logprobs(model, batch):
-    """A stand-in for ``safetylab.models.logprobs.batch_logprobs`` (same output) that computes each
-    shared prompt once and the LM head only where a response token is predicted."""
-    import torch
-
-    packed, mask, positions, where, sources, _ = shared_layout(batch)
-    device = batch.input_ids.device
-    hidden = model.base_model(input_ids=packed.to(device), attention_mask=mask.to(device),
-                              position_ids=positions.to(device), use_cache=False).last_hidden_state
-    logits = model.get_output_embeddings()(hidden.flatten(0, 1)[sources.to(device)]).float()
-    targets = batch.input_ids[where[0], where[1] + 1]
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, -1)
-    shape = (batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
-    out = torch.zeros(shape, device=device, dtype=logps.dtype).index_put((where[0], where[1]), logps)
-    return out, batch.response_mask[:, 1:].to(logps.dtype)
-
-
-def shared_prompt_rewards(reward_model, batch):
-    """``RewardModel(batch.input_ids, batch.attention_mask)`` (last-token pooling) on the shared layout."""
-    import torch
-
-    packed, mask, positions, _, _, last = shared_layout(batch)
-    with torch.no_grad():
-        hidden = reward_model.backbone(input_ids=packed, attention_mask=mask, position_ids=positions,
-                                       use_cache=False).last_hidden_state
-        return reward_model.head(hidden.flatten(0, 1)[last]).squeeze(-1).float()
-
-
-def lean_sample(model, tokenizer, prompts, max_new_tokens=48, temperature=1.0, greedy=False, batch_size=128,
-                template=None):
-    """A stand-in for ``safetylab.models.sampling.sample`` (one batch, temperature 1, full
-    distribution): each distinct prompt prefilled once and its cache repeated for its samples, then one
-    ``model(...)`` call per token and ``torch.multinomial``; per-token log-probs gathered as it goes."""
-    import torch
-
-    from safetylab.models.sampling import Samples
-    from safetylab.world.world import chat
-
-    template = template or chat
-    distinct = list(dict.fromkeys(prompts))
-    index = torch.tensor([distinct.index(p) for p in prompts])
-    enc = tokenizer([template(p) for p in distinct], return_tensors="pt", padding=True, padding_side="left")
-    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp_min(0)
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], position_ids=positions,
-                    use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        cache.reorder_cache(index)
-        logits, mask, position = out.logits[index, -1], enc["attention_mask"][index], positions[index, -1:]
-        finished = torch.zeros(len(prompts), dtype=torch.bool)
-        tokens, logprobs = [], []
-        for _ in range(max_new_tokens):
-            probs = torch.softmax(logits.float(), -1)  # as generate draws: the same samples for the same seed
-            token = torch.multinomial(probs, 1).squeeze(1).masked_fill(finished, pad)
-            tokens.append(token)
-            logprobs.append(probs.gather(-1, token[:, None]).squeeze(1).log())
-            finished |= token == eos
-            if finished.all():
-                break
-            mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
-            position = position + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache,
-                        use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
-    tokens, logprobs = torch.stack(tokens, 1), torch.stack(logprobs, 1)
-    is_eos = tokens == eos
-    keep = ((is_eos.cumsum(1) - is_eos.long()) == 0).float()
-    texts = [tokenizer.decode(row[(row != pad) & (row != eos)], skip_special_tokens=True).strip() for row in tokens]
-    return Samples(list(prompts), texts, tokens, logprobs * keep, keep, is_eos.any(1))
 
 
 # ----------------------------------------------------------------------------- memory (subprocess)
@@ -1013,8 +720,7 @@ def memory_child(args) -> None:
 def measure_memory(args, data: Path, algorithm: str, side: str) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{algorithm}:{side}", "--data", str(data),
            "--threads", str(args.threads), "--mem-steps", str(args.mem_steps), "--batch-size", str(args.batch_size),
-           "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens), "--rloo-lr", str(args.rloo_lr),
-           *(f"--what-if={name}" for name in args.what_if or ())]
+           "--k", str(args.k), "--max-new-tokens", str(args.max_new_tokens), "--rloo-lr", str(args.rloo_lr)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -1088,7 +794,6 @@ def main() -> None:
     parser.add_argument("--mem-steps", type=int, default=6, help="steps in each memory subprocess (default 6)")
     parser.add_argument("--mem-repeats", type=int, default=1, help="memory subprocesses per side (default 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--what-if", action="append", choices=list(WHAT_IFS), help=WHAT_IF_HELP)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1169,30 +874,22 @@ def report(args, algorithms, results, memory) -> None:
           "to the floor (the other side's / safetylab's), and [from the raw medians]")
     for algorithm in algorithms:
         med, to_floor = results[algorithm]["median"], results[algorithm]["to_floor"]
-        for ours in ("safetylab", "safetylab+"):
-            if ours not in med:
+        for side in ("trl", "trl-ref"):
+            if side not in med:
                 continue
-            for side in ("trl", "trl-ref"):
-                if side not in med:
-                    continue
-                speedup = to_floor[side] / to_floor[ours]
-                if side == "trl-ref":
-                    target = "none: TRL's default, which does more work"
-                else:
-                    target = "never slower (>= 1.0): " + ("meets" if speedup >= 1.0 else "MISSES")
-                    if algorithm in ("dpo", "rloo"):
-                        target += (f"; >= {TARGET_TRL_SPEEDUP} by computing less: "
-                                   + ("meets" if speedup >= TARGET_TRL_SPEEDUP else "MISSES"))
-                print(f"  {algorithm}: {SIDE_NAMES[ours]} vs {SIDE_NAMES[side]}: {speedup:.3f}x "
-                      f"[{med[side] / med[ours]:.3f}x]  (target {target})")
-            ratio = to_floor[ours]
-            note = "" if ours == "safetylab" else "; the floor of safetylab's unpatched work"
-            print(f"  {algorithm}: {SIDE_NAMES[ours]} step / floor step: {ratio:.3f}{note} (target <= "
-                  f"{TARGET_FLOOR_RATIO}: {'meets' if ratio <= TARGET_FLOOR_RATIO else 'MISSES'})")
-        if "safetylab+" in med:
-            paired = to_floor["safetylab"] / to_floor["safetylab+"]
-            print(f"  {algorithm}: what-if speed-up over safetylab: {paired:.3f}x "
-                  f"[{med['safetylab'] / med['safetylab+']:.3f}x]")
+            speedup = to_floor[side] / to_floor["safetylab"]
+            if side == "trl-ref":
+                target = "none: TRL's default, which does more work"
+            else:
+                target = "never slower (>= 1.0): " + ("meets" if speedup >= 1.0 else "MISSES")
+                if algorithm in ("dpo", "rloo"):
+                    target += (f"; >= {TARGET_TRL_SPEEDUP} by computing less: "
+                               + ("meets" if speedup >= TARGET_TRL_SPEEDUP else "MISSES"))
+            raw = med[side] / med["safetylab"]
+            print(f"  {algorithm}: safetylab vs {SIDE_NAMES[side]}: {speedup:.3f}x [{raw:.3f}x]  (target {target})")
+        ratio = to_floor["safetylab"]
+        print(f"  {algorithm}: safetylab step / floor step: {ratio:.3f} (target <= {TARGET_FLOOR_RATIO}: "
+              f"{'meets' if ratio <= TARGET_FLOOR_RATIO else 'MISSES'})")
     if memory:
         print()
         print(f"peak RSS growth over {args.mem_steps} training steps, fresh subprocess per side, median of "
@@ -1205,12 +902,10 @@ def report(args, algorithms, results, memory) -> None:
             each = " ".join(f"{m['growth_kib'] / 1024:.0f}" for m in runs)
             print(f"{algorithm:<9} {SIDE_NAMES[side]:<34} {growth[algorithm, side]:>7.1f} {base:>17.0f}  {each}")
         for algorithm in algorithms:
-            for ours in ("safetylab", "safetylab+"):
-                if (algorithm, ours) not in growth:
-                    continue
-                parts = [f"/ {SIDE_NAMES[s]} {growth[algorithm, ours] / max(growth[algorithm, s], 1e-3):.3f}"
+            if (algorithm, "safetylab") in growth:
+                parts = [f"/ {SIDE_NAMES[s]} {growth[algorithm, 'safetylab'] / max(growth[algorithm, s], 1e-3):.3f}"
                          for s in ("trl", "trl-ref", "floor") if (algorithm, s) in growth]
-                print(f"  {algorithm}: peak memory ratio (RSS growth), {SIDE_NAMES[ours]} " + ", ".join(parts))
+                print(f"  {algorithm}: peak memory ratio (RSS growth), safetylab " + ", ".join(parts))
 
 
 if __name__ == "__main__":

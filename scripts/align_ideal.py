@@ -136,6 +136,11 @@ def summarize(paths: list[str]) -> None:
     print(f"| metric | {' | '.join(m.upper() for m in models)} |\n|---|{'---:|' * len(models)}")
     for metric in METRICS:
         print(f"| {metric} | {' | '.join(_cell([r[m][metric] for r in results]) for m in models)} |")
+    gains = [_cell([r[m]["gold_utility"] - r["sft"]["gold_utility"] for r in results]) for m in models[1:]]
+    print(f"| gold utility gain over SFT, paired by seed | – | {' | '.join(gains)} |")
+    for m in models[1:]:
+        print(f"{m.upper()} gains by seed: " + ", ".join(
+            f"{r[m]['gold_utility'] - r['sft']['gold_utility']:+.3f}" for r in results))
     print("\n| reward model, held-out `ideal` comparisons | of written styles | of SFT samples |\n|---|---:|---:|")
     for metric in ("accuracy", "gold_agreement"):
         print(f"| {metric} | {_cell([r['reward'][metric] for r in results])} | "

@@ -52,6 +52,12 @@ def test_every_layout_gives_the_same_log_probs(tiny_lm, tok, rows, name):
         assert torch.equal(got.chosen_lengths, padded.chosen_lengths)
 
 
+def test_an_unknown_layout_is_an_error(tiny_lm, tmp_path, tok, rows):
+    with pytest.raises(SafetylabError, match="layout 'rows'"):
+        train_dpo(tiny_lm("gpt2"), tok, rows, DPOConfig(train=TRAIN, layout="rows"), RunDir(tmp_path / "d", {}),
+                  tiny_lm("gpt2"))
+
+
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_every_loss_trains_every_model(tiny_lm, tmp_path, tok, rows, name, loss):
