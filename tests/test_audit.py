@@ -172,6 +172,9 @@ def tiny_audit_config():
             ppo=replace(config.align.ppo, max_new_tokens=8, train=replace(config.align.ppo.train, steps=8, batch_size=4,
                                                                           log_every=4, checkpoint_every=4)),
         ),
+        robust=replace(config.robust, standard=replace(config.robust.standard, epochs=2),
+                       adversarial=(replace(config.robust.adversarial[0], epochs=1, steps=2),), eps=(0.0, 0.1),
+                       attack_steps=5, square_queries=20, ensemble_members=2, mc_samples=3),
     )
 
 
@@ -218,7 +221,7 @@ def test_audit_writes_both_reports(audit_dir, report):
     for stage in STAGES:  # the first run ran every stage: a start line and a timed end line each
         assert sum(line.startswith(f"== {stage.name}: ") for line in logs) == 2
     assert not any("skipped" in line for line in logs)
-    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align"]
+    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align", "robustness"]
     assert report["config"] == json.loads(json.dumps(asdict(CONFIG)))
     assert report["safetylab"]
     for section in report["sections"]:
@@ -433,3 +436,19 @@ def test_audit_align_section(audit_dir, report):
         assert (audit_dir / align["data"][f"{name}_model"] / "model.safetensors").is_file()
     assert all(math.isfinite(row[1]) for row in policies["rows"])  # the reward model's score of each
     assert (audit_dir / align["plots"][0]).is_file()
+
+
+def test_audit_robustness_section(audit_dir, report):
+    robust = next(s for s in report["sections"] if s["name"] == "robustness")
+    titles = [t["title"] for t in robust["tables"]]
+    for part in ("Adversarial robustness", "calibration", "Out-of-distribution", "Distribution shift",
+                 "Selective prediction"):
+        assert any(part in t for t in titles), part
+    attack = robust["data"]["attack"]["rows"]
+    assert [r["eps"] for r in attack] == [0.0, 0.1, 0.0, 0.1]  # standard, then the PGD-trained model
+    for row in attack:
+        assert row["ensemble"] <= min(row["fgsm"], row["pgd"]) <= row["clean"]
+    ood = robust["data"]["ood"]["rows"]
+    assert {r["detector"] for r in ood} == set(CONFIG.robust.detectors)
+    assert all(0.0 <= r["auroc"] <= 1.0 for r in ood)
+    assert len(robust["plots"]) == 6 and all((audit_dir / p).is_file() for p in robust["plots"])

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from safetylab.cli_robust import robust_app
 from safetylab.core.errors import SafetylabError
 
 app = typer.Typer(help="safetylab: measure and manage the safety of ML models.", no_args_is_help=True,
@@ -21,6 +22,7 @@ app.add_typer(world_app, name="world")
 sample_app = typer.Typer(help="Sample from policies: best-of-n against a reward model.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(sample_app, name="sample")
+app.add_typer(robust_app, name="robust")
 
 Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")]

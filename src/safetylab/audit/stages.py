@@ -30,6 +30,9 @@ from safetylab.evals.goodhart import best_of_n_curve, plot_curve  # noqa: E402
 from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy  # noqa: E402
 from safetylab.models.lm import ModelConfig, load_model, save_model  # noqa: E402
 from safetylab.models.train import TrainConfig, finetune, pretrain  # noqa: E402
+from safetylab.robust.suite import QUICK as ROBUST_QUICK  # noqa: E402
+from safetylab.robust.suite import SECTIONS as ROBUST_SECTIONS  # noqa: E402
+from safetylab.robust.suite import RobustSuiteConfig, run_suite  # noqa: E402
 from safetylab.world.labelers import PRESETS, measure_labeler  # noqa: E402
 from safetylab.world.requests import KINDS  # noqa: E402
 from safetylab.world.world import World, WorldConfig  # noqa: E402
@@ -68,6 +71,7 @@ class AuditConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     labeler_pairs: int = 2_000
     align: AlignStageConfig = field(default_factory=AlignStageConfig)
+    robust: RobustSuiteConfig = field(default_factory=RobustSuiteConfig)
 
 
 QUICK = AuditConfig(
@@ -88,6 +92,7 @@ QUICK = AuditConfig(
         ppo=PPOConfig(train=TrainConfig(steps=16, batch_size=16, lr=3e-5, warmup_steps=2, log_every=4,
                                         checkpoint_every=8), max_new_tokens=32),
     ),
+    robust=ROBUST_QUICK,
 )
 
 
@@ -102,7 +107,7 @@ def audit_config(quick: bool = False, seed: int = 0, device: str = "auto") -> Au
                     dpo=replace(size.align.dpo, train=seeded(size.align.dpo.train)),
                     ppo=replace(size.align.ppo, train=seeded(size.align.ppo.train)))
     return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed), base=seeded(size.base),
-                   sft=seeded(size.sft), align=align)
+                   sft=seeded(size.sft), align=align, robust=replace(size.robust, seed=seed))
 
 
 def world_of(ctx: Context) -> World:
@@ -285,12 +290,30 @@ def _samples(ctx: Context, model: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def robustness_stage(ctx: Context) -> Section:
+    """The digits classifier study of :mod:`safetylab.robust.suite`: attacks and adversarial training,
+    calibration, OOD detection, distribution shift and abstention, as one section."""
+    out = ctx.stage_dir("robustness")
+    run = RunDir(out, asdict(ctx.config.robust))
+    sections = run_suite(ctx.config.robust, run, ROBUST_SECTIONS, log=lambda line: None)
+    prefix = out.relative_to(ctx.run.path)
+    return Section(
+        title="Robustness of a classifier (digits)",
+        summary=" | ".join(s["summary"] for s in sections.values()),
+        tables=[{**t, "title": f"{s['title']}: {t['title']}"} for s in sections.values() for t in s["tables"]],
+        plots=[str(prefix / p) for s in sections.values() for p in s["plots"]],
+        data={name: s["data"] for name, s in sections.items()},
+    )
+
+
 STAGES = (
     Stage("world", "build the world, its data sets and labelers", world_stage),
     Stage("base", "pre-train the base model", base_stage),
     Stage("sft", "supervised fine-tuning", sft_stage),
     Stage("evaluate", "evaluate base and SFT against the gold judge", evaluate_stage),
     Stage("align", "reward model, best-of-n, DPO and PPO against the gold judge", align_stage),
+    Stage("robustness", "attacks, calibration, OOD detection, shift and abstention of a digits classifier",
+          robustness_stage),
 )
 
 

@@ -67,7 +67,7 @@ def check_probs(probs: torch.Tensor, name: str = "probs") -> torch.Tensor:
         raise SafetylabError(f"{name} must have shape (N, classes>=2), got {tuple(probs.shape)}")
     if probs.shape[0] == 0:
         raise SafetylabError(f"{name} is empty: expected at least one prediction")
-    if (probs < 0).any() or not torch.allclose(probs.sum(1), torch.ones(len(probs), dtype=probs.dtype), atol=1e-4):
+    if (probs < 0).any() or not torch.allclose(probs.sum(1), torch.ones_like(probs[:, 0]), atol=1e-4):
         raise SafetylabError(f"{name} must hold probabilities: non-negative rows that sum to 1")
     return probs
 

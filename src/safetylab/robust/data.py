@@ -7,13 +7,17 @@ Images are scaled to [0, 1] as ``(N, 1, 8, 8)`` float tensors. Two classes are h
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
+from safetylab.core.io import atomic_write_bytes, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -88,3 +92,47 @@ def digits_mlp(num_classes: int = 8, hidden: int = 128, dropout: float = 0.2) ->
         nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout),
         nn.Linear(hidden, num_classes),
     )
+
+
+ARCHS = {"cnn": digits_cnn, "mlp": digits_mlp}
+
+
+def build_classifier(spec: dict) -> nn.Sequential:
+    """A digits classifier from its spec ``{"arch": "cnn" | "mlp", **keyword arguments}``."""
+    spec = dict(spec)
+    arch = spec.pop("arch", None)
+    if arch not in ARCHS:
+        raise SafetylabError(f"classifier spec: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    try:
+        return ARCHS[arch](**spec)
+    except TypeError as e:
+        raise SafetylabError(f"classifier spec for {arch}: {e}") from None
+
+
+def save_classifier(model: nn.Module, spec: dict, directory: str | Path) -> Path:
+    """``model.safetensors`` and ``classifier.json`` (the spec), each written atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    atomic_write_bytes(directory / "model.safetensors", save(weights))
+    atomic_write_text(directory / "classifier.json", json.dumps(spec, indent=2) + "\n")
+    return directory
+
+
+def load_classifier(directory: str | Path) -> tuple[nn.Sequential, dict]:
+    """The classifier saved by :func:`save_classifier`, in eval mode, with its spec."""
+    directory = Path(directory)
+    spec_file, weights = directory / "classifier.json", directory / "model.safetensors"
+    if not spec_file.is_file() or not weights.is_file():
+        raise SafetylabError(f"{directory}: not a saved classifier (expected classifier.json and model.safetensors; "
+                             "make one with `safetylab robust train`)")
+    try:
+        spec = json.loads(spec_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SafetylabError(f"{spec_file}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    model = build_classifier(spec)
+    try:
+        model.load_state_dict(load(weights.read_bytes()))
+    except RuntimeError as e:
+        raise SafetylabError(f"{weights}: weights do not fit the spec in classifier.json ({e})") from None
+    return model.eval(), spec

@@ -140,6 +140,8 @@ def evaluate_robustness(model: nn.Module, data: Data, eps: float, norm: str = "l
     for name, attack in named:
         broken = 0
         for idx in torch.nonzero(robust)[:, 0].split(batch_size):
+            if len(idx) == 0:
+                break
             x_try = attack(model, x[idx], y[idx], eps)
             _check_threat_model(x_try, x[idx], eps, norm, bounds, name)
             with torch.no_grad():

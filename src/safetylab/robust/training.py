@@ -105,6 +105,7 @@ def train_classifier(model: nn.Module, data: Data, config: RobustTrainConfig = R
             if run is not None:
                 run.log(epoch + 1, **record)
             progress.advance(loss=record["loss"])
+    optimizer.zero_grad(set_to_none=True)  # a trained model holds no gradients
     model.eval()
     return history
 
