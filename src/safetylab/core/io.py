@@ -1,15 +1,19 @@
-"""Atomic file writes and strict JSONL reading."""
+"""Atomic file writes (bytes, text, figures) and strict JSONL reading."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safetylab.core.errors import SafetylabError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -30,6 +34,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Render a matplotlib ``Figure`` with the Agg backend (no pyplot, no global backend switch) in the
+    format named by the file's suffix (PNG when there is none) and write it atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=100)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def dumps_line(record: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ float64 and returned as Python floats.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from pathlib import Path
@@ -16,12 +15,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_bytes
+from safetylab.core.io import save_figure
 from safetylab.robust.checks import check_labels, check_probs, model_device
 
 NLL_FLOOR = 1e-12  # p_y is clamped here: a certain, wrong prediction costs −log 1e-12 ≈ 27.6, not infinity
@@ -196,17 +194,6 @@ class TemperatureScaled(nn.Module):
 
 
 # ----------------------------------------------------------------------------- plots
-def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
-    """Render ``fig`` with the Agg backend (no pyplot, no global backend switch) in the format named by
-    the file's suffix (PNG when there is none) and write it atomically."""
-    path = Path(path)
-    buffer = io.BytesIO()
-    FigureCanvasAgg(fig)
-    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=100)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
 def plot_reliability(bins_by_name: dict[str, ReliabilityBins], path: str | os.PathLike,
                      title: str = "Reliability diagram") -> Path:
     """Reliability diagram of one or several models (e.g. before and after temperature scaling): accuracy

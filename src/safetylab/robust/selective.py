@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.calibration import save_figure
+from safetylab.core.io import save_figure
 from safetylab.robust.checks import check_labels, predict_logits
 
 Score = Callable[[torch.Tensor], torch.Tensor]

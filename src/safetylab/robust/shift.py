@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.calibration import calibration_metrics, save_figure
+from safetylab.core.io import save_figure
+from safetylab.robust.calibration import calibration_metrics
 from safetylab.robust.checks import Bounds, check_eval, check_labels, check_range, predict_logits
 from safetylab.robust.ood import auroc
 
@@ -382,7 +383,7 @@ def shift_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shifts: Map
 
 def plot_shift(rows: Sequence[Mapping[str, Any]], path: str | Path, metric: str = "accuracy") -> Path:
     """Plot ``metric`` against severity, one line per shift, the clean value (shift ``"none"``) dashed;
-    written atomically by :func:`~safetylab.robust.calibration.save_figure` (format from the suffix)."""
+    written atomically by :func:`~safetylab.core.io.save_figure` (format from the suffix)."""
     rows = list(rows)
     if not rows or any(metric not in r for r in rows):
         raise SafetylabError(f"rows must be shift_report rows that all hold {metric!r}")

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_text
+from safetylab.core.io import atomic_write_text, save_figure
 from safetylab.core.runs import RunDir
 from safetylab.robust.calibration import (
     TemperatureScaled,
@@ -26,7 +26,6 @@ from safetylab.robust.calibration import (
     fit_temperature,
     plot_reliability,
     reliability_bins,
-    save_figure,
 )
 from safetylab.robust.checks import predict_logits
 from safetylab.robust.data import Digits, build_classifier, load_classifier, load_digits, save_classifier
