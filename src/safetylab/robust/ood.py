@@ -291,12 +291,12 @@ class _FeatureDetector(Detector):
         with torch.no_grad():
             return self.score_features(self._features(x))
 
-    def _check_features(self, z: torch.Tensor, d: int | None = None) -> torch.Tensor:
+    def _check_features(self, z: torch.Tensor, d: int | None = None, finite: bool = True) -> torch.Tensor:
         if not isinstance(z, torch.Tensor) or z.dim() != 2 or len(z) == 0 or (d is not None and z.shape[1] != d):
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise SafetylabError(f"z must be a non-empty (N, d{'' if d is None else '=' + str(d)}) tensor of "
                                  f"features, got {got}")
-        if not torch.isfinite(z).all():
+        if finite and not torch.isfinite(z).all():
             raise SafetylabError("z holds NaN or infinite features")
         return z
 
@@ -324,16 +324,16 @@ class Mahalanobis(_FeatureDetector):
 
     def fit_features(self, z: torch.Tensor, y: torch.Tensor | None = None) -> Mahalanobis:
         """Fit class means and the shared covariance on in-distribution features ``z`` (N, d), labels ``y``."""
-        z = self._check_features(z).double()
+        z = self._check_features(z)
         if y is None or not isinstance(y, torch.Tensor) or y.shape != (len(z),) or y.is_floating_point():
             raise SafetylabError(f"y must be a 1-D integer tensor with one class label per feature row "
                                  f"(N={len(z)}), got {None if y is None else tuple(y.shape)}")
         _, group = torch.unique(y.to(z.device), return_inverse=True)
         counts = torch.bincount(group)
-        means = torch.zeros(len(counts), z.shape[1], dtype=z.dtype, device=z.device).index_add_(0, group, z)
-        means /= counts[:, None]
-        centred = z - means[group]
-        cov = centred.T @ centred / len(z)
+        means = torch.zeros(len(counts), z.shape[1], dtype=torch.float64, device=z.device)
+        means = means.index_add_(0, group, z.double()) / counts[:, None]
+        centred = z.float() - means.float()[group]  # the big product in float32, the factorisation in float64
+        cov = (centred.T @ centred).double() / len(z)
         scale = cov.diagonal().mean()
         if scale == 0:
             raise SafetylabError("the features do not vary within the classes: Mahalanobis needs a covariance")
@@ -344,18 +344,25 @@ class Mahalanobis(_FeatureDetector):
                                  "raise ridge")
         whiten = torch.linalg.solve_triangular(chol, torch.eye(len(cov), dtype=cov.dtype, device=cov.device),
                                                upper=False).T  # z ↦ z @ whiten = (L⁻¹ z)ᵀ
-        self._centre = z.mean(0).float()  # subtracted first so the expanded distances keep their precision
+        centre = z.double().mean(0)  # subtracted first so the expanded distances keep their precision
         self._whiten = whiten.float()
-        self._means = ((means - z.mean(0)) @ whiten).float()
+        self._offset = (centre @ whiten).float()  # (z − c) W = z W − c W
+        self._means = ((means - centre) @ whiten).float()
+        self._means_sq = self._means.square().sum(1)
         self.fitted = True
         return self
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
+        """min_c ‖w − m_c‖² = ‖w‖² + min_c (‖m_c‖² − 2 wᵀm_c), w = (z − c) W the whitened feature and m_c
+        the whitened class means: two matrix products for the whole batch."""
         self._check_fitted()
-        z = self._check_features(z, len(self._whiten)).to(self._whiten.device, torch.float32)
-        w = (z - self._centre) @ self._whiten
-        sq = w.square().sum(1, keepdim=True) - 2 * w @ self._means.T + self._means.square().sum(1)
-        return sq.min(1).values.clamp_min(0)
+        z = self._check_features(z, len(self._whiten), finite=False).to(self._whiten.device, torch.float32)
+        w = torch.addmm(-self._offset, z, self._whiten)
+        cross = torch.addmm(self._means_sq, w, self._means.T, alpha=-2)
+        scores = (w.square().sum(1) + cross.min(1).values).clamp_min(0)
+        if not torch.isfinite(scores).all():  # NaN or inf in z reaches the scores: one check on N values
+            raise SafetylabError("z holds NaN or infinite features")
+        return scores
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         if self.eps > 0:
