@@ -68,7 +68,7 @@ def summarize(out: Path) -> str:
 
 def _cell(values: list, is_key: bool) -> str:
     if is_key or not all(isinstance(v, (int, float)) for v in values):
-        return str(values[0])
+        return "–" if values[0] is None else str(values[0])
     return f"{fmean(values):.3f} ± {stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 

@@ -251,3 +251,24 @@ def test_adversarial_training_raises_robust_accuracy(digits, method):
         assert not model.training and len(history) == 8 and math.isfinite(history[-1]["loss"])
         robust_acc[m] = evaluate_robustness(model, test, 0.15, attacks=("pgd",)).robust_accuracy
     assert robust_acc[method] > robust_acc["standard"] + 0.2
+
+
+def test_feature_vector_classifier(digits):
+    """Tabular inputs (N, D): every attack, the evaluation and a detector work on a plain MLP."""
+    from safetylab.robust.ood import Mahalanobis
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    x_train, x_test = digits.x_train.flatten(1), digits.x_test[:128].flatten(1)
+    train_classifier(model, (x_train, digits.y_train), RobustTrainConfig(epochs=5))
+    y = digits.y_test[:128]
+    g = torch.Generator().manual_seed(0)
+    for x_adv in (fgsm(model, x_test, y, 0.1), pgd(model, x_test, y, 0.1, steps=10, generator=g),
+                  apgd(model, x_test, y, 0.1, steps=10, generator=g), square(model, x_test, y, 0.1, steps=50,
+                                                                              generator=g)):
+        assert x_adv.shape == x_test.shape and (linf(x_adv, x_test) <= 0.1 + 1e-6).all()
+        assert accuracy(model, x_adv, y) < accuracy(model, x_test, y)
+    result = evaluate_robustness(model, (x_test, y), 0.1, attacks=("pgd", "square"), square_queries=50)
+    assert result.robust_accuracy < result.clean_accuracy
+    detector = Mahalanobis(model).fit((x_train, digits.y_train))
+    assert detector.score(torch.rand(64, 64)).mean() > detector.score(x_test).mean()

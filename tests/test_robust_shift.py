@@ -168,7 +168,7 @@ def test_occlusion_is_a_growing_square_patch():
     x = torch.ones(64, 1, 20, 20)
     previous = torch.zeros_like(x, dtype=torch.bool)
     for severity in SEVERITIES:
-        side = math.floor(OCCLUSION_FRACTIONS[severity - 1] * 20 + 0.5)  # 4, 6, 8, 10, 12
+        side = math.floor(OCCLUSION_FRACTIONS[severity - 1] * 20 + 0.5)  # 3, 5, 8, 10, 13
         hole = occlusion(x, severity, gen(0)) == 0
         rows, cols = hole.any(3)[:, 0], hole.any(2)[:, 0]
         # the zeros fill the box spanned by their rows and columns: a rectangle, cut from a side × side square

@@ -162,28 +162,34 @@ def _plot_robustness(rows: list[dict], path: Path) -> Path:
 # ----------------------------------------------------------------------------- calibration
 def calibration_section(model: nn.Module, ensemble: list[nn.Module], digits: Digits, config: RobustSuiteConfig,
                         run: RunDir) -> Section:
-    """ECE, NLL and Brier on the test set: the model, temperature-scaled (T fitted on validation), MC
-    dropout and the deep ensemble."""
+    """ECE, NLL and Brier of the model, temperature-scaled (T fitted on validation), MC dropout and the deep
+    ensemble, on the test digits and on the test digits shifted (every corruption family at severity 3)."""
     temperature = fit_temperature(predict_logits(model, digits.x_val), digits.y_val)
-    probs = {
-        "model": predict_logits(model, digits.x_test).softmax(1),
-        "temperature-scaled": predict_logits(TemperatureScaled(model, temperature).eval(), digits.x_test).softmax(1),
-        f"MC dropout ({config.mc_samples})": mc_dropout_probs(model, digits.x_test, config.mc_samples).mean(0),
-        f"deep ensemble ({len(ensemble)})": ensemble_probs(ensemble, digits.x_test).mean(0),
+    shifted, y_shifted = shifted_test(digits, config.seed)
+    predictors = {
+        "model": lambda x: predict_logits(model, x).softmax(1),
+        "temperature-scaled": lambda x: predict_logits(TemperatureScaled(model, temperature).eval(), x).softmax(1),
+        f"MC dropout ({config.mc_samples})": lambda x: mc_dropout_probs(model, x, config.mc_samples).mean(0),
+        f"deep ensemble ({len(ensemble)})": lambda x: ensemble_probs(ensemble, x).mean(0),
     }
-    metrics = {name: calibration_metrics(p, digits.y_test) for name, p in probs.items()}
-    bins = {name: reliability_bins(probs[name], digits.y_test) for name in ("model", "temperature-scaled")}
+    clean = {name: predict(digits.x_test) for name, predict in predictors.items()}
+    metrics = {name: {**calibration_metrics(clean[name], digits.y_test),
+                      **{f"{k} (shifted)": v for k, v in calibration_metrics(
+                          predict(shifted), y_shifted).items()}}
+               for name, predict in predictors.items()}
+    bins = {name: reliability_bins(clean[name], digits.y_test) for name in ("model", "temperature-scaled")}
     path = plot_reliability(bins, run.plots / "reliability.png")
-    columns = ["predictor", "accuracy", "ece", "nll", "brier"]
+    columns = ["predictor", "accuracy", "ece", "nll", "brier", "accuracy (shifted)", "ece (shifted)", "nll (shifted)"]
     before, after = metrics["model"], metrics["temperature-scaled"]
     split = {}
     for name, x in {"test digits": digits.x_test, **ood_sets(digits, config.seed)}.items():
         total, aleatoric, epistemic = uncertainty_split(ensemble_probs(ensemble, x))
         split[name] = [total.mean().item(), aleatoric.mean().item(), epistemic.mean().item()]
     return {"title": "Uncertainty and calibration",
-            "summary": f"ECE {before['ece']:.3f} → {after['ece']:.3f} with temperature {temperature:.2f}; "
-                       f"NLL {before['nll']:.3f} → {after['nll']:.3f}",
-            "tables": [{"title": "Calibration on the test digits (ECE: 15 equal-width bins)", "columns": columns,
+            "summary": f"temperature {temperature:.2f}: ECE {before['ece']:.3f} → {after['ece']:.3f} on test digits, "
+                       f"{before['ece (shifted)']:.3f} → {after['ece (shifted)']:.3f} under shift",
+            "tables": [{"title": "Calibration on the test digits and on them shifted (every corruption at severity "
+                                 "3); ECE with 15 equal-width bins", "columns": columns,
                         "rows": [[name, *(m[c] for c in columns[1:])] for name, m in metrics.items()]},
                        {"title": f"Mean predictive entropy of the deep ensemble ({len(ensemble)}), split into "
                                  "aleatoric (expected entropy) and epistemic (mutual information), in nats",
@@ -284,49 +290,54 @@ def shift_section(model: nn.Module, detector, digits: Digits, config: RobustSuit
 # ----------------------------------------------------------------------------- selective prediction
 def selective_section(model: nn.Module, detectors: dict, digits: Digits, config: RobustSuiteConfig,
                       run: RunDir, ood_detector: str = "mahalanobis") -> Section:
-    """Risk–coverage of each uncertainty score on the test digits, and the abstaining classifier: an MSP
-    threshold for the target coverage and an OOD threshold that lets ``ood_tpr`` of validation digits
-    through, both chosen on validation data; abstentions carry their reasons."""
-    correct = predict_logits(model, digits.x_test).argmax(1) == digits.y_test
-    curves, rows = {}, []
+    """Risk–coverage of each doubt score, and the abstaining classifier: an MSP threshold for the target
+    coverage and an OOD threshold that lets ``ood_tpr`` of validation digits through, both chosen on
+    validation data, applied to test digits, shifted test digits and held-out digits; abstentions carry
+    their reasons."""
+    sets = {"test digits": (digits.x_test, digits.y_test), "shifted (severity 3)": shifted_test(digits, config.seed)}
+    correct = {name: predict_logits(model, x).argmax(1) == y for name, (x, y) in sets.items()}
+    curves, aurcs = {}, []
     for name, detector in detectors.items():
-        s = detector.score(digits.x_test)
-        curves[name] = risk_coverage(s, correct)
-        rows.append({"score": name, "aurc": aurc(s, correct)})
-    path = _rel(plot_risk_coverage(curves, run.plots / "risk_coverage.png"), run)
+        scores = {set_name: detector.score(x) for set_name, (x, _) in sets.items()}
+        curves[name] = risk_coverage(scores["shifted (severity 3)"], correct["shifted (severity 3)"])
+        aurcs.append([name, *(aurc(scores[n], correct[n]) for n in sets)])
+    path = _rel(plot_risk_coverage(curves, run.plots / "risk_coverage.png",
+                                   "Risk–coverage on shifted test digits (severity 3)"), run)
     msp = msp_score(model)
     criteria = [Criterion("msp", msp, threshold_for_coverage(msp(digits.x_val), config.coverage))]
     if ood_detector in detectors:
         d = detectors[ood_detector]
         criteria.append(Criterion(ood_detector, d.score, threshold_for_coverage(d.score(digits.x_val), config.ood_tpr)))
     selective = SelectiveClassifier(model, criteria)
-    test, held_out = selective.predict(digits.x_test), selective.predict(digits.x_ood)
-    accepted = ~test.abstained
-    risk = (test.labels[accepted] != digits.y_test[accepted]).float().mean().item() if accepted.any() else 0.0
-    decision = {"coverage (test)": test.coverage, "selective risk (test)": risk,
-                "risk without abstaining (test)": 1 - correct.float().mean().item(),
-                "abstained on held-out digits": 1 - held_out.coverage,
-                "reasons": _reason_counts(test.abstentions() + held_out.abstentions())}
-    examples = [r for r in held_out.reasons if r][:3]
+    rows, examples = [], []
+    for name, (x, y) in {**sets, "held-out digits (never right)": (digits.x_ood, None)}.items():
+        decided = selective.predict(x)
+        fired = {c.name: sum(a.criterion == c.name for a in decided.abstentions()) / len(x) for c in criteria}
+        accepted = ~decided.abstained
+        risk = None if y is None or not accepted.any() else (decided.labels[accepted] != y[accepted]).float().mean()
+        rows.append([name, decided.coverage, None if risk is None else risk.item(),
+                     None if y is None else 1 - correct[name].float().mean().item(), *fired.values()])
+        examples += [r for r in decided.reasons if r][:2]
+    test, shifted = rows[0], rows[1]
     return {"title": "Selective prediction (abstain and escalate)",
-            "summary": f"at {test.coverage:.3f} coverage the test error falls from "
-                       f"{decision['risk without abstaining (test)']:.3f} to {risk:.3f}; "
-                       f"{decision['abstained on held-out digits']:.3f} of held-out digits are escalated",
-            "tables": [{"title": "AURC of each uncertainty score (lower is better)", "columns": ["score", "aurc"],
-                        "rows": [[r["score"], r["aurc"]] for r in rows]},
-                       {"title": f"The abstaining classifier: MSP at {config.coverage:.0%} validation coverage, "
-                                 f"{ood_detector} letting {config.ood_tpr:.0%} of validation digits through",
-                        "columns": ["measure", "value"],
-                        "rows": [[k, v] for k, v in decision.items() if k != "reasons"]
-                        + [[f"abstentions by {k}", v] for k, v in decision["reasons"].items()]}],
-            "plots": [path], "data": {"aurc": rows, "decision": decision, "example_reasons": examples}}
+            "summary": f"error {test[3]:.3f} → {test[2]:.3f} on test digits at coverage {test[1]:.3f}, "
+                       f"{shifted[3]:.3f} → {shifted[2]:.3f} on shifted ones at {shifted[1]:.3f}; "
+                       f"{1 - rows[2][1]:.3f} of held-out digits escalated",
+            "tables": [{"title": "AURC of each doubt score (lower is better)",
+                        "columns": ["score", *(f"aurc ({n})" for n in sets)], "rows": aurcs},
+                       {"title": f"The abstaining classifier: MSP at {config.coverage:.0%} validation coverage and "
+                                 f"{ood_detector} letting {config.ood_tpr:.0%} of validation digits through; "
+                                 "'fired' = share of inputs on which a criterion fired",
+                        "columns": ["inputs", "coverage", "selective risk", "risk without abstaining",
+                                    *(f"{c.name} fired" for c in criteria)], "rows": rows}],
+            "plots": [path], "data": {"example_reasons": examples}}
 
 
-def _reason_counts(abstentions) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for a in abstentions:
-        counts[a.criterion] = counts.get(a.criterion, 0) + 1
-    return counts
+def shifted_test(digits: Digits, seed: int, severity: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test digits under every corruption family at ``severity``, with their labels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([shift(digits.x_test, severity, g) for shift in IMAGE_SHIFTS.values()])
+    return x, digits.y_test.repeat(len(IMAGE_SHIFTS))
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -383,7 +394,7 @@ def tables_markdown(sections: dict[str, Section], run: RunDir) -> Path:
 
 
 def _cell(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _nearest(values, target: float) -> float:
