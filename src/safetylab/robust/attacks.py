@@ -146,7 +146,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 
     with dir = sign for L∞ and ∇/‖∇‖₂ for L2, α = ``step_size`` (default 2.5·ε/steps). With
     ``early_stop`` (evaluation) a point keeps the first x′ that fools the model and leaves the batch (the
-    batch shrinks once a quarter of it is done, so that few distinct shapes reach the kernels); restarts
+    batch shrinks once an eighth of it is done, so that few distinct shapes reach the kernels); restarts
     attack only the points not yet fooled. Without it (training) every point takes every step
     and the last iterate is returned.
     """
@@ -169,7 +169,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                     newly = active[_fooled(logits, ys[active], targeted) & ~done[active]]
                     x_found[newly], done[newly] = x_adv[newly], True
                     keep = ~done[active]
-                    if keep.sum() <= 0.75 * len(active):  # leave in quarters: few batch shapes, few kernels
+                    if keep.sum() <= 0.875 * len(active):  # leave in eighths: few batch shapes, few kernels
                         active, grad = active[keep], grad[keep]
                     if len(active) == 0:
                         break

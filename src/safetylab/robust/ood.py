@@ -185,14 +185,15 @@ class Detector:
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
             raise SafetylabError("x must be a non-empty batch of inputs (N, ...)")
         device = model_device(self.model)
-        return torch.cat([self._score_batch(x[i:i + self.batch_size].to(device)).float().cpu()
-                          for i in range(0, len(x), self.batch_size)])
+        scores = [self._score_batch(x[i:i + self.batch_size].to(device)).float().cpu()
+                  for i in range(0, len(x), self.batch_size)]
+        return scores[0] if len(scores) == 1 else torch.cat(scores)
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.score_features(logits_of(self.model, x))
 
     def _check_fitted(self) -> None:
@@ -269,7 +270,7 @@ class _FeatureDetector(Detector):
         check_eval(self.model)
         device = model_device(self.model)
         zs, ys = [], []
-        with torch.no_grad():
+        with torch.inference_mode():
             for x, y in batches(data, self.batch_size):
                 zs.append(self._features(x.to(device)).float())
                 ys.append(y.to(device))
@@ -288,7 +289,7 @@ class _FeatureDetector(Detector):
         return z
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.inference_mode():
             return self.score_features(self._features(x))
 
     def _check_features(self, z: torch.Tensor, d: int | None = None, finite: bool = True) -> torch.Tensor:

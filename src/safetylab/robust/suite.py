@@ -20,6 +20,7 @@ from torch import nn
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_text, save_figure
 from safetylab.core.runs import RunDir
+from safetylab.core.seeding import seed_everything
 from safetylab.robust.calibration import (
     TemperatureScaled,
     calibration_metrics,
@@ -348,6 +349,7 @@ def run_suite(config: RobustSuiteConfig, run: RunDir, sections: tuple[str, ...] 
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise SafetylabError(f"sections: unknown {sorted(unknown)}; expected some of {', '.join(SECTIONS)}")
+    seed_everything(config.seed)  # MC dropout and the shifts draw from torch's generator: a run repeats
     digits = load_digits(config.seed)
     models = train_models(config, digits, run, model)
     model = models["standard"]
