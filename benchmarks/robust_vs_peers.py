@@ -71,7 +71,8 @@ first call, after imports, the model, the batch and the attack object are built 
 ``malloc_trim`` (``VmHWM`` reset through ``/proc/self/clear_refs``, see ``peak_memory.py``).
 
 Targets: safetylab's PGD ≥ 1.0× torchattacks' speed and ≥ 1.5× ART's; every detector ≥ 1.0×
-pytorch-ood's, Mahalanobis ≥ 5×.
+pytorch-ood's, and Mahalanobis ≥ 5× on the features (its quadratic form against pytorch-ood's loop over
+classes; with the forward pass, which both sides share, its ``score`` and ``fit`` are held to 1.0×).
 
 torchattacks, ART and pytorch-ood are benchmark-only dependencies: install
 ``benchmarks/requirements-robust.txt`` into a separate environment (its header has the recipe) and run
@@ -107,7 +108,9 @@ ALPHA = 2.5 * EPS / STEPS
 PGD_TOLERANCE = 0.03  # |robust accuracy − the floor's| on the batch
 FIT_BATCH = 1024
 TARGET_PGD = {"torchattacks": 1.0, "art": 1.5}  # safetylab speed / the peer's
-TARGET_OOD = {"mahalanobis": 5.0}  # others: 1.0
+# Mahalanobis: ≥ 5× for the batched quadratic form against pytorch-ood's loop over classes (``features``);
+# its ``score`` and ``fit`` share the forward pass, which both sides run, so there the target is 1.0 like all others
+TARGET_OOD = {("mahalanobis", "features"): 5.0}
 PGD_SIDES = ("safetylab", "safetylab-full", "torchattacks", "art", "floor")
 SIDE_NAMES = {"safetylab": "safetylab (early_stop=True)", "safetylab-full": "safetylab (early_stop=False)",
               "torchattacks": "torchattacks", "art": "ART", "floor": "floor (bare PyTorch)"}
@@ -541,7 +544,7 @@ def report(args, pgd_result, ood_result, memory) -> None:
         for name, op, rounds, _ in ood_result["rows"]:
             ours, theirs = statistics.median(rounds["safetylab"]), statistics.median(rounds["pytorch-ood"])
             speed = paired_ratio(rounds, "pytorch-ood", "safetylab")
-            target = TARGET_OOD.get(name, 1.0)
+            target = TARGET_OOD.get((name, op), 1.0)
             cell = f"{speed:.2f} {ratio_spread(rounds, 'pytorch-ood', 'safetylab')} [{theirs / ours:.2f}]"
             print(f"{name:<12} {op:<13} {ours * 1e3:>12.3f} {theirs * 1e3:>15.3f} {cell:>24}  >= {target}: "
                   f"{'meets' if speed >= target else 'MISSES'}")

@@ -50,7 +50,7 @@ def test_attack_writes_tables_and_plots(trained, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     sections = json.loads((out / "sections.json").read_text())
     rows = sections["attack"]["data"]["rows"]
-    assert [(r["model"], r["eps"]) for r in rows] == [("standard", 0.0), ("standard", 0.1),
+    assert [(r["model"], r["eps"]) for r in rows] == [("given model", 0.0), ("given model", 0.1),
                                                       ("pgd (eps 0.15)", 0.0), ("pgd (eps 0.15)", 0.1)]
     assert rows[0]["clean"] == rows[0]["ensemble"] > rows[1]["ensemble"]
     assert (out / "plots" / "robust_accuracy.png").is_file()

@@ -1,8 +1,8 @@
 """``safetylab robust …``: the robustness study on the built-in digits, one question per command.
 
 Every command writes a run directory (``config.json``, ``sections.json``, ``tables.md``, ``plots/``,
-and the trained classifiers under ``artifacts/models``). Commands other than ``train`` take the standard
-classifier from ``--model`` (a ``robust train`` run) or train it in their run directory.
+and the trained classifiers under ``artifacts/models``). Commands other than ``train`` study the
+classifier of ``--model`` (a ``robust train`` run) or train a standard one in their run directory.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ robust_app = typer.Typer(help="Robustness of a classifier on the built-in digits
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 Seed = Annotated[int, typer.Option(help="Random seed (data split, training and attacks).")]
-Model = Annotated[Path | None, typer.Option(help="A `robust train` run directory (default: train one here).")]
+Model = Annotated[Path | None, typer.Option(help="A `robust train` run directory (default: train a standard "
+                                                "classifier here).")]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 Quick = Annotated[bool, typer.Option(help="Fewer epochs, radii, steps, queries and ensemble members.")]
 

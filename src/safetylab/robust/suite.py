@@ -82,12 +82,12 @@ def suite_config(quick: bool = False, seed: int = 0) -> RobustSuiteConfig:
 # ----------------------------------------------------------------------------- models
 def train_models(config: RobustSuiteConfig, digits: Digits, run: RunDir, model: Path | None = None,
                  ) -> dict[str, nn.Module]:
-    """The standard model (loaded from ``model``, a ``robust train`` run, when given) and each adversarially
-    trained one, saved under ``artifacts/models/NAME``; a finished model is loaded instead of retrained, so
-    an interrupted study resumes."""
-    models = {"standard": load_classifier(model)[0] if model is not None else
-              train_or_load(replace(config.standard, seed=config.seed), config.arch, digits,
-                            run.artifacts / "models" / "standard")}
+    """The model under study first — the classifier saved in ``model`` (a ``robust train`` run) when given,
+    else a standard one — then each adversarially trained one, saved under ``artifacts/models/NAME``; a
+    finished model is loaded instead of retrained, so an interrupted study resumes."""
+    models = {"given model": load_classifier(model)[0]} if model is not None else {
+        "standard": train_or_load(replace(config.standard, seed=config.seed), config.arch, digits,
+                                  run.artifacts / "models" / "standard")}
     for train in config.adversarial:
         models[f"{train.method} (eps {train.eps:g})"] = train_or_load(
             replace(train, seed=config.seed), config.arch, digits, run.artifacts / "models" / train.method)
@@ -352,7 +352,7 @@ def run_suite(config: RobustSuiteConfig, run: RunDir, sections: tuple[str, ...] 
     seed_everything(config.seed)  # MC dropout and the shifts draw from torch's generator: a run repeats
     digits = load_digits(config.seed)
     models = train_models(config, digits, run, model)
-    model = models["standard"]
+    model = next(iter(models.values()))
     log(f"digits: {len(digits.y_train)} train, {len(digits.y_val)} val, {len(digits.y_test)} test, "
         f"{len(digits.x_ood)} held-out; " + ", ".join(f"{n} clean accuracy "
                                                      f"{accuracy(m, digits.x_test, digits.y_test):.3f}"
