@@ -259,10 +259,13 @@ def _plot_histograms(scores: dict[str, dict[str, torch.Tensor]], path: Path) -> 
     for ax, (name, by_set) in zip(axes, scores.items()):
         values = torch.cat(list(by_set.values())).double()
         lo, hi = values.quantile(0.01).item(), values.quantile(0.99).item()
+        log = lo > 0 and hi > 20 * lo  # heavy-tailed positive scores (distances): log-spaced bins
+        bins = torch.logspace(math.log10(lo), math.log10(hi), 31) if log else torch.linspace(lo, hi + 1e-12, 31)
         for set_name, s in by_set.items():
-            ax.hist(s.double().clamp(lo, hi).numpy(), bins=30, range=(lo, hi) if hi > lo else None, alpha=0.5,
-                    density=True, label=set_name)
-        ax.set(title=name, xlabel="score (higher = more anomalous)")
+            ax.hist(s.double().clamp(lo, hi).numpy(), bins=bins.numpy(), weights=torch.full((len(s),), 1 / len(s)),
+                    alpha=0.5, label=set_name)
+        ax.set(title=name, xlabel="score (higher = more anomalous)", ylabel="share of the set",
+               xscale="log" if log else "linear")
     for ax in axes[len(scores):]:
         ax.set_axis_off()
     axes[0].legend(fontsize="x-small")
