@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
+from test_cli import run_main
 
 from safetylab import cli
 from safetylab.robust.data import load_classifier
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["safetylab", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
