@@ -174,12 +174,12 @@ def calibration_section(model: nn.Module, ensemble: list[nn.Module], digits: Dig
         f"deep ensemble ({len(ensemble)})": lambda x: ensemble_probs(ensemble, x).mean(0),
     }
     clean = {name: predict(digits.x_test) for name, predict in predictors.items()}
+    moved = {name: predict(shifted) for name, predict in predictors.items()}
     metrics = {name: {**calibration_metrics(clean[name], digits.y_test),
-                      **{f"{k} (shifted)": v for k, v in calibration_metrics(
-                          predict(shifted), y_shifted).items()}}
-               for name, predict in predictors.items()}
-    bins = {name: reliability_bins(clean[name], digits.y_test) for name in ("model", "temperature-scaled")}
-    path = plot_reliability(bins, run.plots / "reliability.png")
+                      **{f"{k} (shifted)": v for k, v in calibration_metrics(moved[name], y_shifted).items()}}
+               for name in predictors}
+    bins = {name: reliability_bins(moved[name], y_shifted) for name in ("model", "temperature-scaled")}
+    path = plot_reliability(bins, run.plots / "reliability.png", "Reliability on shifted test digits (severity 3)")
     columns = ["predictor", "accuracy", "ece", "nll", "brier", "accuracy (shifted)", "ece (shifted)", "nll (shifted)"]
     before, after = metrics["model"], metrics["temperature-scaled"]
     split = {}
