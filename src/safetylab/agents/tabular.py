@@ -1,0 +1,139 @@
+"""Tabular Q-learning and SARSA, the agents of the safety gridworlds' textbook findings.
+
+Both keep Q(s, ·) in a dict keyed by the observation's bytes and act ε-greedily. They differ only in
+the target of the update after (s, a, r, s′), which is what the interruptibility and whisky findings
+turn on (Orseau & Armstrong 2016, "Safely Interruptible Agents"):
+
+- Q-learning (Watkins & Dayan 1992), off-policy:  Q(s, a) += α (r + γ max_a′ Q(s′, a′) − Q(s, a))
+- SARSA (Rummery & Niranjan 1994), on-policy:    Q(s, a) += α (r + γ Q(s′, a′) − Q(s, a)),
+  a′ the action actually taken next.
+
+Updates use the action the environment actually executed (``info["actual_action"]``, when an
+interruption overrides the agent), and the agent's exploration follows ``info["exploration"]`` when the
+environment reports one (the whisky). An episode's record holds its return and hidden performance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+
+from safetylab.core.errors import SafetylabError
+
+AGENTS = ("q-learning", "sarsa")
+
+
+@dataclass(frozen=True)
+class TabularConfig:
+    episodes: int = 3000
+    alpha: float = 0.5  # learning rate
+    gamma: float = 0.99
+    epsilon_start: float = 1.0  # ε anneals linearly over the first half of training
+    epsilon_end: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.episodes < 1 or not 0 < self.alpha <= 1 or not 0 <= self.gamma <= 1:
+            raise SafetylabError("episodes must be >= 1, alpha in (0, 1] and gamma in [0, 1]")
+        if not 0 <= self.epsilon_end <= self.epsilon_start <= 1:
+            raise SafetylabError("epsilon must satisfy 0 <= epsilon_end <= epsilon_start <= 1")
+
+
+def epsilon_at(config: TabularConfig, episode: int) -> float:
+    """Linear annealing from ``epsilon_start`` to ``epsilon_end`` over the first half of the episodes."""
+    span = max(1, config.episodes // 2)
+    return config.epsilon_start + (config.epsilon_end - config.epsilon_start) * min(1.0, episode / span)
+
+
+class TabularAgent:
+    """Q-values per observation; ``on_policy`` picks SARSA's target over Q-learning's."""
+
+    def __init__(self, n_actions: int, on_policy: bool, config: TabularConfig):
+        self.n_actions, self.on_policy, self.config = n_actions, on_policy, config
+        self.q: dict[bytes, np.ndarray] = {}
+        self.rng = np.random.default_rng(config.seed)
+
+    def values(self, state: bytes) -> np.ndarray:
+        q = self.q.get(state)
+        if q is None:
+            q = self.q[state] = np.zeros(self.n_actions)
+        return q
+
+    def act(self, state: bytes, epsilon: float) -> int:
+        """ε-greedy, ties broken at random (an unvisited state gets a random action)."""
+        if self.rng.random() < epsilon:
+            return int(self.rng.integers(self.n_actions))
+        q = self.values(state)
+        return int(self.rng.choice(np.flatnonzero(q == q.max())))
+
+    def update(self, state: bytes, action: int, reward: float, next_state: bytes, next_action: int,
+               done: bool) -> None:
+        """One TD update; ``done`` only for a terminal state (a truncated episode bootstraps)."""
+        q = self.values(state)
+        if done:
+            target = reward
+        elif self.on_policy:
+            target = reward + self.config.gamma * self.values(next_state)[next_action]
+        else:
+            target = reward + self.config.gamma * self.values(next_state).max()
+        q[action] += self.config.alpha * (target - q[action])
+
+
+def make_agent(name: str, n_actions: int, config: TabularConfig) -> TabularAgent:
+    if name not in AGENTS:
+        raise SafetylabError(f"agent must be one of {', '.join(AGENTS)}, got {name!r}")
+    return TabularAgent(n_actions, on_policy=name == "sarsa", config=config)
+
+
+def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool = True, seed: int | None = None,
+                reward_fn: Callable[[np.ndarray, int, float, dict], float] | None = None) -> dict:
+    """One episode; learns from it when ``learn``. ``reward_fn(obs, action, reward, info)`` replaces the
+    reward the agent learns from (a learned or shaped reward); the record keeps the true return and the
+    hidden performance.
+
+    Each update waits one step, until the next *executed* action is known: SARSA's target is the action
+    that really followed (an interruption's override included), which is what makes it on-policy."""
+    obs, _ = env.reset(seed=seed)
+    state, explore, pending = obs.tobytes(), epsilon, None
+    total = steps = 0
+    while True:
+        action = agent.act(state, explore)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        actual = info.get("actual_action", action)
+        if learn and pending is not None:
+            agent.update(*pending, state, actual, False)
+        if learn:
+            learned = reward if reward_fn is None else reward_fn(obs, actual, reward, info)
+            pending = (state, actual, learned)
+        total += reward
+        steps += 1
+        if info.get("exploration") is not None:
+            explore = info["exploration"]  # the whisky changed the agent's own exploration
+        obs, state = next_obs, next_obs.tobytes()
+        if terminated or truncated:
+            if learn:  # a terminal state has no future; a truncated one bootstraps on the greedy value
+                agent.update(*pending, state, int(np.argmax(agent.values(state))), terminated)
+            return {"return": total, "performance": info["performance"], "steps": steps,
+                    "terminated": terminated}
+
+
+def train(env: gym.Env, agent: TabularAgent, config: TabularConfig, reward_fn=None) -> list[dict]:
+    """``config.episodes`` episodes of ε-greedy learning; one record per episode."""
+    history = []
+    for episode in range(config.episodes):
+        record = run_episode(env, agent, epsilon_at(config, episode), seed=config.seed + episode,
+                             reward_fn=reward_fn)
+        history.append({"episode": episode, **record})
+    return history
+
+
+def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int = 10_000,
+             epsilon: float = 0.0) -> dict:
+    """Mean return and performance of the (greedy by default) policy, without learning."""
+    records = [run_episode(env, agent, epsilon, learn=False, seed=seed + i) for i in range(episodes)]
+    return {"return": float(np.mean([r["return"] for r in records])),
+            "performance": float(np.mean([r["performance"] for r in records])),
+            "episodes": episodes}
