@@ -88,14 +88,20 @@ def make_agent(name: str, n_actions: int, config: TabularConfig) -> TabularAgent
     return TabularAgent(n_actions, on_policy=name == "sarsa", config=config)
 
 
+RewardFn = Callable[[np.ndarray, int, float, np.ndarray, dict], float]
+
+
 def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool = True, seed: int | None = None,
-                reward_fn: Callable[[np.ndarray, int, float, dict], float] | None = None) -> dict:
-    """One episode; learns from it when ``learn``. ``reward_fn(obs, action, reward, info)`` replaces the
-    reward the agent learns from (a learned or shaped reward); the record keeps the true return and the
-    hidden performance.
+                reward_fn: RewardFn | None = None, follow_overrides: bool = True) -> dict:
+    """One episode; learns from it when ``learn``. ``reward_fn(obs, action, reward, next_obs, info)``
+    replaces the reward the agent learns from (a learned or shaped reward); the record keeps the true
+    return and the hidden performance.
 
     Each update waits one step, until the next *executed* action is known: SARSA's target is the action
-    that really followed (an interruption's override included), which is what makes it on-policy."""
+    that really followed (an interruption's override included), which is what makes it on-policy. With
+    ``follow_overrides=False`` SARSA's target takes the action the agent *chose* next instead, so overrides
+    do not enter its values: the safely interruptible SARSA of Orseau & Armstrong 2016 (the updated pair
+    is always the executed one; Q-learning's max target is unaffected)."""
     obs, _ = env.reset(seed=seed)
     state, explore, pending = obs.tobytes(), epsilon, None
     total = steps = 0
@@ -104,9 +110,9 @@ def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool =
         next_obs, reward, terminated, truncated, info = env.step(action)
         actual = info.get("actual_action", action)
         if learn and pending is not None:
-            agent.update(*pending, state, actual, False)
+            agent.update(*pending, state, actual if follow_overrides else action, False)
         if learn:
-            learned = reward if reward_fn is None else reward_fn(obs, actual, reward, info)
+            learned = reward if reward_fn is None else reward_fn(obs, actual, reward, next_obs, info)
             pending = (state, actual, learned)
         total += reward
         steps += 1
@@ -120,12 +126,13 @@ def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool =
                     "terminated": terminated}
 
 
-def train(env: gym.Env, agent: TabularAgent, config: TabularConfig, reward_fn=None) -> list[dict]:
+def train(env: gym.Env, agent: TabularAgent, config: TabularConfig, reward_fn: RewardFn | None = None,
+          follow_overrides: bool = True) -> list[dict]:
     """``config.episodes`` episodes of ε-greedy learning; one record per episode."""
     history = []
     for episode in range(config.episodes):
         record = run_episode(env, agent, epsilon_at(config, episode), seed=config.seed + episode,
-                             reward_fn=reward_fn)
+                             reward_fn=reward_fn, follow_overrides=follow_overrides)
         history.append({"episode": episode, **record})
     return history
 

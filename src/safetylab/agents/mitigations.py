@@ -1,0 +1,157 @@
+"""Mitigations that narrow the gap between the reward an agent earns and the performance we wanted.
+
+Each is a small, documented change to the environment, the reward the agent learns from, or its update:
+
+- ``shield`` (safe exploration, island navigation): Alshiekh et al. 2018, "Safe Reinforcement Learning
+  via Shielding" — an action whose next tile is unsafe is replaced by a safe one before it runs;
+- ``interruption-indifferent`` (safe interruptibility): Orseau & Armstrong 2016, "Safely Interruptible
+  Agents" — the agent learns from the actions it chose, so interruptions do not enter its values;
+- ``relative-reachability`` (side effects): Krakovna et al. 2019, "Penalizing side effects using
+  stepwise relative reachability" — the learned reward loses λ · the share of states the step made
+  harder to reach than the stepwise inaction baseline (staying put) kept them;
+- ``goal-diversity`` (goal misgeneralization): Langosco et al. 2022 — training levels in which the coin
+  is not always where it usually is.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from safetylab.agents.gridworld import MOVES, TILES, Gridworld
+from safetylab.core.errors import SafetylabError
+
+
+class Shield(gym.Wrapper):
+    """Replaces an action whose target tile is one of ``unsafe`` (default: water) by the first safe action
+    (up, down, left, right); ``info["actual_action"]`` is the action that ran and ``info["shielded"]``
+    says whether the shield stepped in. The shield reads the board: it knows the map, not the reward."""
+
+    def __init__(self, env: gym.Env, unsafe: tuple[str, ...] = ("~",)):
+        super().__init__(env)
+        self.unsafe = np.array([TILES[ch] for ch in unsafe])
+
+    def safe(self, action: int) -> bool:
+        grid: Gridworld = self.env.unwrapped
+        r, c = grid._pos
+        dr, dc = MOVES[action]
+        return not np.isin(grid._grid[r + dr, c + dc], self.unsafe)
+
+    def step(self, action):
+        safe = action if self.safe(action) else next((a for a in range(len(MOVES)) if self.safe(a)), action)
+        obs, reward, terminated, truncated, info = self.env.step(safe)
+        info["actual_action"], info["shielded"] = int(safe), safe != action
+        return obs, reward, terminated, truncated, info
+
+
+@dataclass
+class RelativeReachability:
+    """Reward shaping by stepwise relative reachability (Krakovna et al. 2019) for deterministic
+    gridworlds: reward − λ · (1/|S|) Σ_y max(0, R(s_{t−1}, y) − R(s_t, y)), with discounted reachability
+    R(x, y) = γ_r^{d(x, y)} (d: the fewest steps from x to y, ∞ if none) over the states S reachable from
+    the start, and the inaction baseline s_{t−1} (the state had the agent stayed put). States are found
+    and distances measured by breadth-first search on copies of the environment, once per state."""
+
+    env: Gridworld
+    weight: float = 20.0
+    gamma: float = 0.95
+    _states: dict[bytes, int] = field(default_factory=dict)
+    _reach: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.env = self.env.unwrapped
+        start = copy.deepcopy(self.env)
+        start.reset(seed=0)
+        frontier, copies, edges = deque([start]), {start._observe().tobytes(): start}, {}
+        while frontier:  # every state reachable from the start, and its successors
+            state = frontier.popleft()
+            key = state._observe().tobytes()
+            edges[key] = []
+            for action in range(len(MOVES)):
+                nxt = copy.deepcopy(state)
+                *_, terminated, truncated, _ = nxt.step(action)
+                nxt._steps = 0  # distances, not the step limit, matter here
+                nxt_key = nxt._observe().tobytes()
+                edges[key].append(nxt_key)
+                if nxt_key not in copies and not terminated:
+                    copies[nxt_key] = nxt
+                    frontier.append(nxt)
+            if len(copies) > 5000:
+                raise SafetylabError("relative reachability: more than 5,000 states; it needs a small environment")
+        self._states = {key: i for i, key in enumerate(edges)}
+        n = len(self._states)
+        self._reach = np.zeros((n, n))
+        for key, i in self._states.items():  # BFS distances from each state
+            dist, queue = {key: 0}, deque([key])
+            while queue:
+                x = queue.popleft()
+                for y in edges.get(x, ()):
+                    if y not in dist:
+                        dist[y] = dist[x] + 1
+                        queue.append(y)
+            for y, d in dist.items():
+                if y in self._states:
+                    self._reach[i, self._states[y]] = self.gamma ** d
+
+    def penalty(self, before: np.ndarray, after: np.ndarray) -> float:
+        i, j = self._states.get(before.tobytes()), self._states.get(after.tobytes())
+        if i is None or j is None:
+            return 0.0  # a terminal state: nothing further to reach
+        return float(np.maximum(0.0, self._reach[i] - self._reach[j]).mean())
+
+    def __call__(self, obs, action, reward, next_obs, info) -> float:
+        return reward - self.weight * self.penalty(obs, next_obs)
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    name: str
+    environments: tuple[str, ...]
+    summary: str
+
+
+MITIGATIONS = {m.name: m for m in (
+    Mitigation("shield", ("IslandNavigation",), "unsafe actions replaced before they run (Alshiekh et al. 2018)"),
+    Mitigation("interruption-indifferent", ("SafeInterruptibility",),
+               "learn from chosen actions, not the interruption's (Orseau & Armstrong 2016)"),
+    Mitigation("relative-reachability", ("SideEffectsSokoban",),
+               "penalise states made unreachable, stepwise inaction baseline (Krakovna et al. 2019)"),
+    Mitigation("goal-diversity", ("GoalMisgeneralization",),
+               "a third of training levels put the coin elsewhere (Langosco et al. 2022)"),
+)}
+
+
+def check_mitigation(name: str | None, environment: str) -> Mitigation | None:
+    """The mitigation ``name`` if it applies to ``environment``; a clear error otherwise."""
+    if name is None:
+        return None
+    if name not in MITIGATIONS:
+        raise SafetylabError(f"mitigation must be one of {', '.join(MITIGATIONS)}, got {name!r}")
+    mitigation = MITIGATIONS[name]
+    if environment not in mitigation.environments:
+        raise SafetylabError(f"mitigation {name!r} applies to {', '.join(mitigation.environments)}, "
+                             f"not to {environment}")
+    return mitigation
+
+
+def mitigated(environment: str, mitigation: str | None, env_kwargs: dict[str, Any] | None = None) -> dict:
+    """What training with ``mitigation`` changes: ``env`` (the training environment), ``reward_fn`` and
+    ``follow_overrides`` for :func:`safetylab.agents.tabular.train`."""
+    check_mitigation(mitigation, environment)
+    kwargs = dict(env_kwargs or {})
+    if mitigation == "goal-diversity":
+        kwargs["goal_diversity"] = 1 / 3
+    env = gym.make(f"safetylab/{environment}-v0", **kwargs)
+    plan: dict[str, Any] = {"env": env, "reward_fn": None, "follow_overrides": True}
+    if mitigation == "shield":
+        plan["env"] = Shield(env)
+    elif mitigation == "interruption-indifferent":
+        plan["follow_overrides"] = False
+    elif mitigation == "relative-reachability":
+        plan["reward_fn"] = RelativeReachability(env.unwrapped)
+    return plan
