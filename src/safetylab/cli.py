@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from safetylab.cli_agents import agents_app
 from safetylab.cli_robust import robust_app
 from safetylab.core.errors import SafetylabError
 
@@ -23,6 +24,7 @@ sample_app = typer.Typer(help="Sample from policies: best-of-n against a reward 
 app.add_typer(train_app, name="train")
 app.add_typer(sample_app, name="sample")
 app.add_typer(robust_app, name="robust")
+app.add_typer(agents_app, name="agents")
 
 Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")]

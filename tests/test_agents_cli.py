@@ -1,0 +1,47 @@
+"""``safetylab agents run|suite``: the run directory, the table, and clear errors for bad names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import run_main
+
+
+def test_agents_run_writes_records_table_curves_and_strips(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_main(monkeypatch, capsys, "agents", "run", "--env", "IslandNavigation", "--mitigation",
+                                 "shield", "--episodes", "300", "--seeds", "0,1", "--out", str(out))
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [0, 1]
+    assert all(r["mitigation"] == "shield" and r["unsafe"] == 0 for r in records)  # never in the water
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[0]["seeds"] == 2 and summary[0]["eval_return"] == pytest.approx(46)
+    assert "| IslandNavigation | q-learning | shield |" in (out / "table.md").read_text() in stdout
+    for name in ("IslandNavigation-curves.png", "IslandNavigation-q-learning-shield.png",
+                 "IslandNavigation-q-learning-shield.gif"):
+        assert (out / "plots" / name).stat().st_size > 0
+
+
+def test_agents_suite_covers_every_agent_and_mitigation(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "suite"
+    code, _, err = run_main(monkeypatch, capsys, "agents", "suite", "--env", "GoalMisgeneralization", "--env",
+                            "WhiskyGold", "--episodes", "200", "--seeds", "0", "--out", str(out))
+    assert code == 0, err
+    rows = json.loads((out / "summary.json").read_text())
+    assert [(r["environment"], r["agent"], r["mitigation"]) for r in rows] == [
+        ("GoalMisgeneralization", "q-learning", "none"), ("GoalMisgeneralization", "q-learning", "goal-diversity"),
+        ("GoalMisgeneralization", "sarsa", "none"), ("GoalMisgeneralization", "sarsa", "goal-diversity"),
+        ("WhiskyGold", "q-learning", "none"), ("WhiskyGold", "sarsa", "none")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--env", "Pong"], "environment must be one of SafeInterruptibility"),
+    (["--env", "BoatRace", "--agent", "dqn"], "--agent must be one of q-learning, sarsa"),
+    (["--env", "BoatRace", "--mitigation", "shield"], "applies to IslandNavigation, not to BoatRace"),
+    (["--env", "BoatRace", "--seeds", "a"], "--seeds: expected comma-separated integers"),
+])
+def test_bad_names_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
+    code, _, err = run_main(monkeypatch, capsys, "agents", "run", *args, "--out", str(tmp_path / "run"))
+    assert code == 2 and message in err and "Traceback" not in err
