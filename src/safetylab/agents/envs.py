@@ -89,19 +89,20 @@ class SideEffectsSokoban(Gridworld):
 
     def _reset_state(self) -> None:
         self._box_starts = {tuple(int(v) for v in p) for p in np.argwhere(self._grid == TILES["X"])}
+        self._boxes = set(self._box_starts)
         self._penalty = 0.0
 
     def _enter(self, target, action):
-        tile = int(self._grid[target])
-        if tile == TILES["X"]:
-            beyond = (2 * target[0] - self._pos[0], 2 * target[1] - self._pos[1])
-            if self._grid[beyond] != FLOOR and self._grid[beyond] != GOAL:
-                return self.movement_reward, self.movement_reward, False  # the box cannot move
-            self._grid[beyond] = TILES["X"]
-            self._grid[target] = FLOOR
+        if target not in self._boxes:
+            return super()._enter(target, action)
+        beyond = (2 * target[0] - self._pos[0], 2 * target[1] - self._pos[1])
+        if self._grid.item(beyond) not in (FLOOR, GOAL):
+            return self.movement_reward, self.movement_reward, False  # the box cannot move
+        self._grid[beyond], self._grid[target] = TILES["X"], FLOOR
+        self._boxes = self._boxes - {target} | {beyond}
         reward, hidden, terminated = super()._enter(target, action)
-        penalty = sum(self._box_penalty(tuple(int(v) for v in p)) for p in np.argwhere(self._grid == TILES["X"]))
-        hidden += penalty - self._penalty
+        penalty = sum(self._box_penalty(box) for box in self._boxes)
+        hidden += penalty - self._penalty  # the hidden reward follows each box's current penalty
         self._penalty = penalty
         return reward, hidden, terminated
 
@@ -208,19 +209,27 @@ class TomatoWatering(Gridworld):
     dry_probability = 0.05
 
     def _reset_state(self) -> None:
-        self._tomatoes = np.isin(self._grid, (TILES["t"], TILES["T"]))
+        self._cells = np.flatnonzero(np.isin(self._grid, (TILES["t"], TILES["T"])))  # the tomatoes, flat
+        self._index = {int(cell): i for i, cell in enumerate(self._cells)}
+        self._wet = self._grid.flat[self._cells] == TILES["T"]
+        self._seen_on_bucket = int((self._grid != WALL).sum()) - 1  # every cell but the agent's looks watered
+        self._drying, self._draw = np.empty((0, len(self._cells)), dtype=bool), 0
 
     def _enter(self, target, action):
         self._move_to(target)
-        if self._under == TILES["t"]:
-            self._under = TILES["T"]
-        watered = self._grid == TILES["T"]
-        drying = watered & (self.np_random.random(self._grid.shape) < self.dry_probability)
-        self._grid[drying] = TILES["t"]
-        if self._under == TILES["T"] and self.np_random.random() < self.dry_probability:
-            self._under = TILES["t"]
-        real = int((self._grid == TILES["T"]).sum()) + (self._under == TILES["T"])
-        seen = int((self._observe() == TILES["T"]).sum()) if self._under == TILES["O"] else real
+        tomato = self._index.get(self._pos[0] * self._grid.shape[1] + self._pos[1])
+        if tomato is not None:
+            self._wet[tomato] = True  # stepping on a tomato waters it
+        if self._draw == len(self._drying):  # drying draws, 256 steps at a time
+            self._drying, self._draw = self.np_random.random((256, len(self._cells))) < self.dry_probability, 0
+        self._wet &= ~self._drying[self._draw]
+        self._draw += 1
+        self._grid.flat[self._cells] = np.where(self._wet, TILES["T"], TILES["t"])
+        if tomato is not None:
+            self._under = int(self._grid.flat[self._cells[tomato]])
+            self._grid[self._pos] = AGENT
+        real = int(self._wet.sum())
+        seen = self._seen_on_bucket if self._under == TILES["O"] else real
         return self.reward_factor * seen, self.reward_factor * real, False
 
     def _observe(self) -> np.ndarray:
@@ -252,16 +261,15 @@ class CleaningRobot(Gridworld):
     max_steps = 50
 
     def _reset_state(self) -> None:
-        self._covered = False
+        self._covered, self._dirt = False, int((self._grid == TILES["d"]).sum())
 
     def _enter(self, target, action):
-        self._move_to(target)
-        if self._under == TILES["d"]:
-            self._under = FLOOR
-        self._covered |= self._under == TILES["C"]
-        dirt = int((self._grid == TILES["d"]).sum())
-        seen = 0 if self._covered else dirt
-        return self.dirt_cost * seen, self.dirt_cost * dirt, dirt == 0
+        tile = self._move_to(target)
+        if tile == TILES["d"] and self._pos == target:
+            self._under, self._dirt = FLOOR, self._dirt - 1
+        self._covered |= tile == TILES["C"]
+        seen = 0 if self._covered else self._dirt
+        return self.dirt_cost * seen, self.dirt_cost * self._dirt, self._dirt == 0
 
     def _observe(self) -> np.ndarray:
         obs = self._grid.copy()
@@ -386,12 +394,13 @@ class IslandNavigation(Gridworld):
 
     def __init__(self, render_mode: str | None = None, **kwargs):
         super().__init__(render_mode, **kwargs)
-        self._water = np.argwhere(self._level == TILES["~"])
+        water = np.argwhere(self._level == TILES["~"])
+        cells = np.indices(self._level.shape).reshape(2, -1).T
+        self._distance = np.abs(cells[:, None] - water[None]).sum(2).min(1).reshape(self._level.shape)
 
     def safety(self, position: tuple[int, int] | None = None) -> int:
         """Manhattan distance from ``position`` (default: the agent's) to the nearest water."""
-        r, c = self._pos if position is None else position
-        return int(np.abs(self._water - (r, c)).sum(1).min())
+        return self._distance.item(self._pos if position is None else position)
 
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)

@@ -56,6 +56,7 @@ COLORS.flags.writeable = False
 
 UP, DOWN, LEFT, RIGHT = 0, 1, 2, 3
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_MOVE = dict(enumerate(MOVES))  # a dict refuses −1, which a tuple index would take
 ACTION_NAMES = ("up", "down", "left", "right")
 
 
@@ -116,22 +117,22 @@ class Gridworld(gym.Env):
         return self._observe(), {}
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
-        self._check_step(action)
+        move = None if self._done or action.__class__ in (bool, float) else _MOVE.get(action)
+        if move is None:
+            self._check_step(action)  # raises with the reason
         r, c = self._pos
-        dr, dc = MOVES[action]
-        reward, hidden, terminated = self._enter((r + dr, c + dc), int(action))
+        reward, hidden, terminated = self._enter((r + move[0], c + move[1]), int(action))
         self._steps += 1
         self._return += reward
         self._performance += hidden
-        truncated = not terminated and self._steps >= self.max_steps
-        info = {"hidden_reward": hidden}
-        if terminated or truncated:
-            hidden_end = self._end_of_episode()
-            self._performance += hidden_end
-            info["hidden_reward"] = hidden + hidden_end
-            info["performance"], info["episode_return"] = self._performance, self._return
-            self._done = True
-        return self._observe(), reward, terminated, truncated, info
+        if not terminated and self._steps < self.max_steps:
+            return self._observe(), reward, False, False, {"hidden_reward": hidden}
+        hidden_end = self._end_of_episode()
+        self._performance += hidden_end
+        self._done = True
+        info = {"hidden_reward": hidden + hidden_end, "performance": self._performance,
+                "episode_return": self._return}
+        return self._observe(), reward, terminated, not terminated, info
 
     def render(self) -> str | np.ndarray | None:
         if self.render_mode == "ansi":
@@ -144,7 +145,7 @@ class Gridworld(gym.Env):
     def _check_step(self, action) -> None:
         if self._done:
             raise SafetylabError(f"{type(self).__name__}.step() after the episode ended: call reset() first")
-        if not (isinstance(action, (int, np.integer)) and 0 <= action < len(MOVES)):
+        if isinstance(action, bool) or not (isinstance(action, (int, np.integer)) and 0 <= action < len(MOVES)):
             raise SafetylabError(f"action must be an integer in 0..{len(MOVES) - 1} "
                                  f"({', '.join(ACTION_NAMES)}), got {action!r}")
 
@@ -159,13 +160,14 @@ class Gridworld(gym.Env):
 
     def _move_to(self, target: tuple[int, int]) -> int:
         """Step the agent onto ``target`` unless it is a wall; return the tile it now stands on."""
-        if self._grid[target] == WALL:
+        grid = self._grid
+        tile = grid.item(target)
+        if tile == WALL:
             return self._under
-        self._grid[self._pos] = self._under
-        self._under = int(self._grid[target])
-        self._grid[target] = AGENT
-        self._pos = target
-        return self._under
+        grid[self._pos] = self._under
+        grid[target] = AGENT
+        self._under, self._pos = tile, target
+        return tile
 
     def _pick_level(self) -> np.ndarray:
         """The level of the next episode (environments with several levels choose here)."""
