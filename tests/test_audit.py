@@ -15,6 +15,7 @@ from filelock import FileLock
 
 import safetylab.audit.run as audit_run
 from safetylab import cli
+from safetylab.agents.envs import ENVIRONMENTS
 from safetylab.audit import STAGES, Context, Section, Stage, audit_config, run_audit, run_pipeline
 from safetylab.audit.report import build_report, write_report
 from safetylab.core.config import config_to_dict
@@ -175,6 +176,7 @@ def tiny_audit_config():
         robust=replace(config.robust, standard=replace(config.robust.standard, epochs=2),
                        adversarial=(replace(config.robust.adversarial[0], epochs=1, steps=2),), eps=(0.0, 0.1),
                        attack_steps=5, square_queries=20, ensemble_members=2, mc_samples=3),
+        gridworlds=replace(config.gridworlds, episodes=60),
     )
 
 
@@ -221,7 +223,8 @@ def test_audit_writes_both_reports(audit_dir, report):
     for stage in STAGES:  # the first run ran every stage: a start line and a timed end line each
         assert sum(line.startswith(f"== {stage.name}: ") for line in logs) == 2
     assert not any("skipped" in line for line in logs)
-    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align", "robustness"]
+    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align", "robustness",
+                                                        "gridworlds"]
     assert report["config"] == json.loads(json.dumps(asdict(CONFIG)))
     assert report["safetylab"]
     for section in report["sections"]:
@@ -452,3 +455,13 @@ def test_audit_robustness_section(audit_dir, report):
     assert {r["detector"] for r in ood} == set(CONFIG.robust.detectors)
     assert all(0.0 <= r["auroc"] <= 1.0 for r in ood)
     assert len(robust["plots"]) == 6 and all((audit_dir / p).is_file() for p in robust["plots"])
+
+
+def test_audit_gridworlds_section(audit_dir, report):
+    grid = next(s for s in report["sections"] if s["name"] == "gridworlds")
+    rows = grid["data"]["rows"]
+    assert {r["environment"] for r in rows} == set(ENVIRONMENTS)
+    assert {(r["agent"], r["mitigation"]) for r in rows if r["environment"] == "IslandNavigation"} == {
+        ("q-learning", "none"), ("q-learning", "shield"), ("sarsa", "none"), ("sarsa", "shield")}
+    assert all(r["unsafe"] == 0 for r in rows if r["mitigation"] == "shield")
+    assert all((audit_dir / p).is_file() for p in grid["plots"])

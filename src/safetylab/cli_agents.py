@@ -33,52 +33,13 @@ def _seeds(text: str) -> list[int]:
 
 
 def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int], episodes: int | None) -> None:
-    import safetylab.agents  # noqa: F401  (registers the environments)
-    from safetylab.agents.experiment import (
-        PLANS,
-        episode_frames,
-        plot_learning_curves,
-        run_experiment,
-        save_episode,
-        summarize,
-    )
-    from safetylab.core.progress import Progress
+    from safetylab.agents.experiment import run_suite, table_markdown
     from safetylab.core.runs import RunDir
 
     run = RunDir(out, {"runs": [list(r) for r in runs], "seeds": seeds, "episodes": episodes})
-    records, histories = [], {}
-    with Progress("agents", len(runs) * len(seeds)) as progress:
-        for environment, agent, mitigation in runs:
-            label = f"{agent}" + (f" + {mitigation}" if mitigation else "")
-            for seed in seeds:
-                record, history, learner = run_experiment(environment, agent, mitigation, seed, episodes)
-                records.append(record)
-                histories.setdefault(environment, {}).setdefault(label, []).append(history)
-                if seed == seeds[0]:
-                    frames = episode_frames(environment, learner, **PLANS[environment].test_kwargs)
-                    name = f"{environment}-{label.replace(' + ', '-')}"
-                    save_episode(frames, run.plots / f"{name}.png")
-                    save_episode(frames, run.plots / f"{name}.gif")
-                progress.advance(gap=record["gap"])
-    from safetylab.core.io import atomic_write_text, write_jsonl
-
-    write_jsonl(run.file("records.jsonl"), records)
-    rows = summarize(records)
-    run.write_json("summary.json", rows)
-    for environment, by_label in histories.items():
-        plot_learning_curves(by_label, run.plots / f"{environment}-curves.png", environment)
-    atomic_write_text(run.file("table.md"), table_markdown(rows))
+    rows = run_suite(run, runs, seeds, episodes)
     print(table_markdown(rows))
     print(f"\nrun directory: {run.path}")
-
-
-def table_markdown(rows: list[dict]) -> str:
-    columns = ("train_return", "train_performance", "eval_return", "eval_performance", "gap", "unsafe")
-    lines = ["| environment | agent | mitigation | " + " | ".join(columns) + " |", "|" + "---|" * (3 + len(columns))]
-    for r in rows:
-        cells = [f"{r[c]:.2f} ± {r[c + '_sd']:.2f}" for c in columns]
-        lines.append(f"| {r['environment']} | {r['agent']} | {r['mitigation']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 @agents_app.command("run")

@@ -25,7 +25,9 @@ from safetylab.agents.envs import ENVIRONMENTS
 from safetylab.agents.mitigations import MITIGATIONS, check_mitigation, mitigated
 from safetylab.agents.tabular import AGENTS, TabularAgent, TabularConfig, evaluate, make_agent, train
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_bytes, save_figure
+from safetylab.core.io import atomic_write_bytes, atomic_write_text, save_figure, write_jsonl
+from safetylab.core.progress import Progress
+from safetylab.core.runs import RunDir
 
 
 @dataclass(frozen=True)
@@ -158,3 +160,44 @@ def save_episode(frames: list[np.ndarray], path: str | Path, duration_ms: int = 
         Image.fromarray(strip).save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[int],
+              episodes: int | None = None) -> list[dict]:
+    """Every run over ``seeds`` into ``run``: ``records.jsonl``, ``summary.json`` and ``table.md``, learning
+    curves per environment, a strip and a GIF of each run's greedy episode (first seed), and the off-switch
+    game's plot. Returns the summary rows."""
+    import safetylab.agents  # noqa: F401  (registers the environments)
+    from safetylab.agents.offswitch import plot_deference
+
+    records, histories = [], {}
+    with Progress("agents", len(runs) * len(seeds)) as progress:
+        for environment, agent, mitigation in runs:
+            label = agent + (f" + {mitigation}" if mitigation else "")
+            for seed in seeds:
+                record, history, learner = run_experiment(environment, agent, mitigation, seed, episodes)
+                records.append(record)
+                histories.setdefault(environment, {}).setdefault(label, []).append(history)
+                if seed == seeds[0]:
+                    frames = episode_frames(environment, learner, **PLANS[environment].test_kwargs)
+                    name = f"{environment}-{label.replace(' + ', '-')}"
+                    save_episode(frames, run.plots / f"{name}.png")
+                    save_episode(frames, run.plots / f"{name}.gif")
+                progress.advance(gap=record["gap"])
+    write_jsonl(run.file("records.jsonl"), records)
+    rows = summarize(records)
+    run.write_json("summary.json", rows)
+    for environment, by_label in histories.items():
+        plot_learning_curves(by_label, run.plots / f"{environment}-curves.png", environment)
+    plot_deference(run.plots / "offswitch.png")
+    atomic_write_text(run.file("table.md"), table_markdown(rows))
+    return rows
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """The summary as a Markdown table, mean ± sd over seeds."""
+    lines = ["| environment | agent | mitigation | " + " | ".join(SUMMARY) + " |", "|" + "---|" * (3 + len(SUMMARY))]
+    for r in rows:
+        cells = [f"{r[c]:.2f} ± {r[c + '_sd']:.2f}" for c in SUMMARY]
+        lines.append(f"| {r['environment']} | {r['agent']} | {r['mitigation']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from safetylab.agents.experiment import run_suite as run_gridworlds  # noqa: E402
+from safetylab.agents.experiment import suite_runs  # noqa: E402
 from safetylab.align.data import preferences_from_records  # noqa: E402
 from safetylab.align.dpo import DPOConfig, train_dpo  # noqa: E402
 from safetylab.align.ppo import PPOConfig, train_ppo  # noqa: E402
@@ -58,6 +60,14 @@ class AlignStageConfig:
 
 
 @dataclass(frozen=True)
+class GridworldStageConfig:
+    """The gridworlds stage: every environment × agent × applicable mitigation, tabular agents."""
+
+    seeds: tuple[int, ...] = (0,)
+    episodes: int | None = None  # per run; None: each environment's own (3,000, or 6,000 for Sokoban)
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     seed: int = 0
     device: str = "auto"
@@ -72,6 +82,7 @@ class AuditConfig:
     labeler_pairs: int = 2_000
     align: AlignStageConfig = field(default_factory=AlignStageConfig)
     robust: RobustSuiteConfig = field(default_factory=RobustSuiteConfig)
+    gridworlds: GridworldStageConfig = field(default_factory=GridworldStageConfig)
 
 
 QUICK = AuditConfig(
@@ -93,6 +104,7 @@ QUICK = AuditConfig(
                                         checkpoint_every=8), max_new_tokens=32),
     ),
     robust=ROBUST_QUICK,
+    gridworlds=GridworldStageConfig(episodes=400),
 )
 
 
@@ -306,6 +318,28 @@ def robustness_stage(ctx: Context) -> Section:
     )
 
 
+def gridworlds_stage(ctx: Context) -> Section:
+    """The safety gridworlds: observed return against hidden performance for each environment, agent and
+    mitigation (:mod:`safetylab.agents.experiment`)."""
+    out, cfg = ctx.stage_dir("gridworlds"), ctx.config.gridworlds
+    run = RunDir(out, asdict(cfg))
+    rows = run_gridworlds(run, suite_runs(), list(cfg.seeds), cfg.episodes)
+    columns = ["environment", "agent", "mitigation", "eval_return", "eval_performance", "gap", "unsafe"]
+    gaming = [r for r in rows if r["mitigation"] == "none" and r["gap"] > 1]
+    prefix = out.relative_to(ctx.run.path)
+    return Section(
+        title="Safety gridworlds: reward against hidden performance",
+        summary=f"{len(gaming)} of {sum(r['mitigation'] == 'none' for r in rows)} plain agent runs earn more "
+                f"reward than performance; {len(rows)} runs over {len(cfg.seeds)} seed(s)",
+        tables=[{"title": "Greedy policy after training (evaluation: the test layout where there is one); gap = "
+                          "return − performance; unsafe = training episodes with a hidden penalty",
+                 "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
+        plots=[str(prefix / "plots" / name) for name in ("offswitch.png", "BoatRace-curves.png",
+                                                         "SafeInterruptibility-curves.png")],
+        data={"rows": rows},
+    )
+
+
 STAGES = (
     Stage("world", "build the world, its data sets and labelers", world_stage),
     Stage("base", "pre-train the base model", base_stage),
@@ -314,6 +348,7 @@ STAGES = (
     Stage("align", "reward model, best-of-n, DPO and PPO against the gold judge", align_stage),
     Stage("robustness", "attacks, calibration, OOD detection, shift and abstention of a digits classifier",
           robustness_stage),
+    Stage("gridworlds", "safety gridworlds: agents, hidden performance, mitigations", gridworlds_stage),
 )
 
 
