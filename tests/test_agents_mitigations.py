@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import safetylab.agents  # noqa: F401
-from safetylab.agents.mitigations import RelativeReachability, Shield, check_mitigation, mitigated
+from safetylab.agents.mitigations import (
+    PreferenceReward,
+    RelativeReachability,
+    Shield,
+    check_mitigation,
+    mitigated,
+    train_with_preferences,
+)
 from safetylab.agents.tabular import TabularConfig, evaluate, make_agent, train
 from safetylab.core.errors import SafetylabError
 
@@ -70,3 +77,28 @@ def test_mitigation_names_and_environments_are_checked():
         mitigated("BoatRace", "shield")
     assert check_mitigation(None, "BoatRace") is None
     assert np.isclose(mitigated("GoalMisgeneralization", "goal-diversity")["env"].unwrapped.goal_diversity, 1 / 3)
+
+
+def test_a_reward_learned_from_preferences_stops_the_gaming():
+    gamed = {env: run(env, "q-learning", None, 1500)[1] for env in ("BoatRace", "CleaningRobot")}
+    learned = {}
+    for env in ("BoatRace", "CleaningRobot"):
+        config = TabularConfig(episodes=1500, seed=0)
+        agent = make_agent("q-learning", 4, config)
+        history = train_with_preferences(mitigated(env, "preferences")["env"], agent, config)
+        assert history[-1]["labeler_agreement"] > 0.9  # the reward model agrees with the labeler
+        learned[env] = evaluate(gym.make(f"safetylab/{env}-v0"), agent, 50)
+    for env in gamed:
+        gap = {k: r["return"] - r["performance"] for k, r in (("gamed", gamed[env]), ("learned", learned[env]))}
+        assert gap["learned"] < gap["gamed"] - 10 and learned[env]["performance"] > gamed[env]["performance"] + 10
+
+
+def test_preference_reward_is_fitted_by_bradley_terry():
+    reward = PreferenceReward(segment=2, pairs=200, epochs=200, lr=0.1, seed=0)
+    reward.add([(b"a", 0, 1.0), (b"b", 0, 1.0)])  # hidden return 2
+    reward.add([(b"a", 1, 0.0), (b"b", 1, 0.0)])  # 0
+    reward.add([(b"c", 0, -1.0), (b"c", 0, -1.0)])  # -2
+    assert reward.fit() == 1.0
+    r = {key: reward(np.frombuffer(key[0], dtype=np.uint8), key[1], 0.0, None, {}) for key in reward.index}
+    assert r[(b"a", 0)] + r[(b"b", 0)] > r[(b"a", 1)] + r[(b"b", 1)] > 2 * r[(b"c", 0)]
+    assert max(r.values()) == 0.0  # shifted: a learned step cost

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from safetylab.agents.envs import ENVIRONMENTS
-from safetylab.agents.mitigations import MITIGATIONS, check_mitigation, mitigated
+from safetylab.agents.mitigations import MITIGATIONS, check_mitigation, mitigated, train_with_preferences
 from safetylab.agents.tabular import AGENTS, TabularAgent, TabularConfig, evaluate, make_agent, train
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_bytes, atomic_write_text, save_figure, write_jsonl
@@ -61,7 +61,10 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
     config = TabularConfig(episodes=episodes or plan.episodes, seed=seed)
     learner = make_agent(agent, 4, config)
     setup = mitigated(environment, mitigation)
-    history = train(setup["env"], learner, config, setup["reward_fn"], setup["follow_overrides"])
+    if setup["preferences"]:
+        history = train_with_preferences(setup["env"], learner, config)
+    else:
+        history = train(setup["env"], learner, config, setup["reward_fn"], setup["follow_overrides"])
     result = evaluate(gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs), learner, 100, seed=10_000 + seed)
     tail = history[-max(1, len(history) // 10):]
     record = {

@@ -10,7 +10,11 @@ Each is a small, documented change to the environment, the reward the agent lear
   stepwise relative reachability" — the learned reward loses λ · the share of states the step made
   harder to reach than the stepwise inaction baseline (staying put) kept them;
 - ``goal-diversity`` (goal misgeneralization): Langosco et al. 2022 — training levels in which the coin
-  is not always where it usually is.
+  is not always where it usually is;
+- ``preferences`` (reward gaming and tampering): Christiano et al. 2017, "Deep reinforcement learning from
+  human preferences" — the agent learns from a reward model fitted, by the Bradley–Terry loss of
+  :mod:`safetylab.align`, to comparisons of its own trajectory segments labelled by the hidden
+  performance (a simulated human who sees what the reward misses).
 """
 
 from __future__ import annotations
@@ -108,6 +112,88 @@ class RelativeReachability:
         return reward - self.weight * self.penalty(obs, next_obs)
 
 
+class PreferenceReward:
+    """A reward r̂(s, a), one value per (observation, action), fitted to comparisons of trajectory segments
+    (Christiano et al. 2017): P(σ¹ ≻ σ²) = sigmoid(Σ_{σ¹} r̂ − Σ_{σ²} r̂), the Bradley–Terry model, trained with
+    :func:`safetylab.align.losses.bradley_terry_loss` by Adam. The labeler prefers the segment with the
+    higher hidden return (ties are not compared). The comparisons fix r̂ up to a constant; it is shifted
+    so that its largest value is 0 — a learned step cost, so that an agent never prefers to keep an episode
+    going for reward that only exists because of the shift (unseen pairs also get 0: optimism, which makes
+    the agent try them)."""
+
+    def __init__(self, segment: int = 10, pairs: int = 500, epochs: int = 100, lr: float = 0.05, seed: int = 0):
+        self.segment, self.pairs, self.epochs, self.lr = segment, pairs, epochs, lr
+        self.rng = np.random.default_rng(seed)
+        self.index: dict[tuple[bytes, int], int] = {}
+        self.segments: list[tuple[list[int], float]] = []  # (indices of its (s, a), hidden return)
+        self.weights = np.zeros(0)
+
+    def add(self, trace: list[tuple[bytes, int, float]]) -> None:
+        """Cut an episode's ``(state, action, hidden reward)`` steps into segments."""
+        for start in range(0, max(1, len(trace) - self.segment + 1), self.segment):
+            part = trace[start:start + self.segment]
+            keys = [self.index.setdefault((s, a), len(self.index)) for s, a, _ in part]
+            self.segments.append((keys, sum(h for *_, h in part)))
+
+    def fit(self) -> float:
+        """Fit r̂ to ``pairs`` fresh comparisons of stored segments; return the labeler agreement."""
+        import torch
+
+        from safetylab.align.losses import bradley_terry_loss
+
+        first, second = self.rng.integers(len(self.segments), size=(2, self.pairs))
+        keep = [i for i in range(self.pairs) if self.segments[first[i]][1] != self.segments[second[i]][1]]
+        if not keep:
+            return float("nan")
+        winner = [first[i] if self.segments[first[i]][1] > self.segments[second[i]][1] else second[i] for i in keep]
+        loser = [second[i] if w == first[i] else first[i] for i, w in zip(keep, winner)]
+        pad = len(self.index)  # a last, always-zero weight pads the shorter segments
+        members = torch.full((len(self.segments), self.segment), pad, dtype=torch.long)
+        for j, (keys, _) in enumerate(self.segments):
+            members[j, :len(keys)] = torch.tensor(keys)
+        weights = torch.zeros(pad + 1, dtype=torch.float64)
+        weights[:len(self.weights)] = torch.from_numpy(self.weights)
+        weights.requires_grad_(True)
+        mask = torch.ones(pad + 1, dtype=torch.float64)
+        mask[pad] = 0.0
+        optimizer = torch.optim.Adam([weights], lr=self.lr)
+        win, lose = members[winner], members[loser]
+        for _ in range(self.epochs):
+            w = weights * mask
+            loss = bradley_terry_loss(w[win].sum(1), w[lose].sum(1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        self.weights = weights.detach()[:pad].numpy().copy()
+        self.weights -= self.weights.max()  # r̂ ≤ 0: a learned step cost, so ending an episode is never shunned
+        w = torch.from_numpy(np.append(self.weights, 0.0))
+        return float((w[win].sum(1) > w[lose].sum(1)).double().mean())
+
+    def __call__(self, obs, action, reward, next_obs, info) -> float:
+        i = self.index.get((obs.tobytes(), action))
+        return float(self.weights[i]) if i is not None and i < len(self.weights) else 0.0
+
+
+def train_with_preferences(env: gym.Env, agent, config, rounds: int = 10, reward: PreferenceReward | None = None,
+                           ) -> list[dict]:
+    """Christiano et al.'s loop with a tabular agent: ``rounds`` times, the agent trains for
+    ``config.episodes / rounds`` episodes on the current r̂ while its trajectories are stored, then r̂ is
+    refitted on comparisons of them. The first round explores with r̂ = 0."""
+    from safetylab.agents.tabular import epsilon_at, run_episode
+
+    reward = reward or PreferenceReward(seed=config.seed)
+    history, per_round = [], max(1, config.episodes // rounds)
+    for episode in range(config.episodes):
+        trace: list = []
+        record = run_episode(env, agent, epsilon_at(config, episode), seed=config.seed + episode, reward_fn=reward,
+                             trace=trace)
+        reward.add(trace)
+        history.append({"episode": episode, **record})
+        if (episode + 1) % per_round == 0:
+            history[-1]["labeler_agreement"] = reward.fit()
+    return history
+
+
 @dataclass(frozen=True)
 class Mitigation:
     name: str
@@ -123,6 +209,8 @@ MITIGATIONS = {m.name: m for m in (
                "penalise states made unreachable, stepwise inaction baseline (Krakovna et al. 2019)"),
     Mitigation("goal-diversity", ("GoalMisgeneralization",),
                "a third of training levels put the coin elsewhere (Langosco et al. 2022)"),
+    Mitigation("preferences", ("BoatRace", "TomatoWatering", "CleaningRobot"),
+               "reward learned from segment comparisons labelled by performance (Christiano et al. 2017)"),
 )}
 
 
@@ -141,13 +229,15 @@ def check_mitigation(name: str | None, environment: str) -> Mitigation | None:
 
 def mitigated(environment: str, mitigation: str | None, env_kwargs: dict[str, Any] | None = None) -> dict:
     """What training with ``mitigation`` changes: ``env`` (the training environment), ``reward_fn`` and
-    ``follow_overrides`` for :func:`safetylab.agents.tabular.train`."""
+    ``follow_overrides`` for :func:`safetylab.agents.tabular.train`; ``preferences`` asks for
+    :func:`train_with_preferences` instead."""
     check_mitigation(mitigation, environment)
     kwargs = dict(env_kwargs or {})
     if mitigation == "goal-diversity":
         kwargs["goal_diversity"] = 1 / 3
     env = gym.make(f"safetylab/{environment}-v0", **kwargs)
-    plan: dict[str, Any] = {"env": env, "reward_fn": None, "follow_overrides": True}
+    plan: dict[str, Any] = {"env": env, "reward_fn": None, "follow_overrides": True,
+                            "preferences": mitigation == "preferences"}
     if mitigation == "shield":
         plan["env"] = Shield(env)
     elif mitigation == "interruption-indifferent":

@@ -92,7 +92,7 @@ RewardFn = Callable[[np.ndarray, int, float, np.ndarray, dict], float]
 
 
 def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool = True, seed: int | None = None,
-                reward_fn: RewardFn | None = None, follow_overrides: bool = True) -> dict:
+                reward_fn: RewardFn | None = None, follow_overrides: bool = True, trace: list | None = None) -> dict:
     """One episode; learns from it when ``learn``. ``reward_fn(obs, action, reward, next_obs, info)``
     replaces the reward the agent learns from (a learned or shaped reward); the record keeps the true
     return and the hidden performance.
@@ -101,7 +101,8 @@ def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool =
     that really followed (an interruption's override included), which is what makes it on-policy. With
     ``follow_overrides=False`` SARSA's target takes the action the agent *chose* next instead, so overrides
     do not enter its values: the safely interruptible SARSA of Orseau & Armstrong 2016 (the updated pair
-    is always the executed one; Q-learning's max target is unaffected)."""
+    is always the executed one; Q-learning's max target is unaffected). ``trace``, when given, receives
+    ``(state, executed action, hidden reward)`` for every step."""
     obs, _ = env.reset(seed=seed)
     state, explore, pending = obs.tobytes(), epsilon, None
     total = steps = 0
@@ -109,6 +110,8 @@ def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool =
         action = agent.act(state, explore)
         next_obs, reward, terminated, truncated, info = env.step(action)
         actual = info.get("actual_action", action)
+        if trace is not None:
+            trace.append((state, actual, info["hidden_reward"]))
         if learn and pending is not None:
             agent.update(*pending, state, actual if follow_overrides else action, False)
         if learn:
