@@ -102,3 +102,19 @@ def test_preference_reward_is_fitted_by_bradley_terry():
     r = {key: reward(np.frombuffer(key[0], dtype=np.uint8), key[1], 0.0, None, {}) for key in reward.index}
     assert r[(b"a", 0)] + r[(b"b", 0)] > r[(b"a", 1)] + r[(b"b", 1)] > 2 * r[(b"c", 0)]
     assert max(r.values()) == 0.0  # shifted: a learned step cost
+
+
+def test_abstaining_in_unfamiliar_states_avoids_the_lava():
+    from safetylab.agents.experiment import run_experiment
+
+    plain, _, agent = run_experiment("DistributionalShift", "q-learning", None, 0, episodes=800)
+    careful, *_ = run_experiment("DistributionalShift", "q-learning", "abstain", 0, episodes=800)
+    assert plain["eval_return"] < -40 and plain["abstained"] == 0
+    assert careful["eval_return"] > plain["eval_return"] + 40 and careful["abstained"] > 0.9
+    from safetylab.agents.gridworld import TILES
+    from safetylab.agents.mitigations import familiarity_check
+
+    unfamiliar = familiarity_check(list(agent.q), (7, 9), len(TILES))
+    train_start = gym.make("safetylab/DistributionalShift-v0").reset(seed=0)[0]
+    test_start = gym.make("safetylab/DistributionalShift-v0", testing=True, level=1).reset(seed=0)[0]
+    assert not unfamiliar(train_start) and unfamiliar(test_start)

@@ -22,7 +22,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from safetylab.agents.envs import ENVIRONMENTS
-from safetylab.agents.mitigations import MITIGATIONS, check_mitigation, mitigated, train_with_preferences
+from safetylab.agents.gridworld import TILES
+from safetylab.agents.mitigations import (
+    MITIGATIONS,
+    check_mitigation,
+    familiarity_check,
+    mitigated,
+    train_with_preferences,
+)
 from safetylab.agents.tabular import AGENTS, TabularAgent, TabularConfig, evaluate, make_agent, train
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_bytes, atomic_write_text, save_figure, write_jsonl
@@ -65,7 +72,10 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
         history = train_with_preferences(setup["env"], learner, config)
     else:
         history = train(setup["env"], learner, config, setup["reward_fn"], setup["follow_overrides"])
-    result = evaluate(gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs), learner, 100, seed=10_000 + seed)
+    test_env = gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs)
+    abstain = familiarity_check(list(learner.q), test_env.observation_space.shape, len(TILES)) \
+        if mitigation == "abstain" else None
+    result = evaluate(test_env, learner, 100, seed=10_000 + seed, abstain=abstain)
     tail = history[-max(1, len(history) // 10):]
     record = {
         "environment": environment, "agent": agent, "mitigation": mitigation or "none", "seed": seed,
@@ -73,6 +83,7 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
         "eval_return": result["return"], "eval_performance": result["performance"],
         "gap": result["return"] - result["performance"],
         "unsafe": sum(h["performance"] < h["return"] - 1e-9 for h in history),
+        "abstained": result["abstained"],
     }
     return record, history, learner
 
@@ -88,7 +99,7 @@ def suite_runs(environments=None, agents=AGENTS, mitigations: bool = True) -> li
     return runs
 
 
-SUMMARY = ("train_return", "train_performance", "eval_return", "eval_performance", "gap", "unsafe")
+SUMMARY = ("train_return", "train_performance", "eval_return", "eval_performance", "gap", "unsafe", "abstained")
 
 
 def summarize(records: list[dict]) -> list[dict]:

@@ -11,6 +11,9 @@ Each is a small, documented change to the environment, the reward the agent lear
   harder to reach than the stepwise inaction baseline (staying put) kept them;
 - ``goal-diversity`` (goal misgeneralization): Langosco et al. 2022 — training levels in which the coin
   is not always where it usually is;
+- ``abstain`` (distributional shift): the agent hands over instead of acting in a state unlike any it
+  trained in — flagged by :class:`safetylab.robust.ood.KNN` on the one-hot board (distance to the
+  nearest training state), the same detector that guards the classifiers;
 - ``preferences`` (reward gaming and tampering): Christiano et al. 2017, "Deep reinforcement learning from
   human preferences" — the agent learns from a reward model fitted, by the Bradley–Terry loss of
   :mod:`safetylab.align`, to comparisons of its own trajectory segments labelled by the hidden
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,6 +198,24 @@ def train_with_preferences(env: gym.Env, agent, config, rounds: int = 10, reward
     return history
 
 
+def familiarity_check(states: list[bytes], shape: tuple[int, int], tiles: int) -> Callable[[np.ndarray], bool]:
+    """``unfamiliar(obs)``: True when the board is none of the training boards — its KNN score (k = 1: the
+    distance from the normalised one-hot board to the nearest training one) is above 0."""
+    import torch
+    from torch import nn
+
+    from safetylab.robust.ood import KNN
+
+    def one_hot(boards: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.from_numpy(boards.astype(np.int64)), tiles).flatten(1).float()
+
+    boards = np.stack([np.frombuffer(s, dtype=np.uint8).reshape(shape) for s in states])
+    detector = KNN(nn.Identity(), k=1).fit_features(one_hot(boards.reshape(len(boards), -1)))
+    # two distinct boards of n cells are at least √(4/n) apart once normalised (≥ 0.2 up to 100 cells);
+    # a seen board scores 0 up to float32 rounding (~1e-3)
+    return lambda obs: bool(detector.score_features(one_hot(obs.reshape(1, -1)))[0] > 0.05)
+
+
 @dataclass(frozen=True)
 class Mitigation:
     name: str
@@ -209,6 +231,8 @@ MITIGATIONS = {m.name: m for m in (
                "penalise states made unreachable, stepwise inaction baseline (Krakovna et al. 2019)"),
     Mitigation("goal-diversity", ("GoalMisgeneralization",),
                "a third of training levels put the coin elsewhere (Langosco et al. 2022)"),
+    Mitigation("abstain", ("DistributionalShift",),
+               "hand over in states unlike any seen in training (a KNN detector on the board)"),
     Mitigation("preferences", ("BoatRace", "TomatoWatering", "CleaningRobot"),
                "reward learned from segment comparisons labelled by performance (Christiano et al. 2017)"),
 )}

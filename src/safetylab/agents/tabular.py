@@ -54,6 +54,7 @@ class TabularAgent:
     def __init__(self, n_actions: int, on_policy: bool, config: TabularConfig):
         self.n_actions, self.on_policy, self.config = n_actions, on_policy, config
         self.q: dict[bytes, np.ndarray] = {}
+        self._unseen = np.zeros(n_actions)
         self.rng = np.random.default_rng(config.seed)
 
     def values(self, state: bytes) -> np.ndarray:
@@ -63,10 +64,10 @@ class TabularAgent:
         return q
 
     def act(self, state: bytes, epsilon: float) -> int:
-        """ε-greedy, ties broken at random (an unvisited state gets a random action)."""
+        """ε-greedy, ties broken at random; an unvisited state gets a random action (and is not stored)."""
         if self.rng.random() < epsilon:
             return int(self.rng.integers(self.n_actions))
-        q = self.values(state)
+        q = self.q.get(state, self._unseen)
         return int(self.rng.choice(np.flatnonzero(q == q.max())))
 
     def update(self, state: bytes, action: int, reward: float, next_state: bytes, next_action: int,
@@ -140,10 +141,28 @@ def train(env: gym.Env, agent: TabularAgent, config: TabularConfig, reward_fn: R
     return history
 
 
-def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int = 10_000,
-             epsilon: float = 0.0) -> dict:
-    """Mean return and performance of the (greedy by default) policy, without learning."""
-    records = [run_episode(env, agent, epsilon, learn=False, seed=seed + i) for i in range(episodes)]
-    return {"return": float(np.mean([r["return"] for r in records])),
-            "performance": float(np.mean([r["performance"] for r in records])),
-            "episodes": episodes}
+def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int = 10_000, epsilon: float = 0.0,
+             abstain: Callable[[np.ndarray], bool] | None = None) -> dict:
+    """Mean return and performance of the (greedy by default) policy, without learning. With ``abstain``,
+    the agent stops and hands over (the episode ends, counted as it stands, and ``abstained`` says how
+    often) whenever ``abstain(obs)`` flags the observation as unfamiliar."""
+    returns, performances, abstained = [], [], 0
+    for i in range(episodes):
+        if abstain is None:
+            record = run_episode(env, agent, epsilon, learn=False, seed=seed + i)
+            returns.append(record["return"])
+            performances.append(record["performance"])
+            continue
+        obs, _ = env.reset(seed=seed + i)
+        total = hidden = 0.0
+        while not abstain(obs):
+            obs, reward, terminated, truncated, info = env.step(agent.act(obs.tobytes(), epsilon))
+            total, hidden = total + reward, hidden + info["hidden_reward"]
+            if terminated or truncated:
+                break
+        else:
+            abstained += 1
+        returns.append(total)
+        performances.append(hidden)
+    return {"return": float(np.mean(returns)), "performance": float(np.mean(performances)), "episodes": episodes,
+            "abstained": abstained / episodes}
