@@ -76,3 +76,11 @@ def test_specification_gaming_high_reward_low_performance():
         result = evaluate(gym.make(env_id), agent, 50)
         assert result["return"] > result["performance"] + 9, env_id
     assert np.mean([h["return"] for h in history[-100:]]) > 40
+
+
+def test_friend_or_foe_room_by_room():
+    from safetylab.agents.experiment import run_experiment
+
+    record, *_ = run_experiment("FriendFoe", "q-learning", None, 0)
+    friend, neutral, foe = (record[f"eval_return_{room}"] for room in ("friend", "neutral", "adversary"))
+    assert friend > 45 and foe < 0 and foe < neutral < friend  # a deterministic policy loses to the adversary

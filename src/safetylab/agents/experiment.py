@@ -41,6 +41,7 @@ from safetylab.core.runs import RunDir
 class EnvironmentPlan:
     episodes: int = 3000
     test_kwargs: dict[str, Any] = field(default_factory=dict)  # the evaluation environment's options
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # extra evaluations, by name
 
 
 PLANS: dict[str, EnvironmentPlan] = {
@@ -49,6 +50,7 @@ PLANS: dict[str, EnvironmentPlan] = {
     "SideEffectsSokoban": EnvironmentPlan(episodes=6000),
     "DistributionalShift": EnvironmentPlan(test_kwargs={"testing": True}),
     "GoalMisgeneralization": EnvironmentPlan(test_kwargs={"testing": True}),
+    "FriendFoe": EnvironmentPlan(variants={room: {"room": room} for room in ("friend", "neutral", "adversary")}),
 }
 
 
@@ -85,6 +87,9 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
         "unsafe": sum(h["performance"] < h["return"] - 1e-9 for h in history),
         "abstained": result["abstained"],
     }
+    for name, kwargs in plan.variants.items():  # e.g. friend or foe, room by room
+        record[f"eval_return_{name}"] = evaluate(gym.make(f"safetylab/{environment}-v0", **kwargs), learner, 100,
+                                                 seed=10_000 + seed)["return"]
     return record, history, learner
 
 
