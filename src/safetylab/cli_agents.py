@@ -17,7 +17,8 @@ agents_app = typer.Typer(help="Safety gridworlds: agents that game them, mitigat
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 Seeds = Annotated[str, typer.Option(help="Comma-separated seeds.")]
-Episodes = Annotated[int | None, typer.Option(help="Training episodes per run (default: the environment's).")]
+Episodes = Annotated[int | None, typer.Option(help="Training episodes per tabular run (default: the environment's).")]
+Timesteps = Annotated[int, typer.Option(help="Training steps per deep (ppo, dqn) run.")]
 
 
 def _seeds(text: str) -> list[int]:
@@ -32,12 +33,23 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int], episodes: int | None) -> None:
+def _agent(name: str) -> str:
+    from safetylab.agents.deep import DEEP_AGENTS
+    from safetylab.agents.tabular import AGENTS
+    from safetylab.core.errors import SafetylabError
+
+    if name not in (*AGENTS, *DEEP_AGENTS):
+        raise SafetylabError(f"--agent must be one of {', '.join((*AGENTS, *DEEP_AGENTS))}, got {name!r}")
+    return name
+
+
+def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int], episodes: int | None,
+             timesteps: int) -> None:
     from safetylab.agents.experiment import run_suite, table_markdown
     from safetylab.core.runs import RunDir
 
-    run = RunDir(out, {"runs": [list(r) for r in runs], "seeds": seeds, "episodes": episodes})
-    rows = run_suite(run, runs, seeds, episodes)
+    run = RunDir(out, {"runs": [list(r) for r in runs], "seeds": seeds, "episodes": episodes, "timesteps": timesteps})
+    rows = run_suite(run, runs, seeds, episodes, timesteps)
     print(table_markdown(rows))
     print(f"\nrun directory: {run.path}")
 
@@ -45,34 +57,36 @@ def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int
 @agents_app.command("run")
 def run_command(
     env: Annotated[str, typer.Option(help="Environment name, e.g. BoatRace (see `safetylab agents suite`).")],
-    agent: Annotated[str, typer.Option(help="q-learning or sarsa.")] = "q-learning",
+    agent: Annotated[str, typer.Option(help="q-learning or sarsa (tabular), ppo or dqn (Stable-Baselines3).")
+                     ] = "q-learning",
     mitigation: Annotated[str | None, typer.Option(help="A mitigation that applies to the environment.")] = None,
     episodes: Episodes = None,
+    timesteps: Timesteps = 30_000,
     seeds: Seeds = "0",
     out: Out = Path("runs/agents"),
 ) -> None:
     """Train one agent on one environment (optionally mitigated) and report reward against performance."""
     from safetylab.agents.experiment import check_environment
     from safetylab.agents.mitigations import check_mitigation
-    from safetylab.agents.tabular import AGENTS
-    from safetylab.core.errors import SafetylabError
-
     check_environment(env)
     check_mitigation(mitigation, env)
-    if agent not in AGENTS:
-        raise SafetylabError(f"--agent must be one of {', '.join(AGENTS)}, got {agent!r}")
-    _execute(out, [(env, agent, mitigation)], _seeds(seeds), episodes)
+    _execute(out, [(env, _agent(agent), mitigation)], _seeds(seeds), episodes, timesteps)
 
 
 @agents_app.command("suite")
 def suite_command(
     seeds: Seeds = "0,1,2",
     env: Annotated[list[str] | None, typer.Option(help="Only these environments (repeatable).")] = None,
+    agent: Annotated[list[str] | None, typer.Option(help="Agents (repeatable; default q-learning and sarsa).")
+                     ] = None,
     episodes: Episodes = None,
+    timesteps: Timesteps = 30_000,
     out: Out = Path("runs/agents-suite"),
 ) -> None:
     """Every environment × agent × applicable mitigation over seeds: the table of reward against hidden
-    performance, learning curves and episode strips."""
+    performance, learning curves and episode strips. Deep agents get the mitigations that change the
+    environment only (shield, goal diversity)."""
     from safetylab.agents.experiment import suite_runs
 
-    _execute(out, suite_runs(env), _seeds(seeds), episodes)
+    agents = tuple(_agent(a) for a in agent) if agent else None
+    _execute(out, suite_runs(env, agents), _seeds(seeds), episodes, timesteps)

@@ -12,6 +12,7 @@ of their return (a hidden penalty: drowning, a cornered box, an unwatched shortc
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean, stdev
@@ -21,6 +22,7 @@ import gymnasium as gym
 import numpy as np
 from matplotlib.figure import Figure
 
+from safetylab.agents.deep import DEEP_AGENTS, evaluate_deep, train_deep
 from safetylab.agents.envs import ENVIRONMENTS
 from safetylab.agents.gridworld import TILES
 from safetylab.agents.mitigations import (
@@ -60,24 +62,41 @@ def check_environment(name: str) -> str:
     return name
 
 
+DEEP_TIMESTEPS = 30_000
+
+
 def run_experiment(environment: str, agent: str, mitigation: str | None = None, seed: int = 0,
-                   episodes: int | None = None) -> tuple[dict, list[dict], TabularAgent]:
+                   episodes: int | None = None, timesteps: int = DEEP_TIMESTEPS) -> tuple[dict, list[dict], Any]:
     """Train and evaluate one (environment, agent, mitigation, seed); return the record, the training
-    history (one record per episode) and the trained agent."""
+    history (one record per episode) and the trained agent. Tabular agents train for ``episodes``
+    (default: the environment's), the deep ones (``ppo``, ``dqn``) for ``timesteps`` steps."""
     check_environment(environment)
     check_mitigation(mitigation, environment)
     plan = PLANS[environment]
-    config = TabularConfig(episodes=episodes or plan.episodes, seed=seed)
-    learner = make_agent(agent, 4, config)
     setup = mitigated(environment, mitigation)
-    if setup["preferences"]:
-        history = train_with_preferences(setup["env"], learner, config)
-    else:
-        history = train(setup["env"], learner, config, setup["reward_fn"], setup["follow_overrides"])
     test_env = gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs)
-    abstain = familiarity_check(list(learner.q), test_env.observation_space.shape, len(TILES)) \
-        if mitigation == "abstain" else None
-    result = evaluate(test_env, learner, 100, seed=10_000 + seed, abstain=abstain)
+    if agent in DEEP_AGENTS:
+        if setup["reward_fn"] or setup["preferences"] or not setup["follow_overrides"] or mitigation == "abstain":
+            raise SafetylabError(f"mitigation {mitigation!r} works with the tabular agents "
+                                 f"({', '.join(AGENTS)}), not with {agent}")
+        learner, history = train_deep(setup["env"], agent, timesteps, seed)
+        result = evaluate_deep(learner, test_env, 100, seed=10_000 + seed)
+    else:
+        config = TabularConfig(episodes=episodes or plan.episodes, seed=seed)
+        learner = make_agent(agent, 4, config)
+        if setup["preferences"]:
+            history = train_with_preferences(setup["env"], learner, config)
+        else:
+            history = train(setup["env"], learner, config, setup["reward_fn"], setup["follow_overrides"])
+        abstain = familiarity_check(list(learner.q), test_env.observation_space.shape, len(TILES)) \
+            if mitigation == "abstain" else None
+        result = evaluate(test_env, learner, 100, seed=10_000 + seed, abstain=abstain)
+
+    def variant(kwargs: dict) -> dict:
+        env = gym.make(f"safetylab/{environment}-v0", **kwargs)
+        deep = agent in DEEP_AGENTS
+        return evaluate_deep(learner, env, 100, 10_000 + seed) if deep else evaluate(env, learner, 100, 10_000 + seed)
+
     tail = history[-max(1, len(history) // 10):]
     record = {
         "environment": environment, "agent": agent, "mitigation": mitigation or "none", "seed": seed,
@@ -85,22 +104,27 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
         "eval_return": result["return"], "eval_performance": result["performance"],
         "gap": result["return"] - result["performance"],
         "unsafe": sum(h["performance"] < h["return"] - 1e-9 for h in history),
+        "episodes": len(history),
         "abstained": result["abstained"],
     }
     for name, kwargs in plan.variants.items():  # e.g. friend or foe, room by room
-        record[f"eval_return_{name}"] = evaluate(gym.make(f"safetylab/{environment}-v0", **kwargs), learner, 100,
-                                                 seed=10_000 + seed)["return"]
+        record[f"eval_return_{name}"] = variant(kwargs)["return"]
     return record, history, learner
 
 
-def suite_runs(environments=None, agents=AGENTS, mitigations: bool = True) -> list[tuple[str, str, str | None]]:
+ENV_ONLY = ("shield", "goal-diversity")  # mitigations that change only the environment: any agent can use them
+
+
+def suite_runs(environments=None, agents=None, mitigations: bool = True) -> list[tuple[str, str, str | None]]:
     """Every (environment, agent, mitigation or None) the suite runs: each agent plain, and with each
-    mitigation that applies to the environment."""
+    mitigation that applies to the environment (for deep agents, those that change only the environment)."""
     runs = []
     for environment in environments or ENVIRONMENTS:
         check_environment(environment)
         applicable = [m.name for m in MITIGATIONS.values() if environment in m.environments] if mitigations else []
-        runs += [(environment, agent, mitigation) for agent in agents for mitigation in (None, *applicable)]
+        for agent in agents or AGENTS:
+            usable = applicable if agent in AGENTS else [m for m in applicable if m in ENV_ONLY]
+            runs += [(environment, agent, mitigation) for mitigation in (None, *usable)]
     return runs
 
 
@@ -147,14 +171,24 @@ def _moving_mean(values: list[float], window: int) -> np.ndarray:
     return (cumulative[1:] - cumulative[np.arange(1, len(values) + 1) - n]) / n
 
 
-def episode_frames(environment: str, agent: TabularAgent, seed: int = 0, max_frames: int = 30,
+def greedy_policy(learner) -> Callable[[np.ndarray], int]:
+    """The trained agent's greedy action for a board: a tabular agent's argmax, a deep model's
+    deterministic prediction on the one-hot board."""
+    if isinstance(learner, TabularAgent):
+        return lambda obs: learner.act(obs.tobytes(), 0.0)
+    eye = np.eye(len(TILES), dtype=np.float32)
+    return lambda obs: int(learner.predict(eye[obs.reshape(-1)].reshape(-1), deterministic=True)[0])
+
+
+def episode_frames(environment: str, learner, seed: int = 0, max_frames: int = 30,
                    **env_kwargs) -> list[np.ndarray]:
-    """RGB frames of one greedy episode (at most ``max_frames``)."""
+    """RGB frames of one greedy episode of a trained agent (at most ``max_frames``)."""
     env = gym.make(f"safetylab/{environment}-v0", render_mode="rgb_array", **env_kwargs)
+    policy = greedy_policy(learner)
     obs, _ = env.reset(seed=seed)
     frames = [env.render()]
     while len(frames) < max_frames:
-        obs, _, terminated, truncated, _ = env.step(agent.act(obs.tobytes(), 0.0))
+        obs, _, terminated, truncated, _ = env.step(policy(obs))
         frames.append(env.render())
         if terminated or truncated:
             break
@@ -182,7 +216,7 @@ def save_episode(frames: list[np.ndarray], path: str | Path, duration_ms: int = 
 
 
 def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[int],
-              episodes: int | None = None) -> list[dict]:
+              episodes: int | None = None, timesteps: int = DEEP_TIMESTEPS) -> list[dict]:
     """Every run over ``seeds`` into ``run``: ``records.jsonl``, ``summary.json`` and ``table.md``, learning
     curves per environment, a strip and a GIF of each run's greedy episode (first seed), and the off-switch
     game's plot. Returns the summary rows."""
@@ -194,7 +228,7 @@ def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[
         for environment, agent, mitigation in runs:
             label = agent + (f" + {mitigation}" if mitigation else "")
             for seed in seeds:
-                record, history, learner = run_experiment(environment, agent, mitigation, seed, episodes)
+                record, history, learner = run_experiment(environment, agent, mitigation, seed, episodes, timesteps)
                 records.append(record)
                 histories.setdefault(environment, {}).setdefault(label, []).append(history)
                 if seed == seeds[0]:
