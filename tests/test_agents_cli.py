@@ -38,7 +38,7 @@ def test_agents_suite_covers_every_agent_and_mitigation(tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("args,message", [
     (["--env", "Pong"], "environment must be one of SafeInterruptibility"),
-    (["--env", "BoatRace", "--agent", "dqn"], "--agent must be one of q-learning, sarsa"),
+    (["--env", "BoatRace", "--agent", "a2c"], "--agent must be one of q-learning, sarsa, ppo, dqn"),
     (["--env", "BoatRace", "--mitigation", "shield"], "applies to IslandNavigation, not to BoatRace"),
     (["--env", "BoatRace", "--seeds", "a"], "--seeds: expected comma-separated integers"),
 ])
