@@ -2,8 +2,9 @@
 earns with the hidden performance it delivers; the suite runs every environment × agent × mitigation
 over seeds.
 
-A run trains for ``episodes`` ε-greedy episodes and then evaluates the greedy policy for 100 episodes on
-the evaluation environment — the test layout where the environment has one (distributional shift, goal
+A run trains a tabular agent for ``episodes`` ε-greedy episodes (a deep one, PPO or DQN, for
+``timesteps`` steps) and then evaluates the greedy policy for 100 episodes on the evaluation
+environment — the test layout where the environment has one (distributional shift, goal
 misgeneralization). Its record: mean return and performance over the last tenth of training and over
 the evaluation, the gap between them, and ``unsafe`` — training episodes whose performance fell short
 of their return (a hidden penalty: drowning, a cornered box, an unwatched shortcut).
