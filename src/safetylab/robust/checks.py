@@ -62,13 +62,17 @@ def check_logits(logits: object, n: int, name: str = "model output") -> torch.Te
     return logits
 
 
-def check_probs(probs: torch.Tensor, name: str = "probs") -> torch.Tensor:
-    if probs.dim() != 2 or probs.shape[1] < 2:
-        raise SafetylabError(f"{name} must have shape (N, classes>=2), got {tuple(probs.shape)}")
-    if probs.shape[0] == 0:
-        raise SafetylabError(f"{name} is empty: expected at least one prediction")
-    if (probs < 0).any() or not torch.allclose(probs.sum(1), torch.ones_like(probs[:, 0]), atol=1e-4):
-        raise SafetylabError(f"{name} must hold probabilities: non-negative rows that sum to 1")
+def check_probs(probs: torch.Tensor, name: str = "probs", dims: int = 2) -> torch.Tensor:
+    """Probabilities ``(N, classes)`` (``dims=2``) or ``(samples, N, classes)`` (``dims=3``): classes >= 2,
+    not empty, finite, non-negative rows that sum to 1."""
+    shape = "(N, classes)" if dims == 2 else "(samples, N, classes)"
+    if not isinstance(probs, torch.Tensor) or probs.dim() != dims or probs.shape[-1] < 2:
+        got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
+        raise SafetylabError(f"{name} must have shape {shape} with classes >= 2, got {got}")
+    if probs.numel() == 0:
+        raise SafetylabError(f"{name} is empty: expected at least one prediction, got shape {tuple(probs.shape)}")
+    if not torch.isfinite(probs).all() or (probs < 0).any() or ((probs.sum(-1) - 1).abs() > 1e-4).any():
+        raise SafetylabError(f"{name} must hold probabilities: non-negative rows that sum to 1 over the classes")
     return probs
 
 
@@ -102,12 +106,17 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def is_tensor_pair(data: object) -> bool:
+    """Whether ``data`` is an ``(x, y)`` pair of tensors rather than an iterable of batches."""
+    return isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+
+
 def batches(data: Data, batch_size: int = 512, name: str = "data") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(x, y)`` batches from a pair of tensors or from any iterable of batches (a DataLoader).
 
     Raises if there is no batch at all, so an empty loader never reads as a perfect score.
     """
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if is_tensor_pair(data):
         x, y = data
         if len(x) != len(y):
             raise SafetylabError(f"{name}: {len(x)} inputs but {len(y)} labels")

@@ -23,7 +23,17 @@ from safetylab.core.errors import SafetylabError
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
 from safetylab.robust.attacks import pgd, trades_adversary
-from safetylab.robust.checks import Bounds, Data, batches, check_eps, check_labels, check_range, logits_of, model_device
+from safetylab.robust.checks import (
+    Bounds,
+    Data,
+    batches,
+    check_eps,
+    check_labels,
+    check_range,
+    is_tensor_pair,
+    logits_of,
+    model_device,
+)
 
 METHODS = ("standard", "pgd", "trades")
 
@@ -111,14 +121,14 @@ def train_classifier(model: nn.Module, data: Data, config: RobustTrainConfig = R
 
 
 def _shuffled(data: Data, generator: torch.Generator) -> Data:
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if is_tensor_pair(data):
         order = torch.randperm(len(data[0]), generator=generator)
         return data[0][order], data[1][order]
     return data
 
 
 def _n_batches(data: Data, batch_size: int) -> int:
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+    if is_tensor_pair(data):
         return max(1, -(-len(data[0]) // batch_size))
     try:
         return max(1, len(data))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import Bounds, Data, check_eval, logits_of, model_device, predict_logits
+from safetylab.robust.checks import Bounds, Data, check_eval, check_probs, logits_of, model_device, predict_logits
 from safetylab.robust.training import RobustTrainConfig, train_classifier
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -105,7 +105,7 @@ class UncertaintySplit(NamedTuple):
 def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy H[p] = −Σ_c p_c log p_c of each row of ``probs`` (N, C), in nats (Shannon 1948,
     "A Mathematical Theory of Communication"); 0 for a one-hot row, log C for a uniform one."""
-    _check_probs(probs, 2, "probs")
+    check_probs(probs, "probs")
     return _entropy(probs)
 
 
@@ -120,7 +120,7 @@ def uncertainty_split(probs_samples: torch.Tensor) -> UncertaintySplit:
     Depeweg et al. 2018, "Decomposition of Uncertainty in Bayesian Deep Learning for Efficient and
     Risk-sensitive Learning". The epistemic part is clamped at 0 against rounding.
     """
-    _check_probs(probs_samples, 3, "probs_samples")
+    check_probs(probs_samples, "probs_samples", dims=3)
     total = _entropy(probs_samples.mean(0))
     aleatoric = _entropy(probs_samples).mean(0)
     return UncertaintySplit(total, aleatoric, (total - aleatoric).clamp_min(0))
@@ -128,18 +128,6 @@ def uncertainty_split(probs_samples: torch.Tensor) -> UncertaintySplit:
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(probs, probs).sum(-1)
-
-
-def _check_probs(probs: torch.Tensor, dims: int, name: str) -> torch.Tensor:
-    shape = "(N, classes)" if dims == 2 else "(samples, N, classes)"
-    if not isinstance(probs, torch.Tensor) or probs.dim() != dims or probs.shape[-1] < 2:
-        got = tuple(probs.shape) if isinstance(probs, torch.Tensor) else type(probs).__name__
-        raise SafetylabError(f"{name} must have shape {shape} with classes >= 2, got {got}")
-    if probs.numel() == 0:
-        raise SafetylabError(f"{name} is empty: expected at least one prediction, got shape {tuple(probs.shape)}")
-    if not torch.isfinite(probs).all() or (probs < 0).any() or ((probs.sum(-1) - 1).abs() > 1e-4).any():
-        raise SafetylabError(f"{name} must hold probabilities: non-negative rows that sum to 1 over the classes")
-    return probs
 
 
 def _check_count(n: int, name: str) -> int:
