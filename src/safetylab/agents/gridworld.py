@@ -56,7 +56,6 @@ COLORS.flags.writeable = False
 
 UP, DOWN, LEFT, RIGHT = 0, 1, 2, 3
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
-_MOVE = dict(enumerate(MOVES))  # a dict refuses −1, which a tuple index would take
 ACTION_NAMES = ("up", "down", "left", "right")
 
 
@@ -76,11 +75,16 @@ def parse_art(art: tuple[str, ...] | list[str]) -> np.ndarray:
 
 class Gridworld(gym.Env):
     """A safety gridworld. Subclasses set ``art`` (the default level) and the reward constants and override
-    :meth:`_enter` (what entering a tile does), and where needed :meth:`_reset_state`.
+    :meth:`_enter` (what a step does), and where needed :meth:`_reset_state`, :meth:`_observe` and
+    :meth:`_info`.
 
     ``info["hidden_reward"]`` every step; ``info["performance"]`` (the episode's hidden return) and
     ``info["episode_return"]`` on the last one. Episodes end at a terminal tile or after ``max_steps``
     (truncation). Stepping an ended episode, or an action outside ``0..3``, raises.
+
+    Positions are flat indices into the board (``row * width + column``; :attr:`position` gives the row
+    and column), so a move is one addition, and the board is read and written through a memoryview that
+    shares its memory: the step is the hot loop of every experiment.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
@@ -89,6 +93,7 @@ class Gridworld(gym.Env):
     goal_reward: ClassVar[float] = 50.0
     max_steps: int = 100
     tile_pixels: ClassVar[int] = 16
+    border: ClassVar[str] = "#"  # the tiles the level's edge may hold: none the agent could walk off from
 
     def __init__(self, render_mode: str | None = None, art: tuple[str, ...] | list[str] | None = None,
                  max_steps: int | None = None):
@@ -97,41 +102,46 @@ class Gridworld(gym.Env):
                                  f"got {render_mode!r}")
         self.render_mode = render_mode
         self._level = parse_art(tuple(art) if art is not None else self.art)
+        edge = np.concatenate([self._level[0], self._level[-1], self._level[:, 0], self._level[:, -1]])
+        if not np.isin(edge, [TILES[ch] for ch in self.border]).all():
+            raise SafetylabError(f"{type(self).__name__}: the level's edge must be made of {self.border!r} "
+                                 f"tiles, got {''.join(sorted({CHARS[int(t)] for t in edge}))!r}")
         if max_steps is not None:
             if max_steps < 1:
                 raise SafetylabError(f"max_steps must be >= 1, got {max_steps}")
             self.max_steps = max_steps
         self.observation_space = spaces.Box(0, len(TILES) - 1, self._level.shape, dtype=np.uint8)
         self.action_space = spaces.Discrete(len(MOVES))
-        self._grid = self._level.copy()
+        width = self._level.shape[1]
+        self._offsets = tuple(dr * width + dc for dr, dc in MOVES)  # flat offset per action
+        self._set_board(self._level.copy())
+        self._pos, self._under = self._level.tobytes().index(AGENT), FLOOR
         self._done = True  # until reset
 
     # ------------------------------------------------------------------ Gymnasium API
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        self._grid = self._pick_level().copy()
-        self._pos = tuple(int(v) for v in np.argwhere(self._grid == AGENT)[0])
+        self._set_board(self._pick_level().copy())
+        self._pos = self._grid.tobytes().index(AGENT)
         self._under = FLOOR  # the tile the agent stands on
         self._steps, self._return, self._performance, self._done = 0, 0.0, 0.0, False
         self._reset_state()
         return self._observe(), {}
 
     def step(self, action) -> tuple[np.ndarray, float, bool, bool, dict]:
-        move = None if self._done or action.__class__ in (bool, float) else _MOVE.get(action)
-        if move is None:
-            self._check_step(action)  # raises with the reason
-        r, c = self._pos
-        reward, hidden, terminated = self._enter((r + move[0], c + move[1]), int(action))
+        if action.__class__ is not int or not 0 <= action <= 3 or self._done:
+            action = self._check_step(action)  # raises with the reason, or gives a numpy integer as int
+        reward, hidden, terminated = self._enter(self._pos + self._offsets[action], action)
         self._steps += 1
         self._return += reward
         self._performance += hidden
         if not terminated and self._steps < self.max_steps:
-            return self._observe(), reward, False, False, {"hidden_reward": hidden}
+            return self._observe(), reward, False, False, self._info(hidden)
         hidden_end = self._end_of_episode()
         self._performance += hidden_end
         self._done = True
-        info = {"hidden_reward": hidden + hidden_end, "performance": self._performance,
-                "episode_return": self._return}
+        info = self._info(hidden + hidden_end)
+        info["performance"], info["episode_return"] = self._performance, self._return
         return self._observe(), reward, terminated, not terminated, info
 
     def render(self) -> str | np.ndarray | None:
@@ -141,33 +151,52 @@ class Gridworld(gym.Env):
             return self.rgb()
         return None
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """The agent's (row, column)."""
+        return divmod(self._pos, self._grid.shape[1])
+
+    def tile_ahead(self, action: int) -> int:
+        """The code of the tile that ``action`` would move the agent onto (a wall stops it there)."""
+        return self._cells[self._pos + self._offsets[action]]
+
     # ------------------------------------------------------------------ what subclasses use
-    def _check_step(self, action) -> None:
+    def _check_step(self, action) -> int:
         if self._done:
             raise SafetylabError(f"{type(self).__name__}.step() after the episode ended: call reset() first")
         if isinstance(action, bool) or not (isinstance(action, (int, np.integer)) and 0 <= action < len(MOVES)):
             raise SafetylabError(f"action must be an integer in 0..{len(MOVES) - 1} "
                                  f"({', '.join(ACTION_NAMES)}), got {action!r}")
+        return int(action)
 
-    def _enter(self, target: tuple[int, int], action: int) -> tuple[float, float, bool]:
-        """Move towards ``target`` and return (reward, hidden reward, terminated). The default: walls
-        block, every step costs ``movement_reward`` (visible and hidden alike), the goal pays
-        ``goal_reward`` and ends the episode."""
-        tile = self._move_to(target)
-        if tile == GOAL:
+    def _enter(self, target: int, action: int) -> tuple[float, float, bool]:
+        """Take a step towards the flat position ``target`` and return (reward, hidden reward,
+        terminated); an environment may change the action and the target here. The default is
+        :meth:`_walk`."""
+        return self._walk(target)
+
+    def _walk(self, target: int) -> tuple[float, float, bool]:
+        """The plain step: walls block, every step costs ``movement_reward`` (visible and hidden alike), the
+        goal pays ``goal_reward`` and ends the episode."""
+        if self._move(target) == GOAL:
             return self.movement_reward + self.goal_reward, self.movement_reward + self.goal_reward, True
         return self.movement_reward, self.movement_reward, False
 
-    def _move_to(self, target: tuple[int, int]) -> int:
-        """Step the agent onto ``target`` unless it is a wall; return the tile it now stands on."""
-        grid = self._grid
-        tile = grid.item(target)
+    def _move(self, target: int) -> int:
+        """Step the agent onto the flat position ``target`` unless it is a wall; return the tile it now
+        stands on."""
+        cells = self._cells
+        tile = cells[target]
         if tile == WALL:
             return self._under
-        grid[self._pos] = self._under
-        grid[target] = AGENT
+        cells[self._pos] = self._under
+        cells[target] = AGENT
         self._under, self._pos = tile, target
         return tile
+
+    def _set_board(self, grid: np.ndarray) -> None:
+        self._grid = grid
+        self._cells = memoryview(grid.reshape(-1))  # the same memory, read and written per cell
 
     def _pick_level(self) -> np.ndarray:
         """The level of the next episode (environments with several levels choose here)."""
@@ -182,6 +211,19 @@ class Gridworld(gym.Env):
 
     def _observe(self) -> np.ndarray:
         return self._grid.copy()
+
+    def _info(self, hidden: float) -> dict:
+        """The step's ``info`` (environments add their side information here)."""
+        return {"hidden_reward": hidden}
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_cells"]  # a memoryview does not pickle; rebuilt from the board
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._set_board(self._grid)
 
     # ------------------------------------------------------------------ rendering
     def ansi(self) -> str:

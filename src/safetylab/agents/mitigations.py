@@ -42,13 +42,11 @@ class Shield(gym.Wrapper):
 
     def __init__(self, env: gym.Env, unsafe: tuple[str, ...] = ("~",)):
         super().__init__(env)
-        self.unsafe = np.array([TILES[ch] for ch in unsafe])
+        self.unsafe = frozenset(TILES[ch] for ch in unsafe)
 
     def safe(self, action: int) -> bool:
         grid: Gridworld = self.env.unwrapped
-        r, c = grid._pos
-        dr, dc = MOVES[action]
-        return not np.isin(grid._grid[r + dr, c + dc], self.unsafe)
+        return grid.tile_ahead(action) not in self.unsafe
 
     def step(self, action):
         safe = action if self.safe(action) else next((a for a in range(len(MOVES)) if self.safe(a)), action)
