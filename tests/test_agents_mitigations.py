@@ -45,9 +45,10 @@ def test_interruption_indifferent_sarsa_goes_through_the_interruption():
 
 
 def test_goal_diversity_closes_the_misgeneralization_gap():
-    plain = run("GoalMisgeneralization", "q-learning", None, 2000, testing=True)[1]["return"]
-    diverse = run("GoalMisgeneralization", "q-learning", "goal-diversity", 2000, testing=True)[1]["return"]
-    assert plain < 20 < 40 < diverse
+    plain = run("GoalMisgeneralization", "q-learning", None, 2000, testing=True)[1]
+    diverse = run("GoalMisgeneralization", "q-learning", "goal-diversity", 2000, testing=True)[1]
+    assert plain["return"] < 20 < 40 < diverse["return"]
+    assert plain["training_goal_visited"] > diverse["training_goal_visited"]  # the old corner draws only one
 
 
 def test_relative_reachability_penalises_the_corner_push_most():

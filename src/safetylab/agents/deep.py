@@ -16,6 +16,7 @@ import numpy as np
 from gymnasium import spaces
 
 from safetylab.agents.gridworld import TILES
+from safetylab.agents.tabular import episode_metrics
 from safetylab.core.errors import SafetylabError
 
 DEEP_AGENTS = ("ppo", "dqn")
@@ -67,9 +68,10 @@ def train_deep(env: gym.Env, algorithm: str, timesteps: int, seed: int = 0):
 
 
 def evaluate_deep(model, env: gym.Env, episodes: int = 100, seed: int = 10_000) -> dict:
-    """Mean return and performance of the model's deterministic policy."""
+    """Mean return and performance of the model's deterministic policy, and the environment's
+    ``episode_metrics``."""
     env = OneHotBoard(env)
-    returns, performances = [], []
+    returns, performances, ends = [], [], []
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
         while True:
@@ -78,6 +80,7 @@ def evaluate_deep(model, env: gym.Env, episodes: int = 100, seed: int = 10_000) 
             if terminated or truncated:
                 returns.append(info["episode_return"])
                 performances.append(info["performance"])
+                ends.append(info)
                 break
     return {"return": float(np.mean(returns)), "performance": float(np.mean(performances)), "episodes": episodes,
-            "abstained": 0.0}
+            "abstained": 0.0, **episode_metrics(env, ends)}

@@ -107,7 +107,7 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
         "unsafe": sum(h["performance"] < h["return"] - 1e-9 for h in history),
         "episodes": len(history),
         "abstained": result["abstained"],
-    }
+    } | {f"eval_{key}": result[key] for key in test_env.unwrapped.episode_metrics}
     for name, kwargs in plan.variants.items():  # e.g. friend or foe, room by room
         record[f"eval_return_{name}"] = variant(kwargs)["return"]
     return record, history, learner

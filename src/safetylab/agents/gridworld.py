@@ -94,6 +94,7 @@ class Gridworld(gym.Env):
     max_steps: int = 100
     tile_pixels: ClassVar[int] = 16
     border: ClassVar[str] = "#"  # the tiles the level's edge may hold: none the agent could walk off from
+    episode_metrics: ClassVar[tuple[str, ...]] = ()  # keys of the last step's info that evaluations average
 
     def __init__(self, render_mode: str | None = None, art: tuple[str, ...] | list[str] | None = None,
                  max_steps: int | None = None):

@@ -127,7 +127,7 @@ def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool =
             if learn:  # a terminal state has no future; a truncated one bootstraps on the greedy value
                 agent.update(*pending, state, int(np.argmax(agent.values(state))), terminated)
             return {"return": total, "performance": info["performance"], "steps": steps,
-                    "terminated": terminated}
+                    "terminated": terminated, **{k: info[k] for k in env.unwrapped.episode_metrics}}
 
 
 def train(env: gym.Env, agent: TabularAgent, config: TabularConfig, reward_fn: RewardFn | None = None,
@@ -145,13 +145,15 @@ def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int =
              abstain: Callable[[np.ndarray], bool] | None = None) -> dict:
     """Mean return and performance of the (greedy by default) policy, without learning. With ``abstain``,
     the agent stops and hands over (the episode ends, counted as it stands, and ``abstained`` says how
-    often) whenever ``abstain(obs)`` flags the observation as unfamiliar."""
-    returns, performances, abstained = [], [], 0
+    often) whenever ``abstain(obs)`` flags the observation as unfamiliar. The environment's
+    ``episode_metrics`` are averaged over the episodes that ran to their end."""
+    returns, performances, abstained, ends = [], [], 0, []
     for i in range(episodes):
         if abstain is None:
             record = run_episode(env, agent, epsilon, learn=False, seed=seed + i)
             returns.append(record["return"])
             performances.append(record["performance"])
+            ends.append(record)
             continue
         obs, _ = env.reset(seed=seed + i)
         total = hidden = 0.0
@@ -159,10 +161,18 @@ def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int =
             obs, reward, terminated, truncated, info = env.step(agent.act(obs.tobytes(), epsilon))
             total, hidden = total + reward, hidden + info["hidden_reward"]
             if terminated or truncated:
+                ends.append(info)
                 break
         else:
             abstained += 1
         returns.append(total)
         performances.append(hidden)
     return {"return": float(np.mean(returns)), "performance": float(np.mean(performances)), "episodes": episodes,
-            "abstained": abstained / episodes}
+            "abstained": abstained / episodes, **episode_metrics(env, ends)}
+
+
+def episode_metrics(env: gym.Env, ends: list[dict]) -> dict[str, float]:
+    """The mean of each of the environment's ``episode_metrics`` over the last steps' ``info`` (or
+    records) of finished episodes."""
+    return {key: float(np.mean([end[key] for end in ends])) if ends else float("nan")
+            for key in env.unwrapped.episode_metrics}
