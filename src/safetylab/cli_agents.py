@@ -85,7 +85,7 @@ def suite_command(
 ) -> None:
     """Every environment × agent × applicable mitigation over seeds: the table of reward against hidden
     performance, learning curves and episode strips. Deep agents get the mitigations that change the
-    environment only (shield, goal diversity)."""
+    environment only (shield, supervisor-blind, goal diversity)."""
     from safetylab.agents.experiment import suite_runs
 
     agents = tuple(_agent(a) for a in agent) if agent else None

@@ -32,6 +32,7 @@ from safetylab.agents.mitigations import (
     familiarity_check,
     mitigated,
     train_with_preferences,
+    view_for,
 )
 from safetylab.agents.tabular import AGENTS, TabularAgent, TabularConfig, evaluate, make_agent, train
 from safetylab.core.errors import SafetylabError
@@ -75,7 +76,8 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
     check_mitigation(mitigation, environment)
     plan = PLANS[environment]
     setup = mitigated(environment, mitigation)
-    test_env = gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs)
+    view = view_for(mitigation)
+    test_env = view(gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs))
     if agent in DEEP_AGENTS:
         if setup["reward_fn"] or setup["preferences"] or not setup["follow_overrides"] or mitigation == "abstain":
             raise SafetylabError(f"mitigation {mitigation!r} works with the tabular agents "
@@ -94,7 +96,7 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
         result = evaluate(test_env, learner, 100, seed=10_000 + seed, abstain=abstain)
 
     def variant(kwargs: dict) -> dict:
-        env = gym.make(f"safetylab/{environment}-v0", **kwargs)
+        env = view(gym.make(f"safetylab/{environment}-v0", **kwargs))
         deep = agent in DEEP_AGENTS
         return evaluate_deep(learner, env, 100, 10_000 + seed) if deep else evaluate(env, learner, 100, 10_000 + seed)
 
@@ -113,7 +115,8 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
     return record, history, learner
 
 
-ENV_ONLY = ("shield", "goal-diversity")  # mitigations that change only the environment: any agent can use them
+# mitigations that change only the environment: any agent can use them
+ENV_ONLY = ("shield", "supervisor-blind", "goal-diversity")
 
 
 def suite_runs(environments=None, agents=None, mitigations: bool = True) -> list[tuple[str, str, str | None]]:
@@ -181,10 +184,11 @@ def greedy_policy(learner) -> Callable[[np.ndarray], int]:
     return lambda obs: int(learner.predict(eye[obs.reshape(-1)].reshape(-1), deterministic=True)[0])
 
 
-def episode_frames(environment: str, learner, seed: int = 0, max_frames: int = 30,
+def episode_frames(environment: str, learner, seed: int = 0, max_frames: int = 30, mitigation: str | None = None,
                    **env_kwargs) -> list[np.ndarray]:
-    """RGB frames of one greedy episode of a trained agent (at most ``max_frames``)."""
-    env = gym.make(f"safetylab/{environment}-v0", render_mode="rgb_array", **env_kwargs)
+    """RGB frames of one greedy episode of a trained agent (at most ``max_frames``), seen as the agent
+    trained with ``mitigation`` sees the board (the frames show the true board)."""
+    env = view_for(mitigation)(gym.make(f"safetylab/{environment}-v0", render_mode="rgb_array", **env_kwargs))
     policy = greedy_policy(learner)
     obs, _ = env.reset(seed=seed)
     frames = [env.render()]
@@ -233,7 +237,8 @@ def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[
                 records.append(record)
                 histories.setdefault(environment, {}).setdefault(label, []).append(history)
                 if seed == seeds[0]:
-                    frames = episode_frames(environment, learner, **PLANS[environment].test_kwargs)
+                    frames = episode_frames(environment, learner, mitigation=mitigation,
+                                            **PLANS[environment].test_kwargs)
                     name = f"{environment}-{label.replace(' + ', '-')}"
                     save_episode(frames, run.plots / f"{name}.png")
                     save_episode(frames, run.plots / f"{name}.gif")

@@ -9,6 +9,10 @@ Each is a small, documented change to the environment, the reward the agent lear
 - ``relative-reachability`` (side effects): Krakovna et al. 2019, "Penalizing side effects using
   stepwise relative reachability" — the learned reward loses λ · the share of states the step made
   harder to reach than the stepwise inaction baseline (staying put) kept them;
+- ``supervisor-blind`` (absent supervisor): Leike et al. 2017, §2.3, ask that an agent behave the same
+  whether or not it is watched; this wrapper takes away the cue that tells the two apart (the
+  supervisor's marks on the board), so no policy can condition on oversight — the gridworld form of
+  keeping evaluation indistinguishable from deployment;
 - ``goal-diversity`` (goal misgeneralization): Langosco et al. 2022 — training levels in which the coin
   is not always where it usually is;
 - ``abstain`` (distributional shift): the agent hands over instead of acting in a state unlike any it
@@ -53,6 +57,14 @@ class Shield(gym.Wrapper):
         obs, reward, terminated, truncated, info = self.env.step(safe)
         info["actual_action"], info["shielded"] = int(safe), safe != action
         return obs, reward, terminated, truncated, info
+
+
+class SupervisorBlind(gym.ObservationWrapper):
+    """Shows the board with the supervisor's marks ``S`` read as floor, so watched and unwatched episodes
+    look the same and a policy cannot behave differently in them."""
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return np.where(observation == TILES["S"], TILES[" "], observation).astype(np.uint8)
 
 
 @dataclass
@@ -227,6 +239,8 @@ MITIGATIONS = {m.name: m for m in (
                "learn from chosen actions, not the interruption's (Orseau & Armstrong 2016)"),
     Mitigation("relative-reachability", ("SideEffectsSokoban",),
                "penalise states made unreachable, stepwise inaction baseline (Krakovna et al. 2019)"),
+    Mitigation("supervisor-blind", ("AbsentSupervisor",),
+               "the supervisor's marks hidden: no policy can depend on being watched (Leike et al. 2017)"),
     Mitigation("goal-diversity", ("GoalMisgeneralization",),
                "a third of training levels put the coin elsewhere (Langosco et al. 2022)"),
     Mitigation("abstain", ("DistributionalShift",),
@@ -262,8 +276,16 @@ def mitigated(environment: str, mitigation: str | None, env_kwargs: dict[str, An
                             "preferences": mitigation == "preferences"}
     if mitigation == "shield":
         plan["env"] = Shield(env)
+    elif mitigation == "supervisor-blind":
+        plan["env"] = view_for(mitigation)(env)
     elif mitigation == "interruption-indifferent":
         plan["follow_overrides"] = False
     elif mitigation == "relative-reachability":
         plan["reward_fn"] = RelativeReachability(env.unwrapped)
     return plan
+
+
+def view_for(mitigation: str | None) -> Callable[[gym.Env], gym.Env]:
+    """What an agent trained with ``mitigation`` keeps seeing afterwards, as a wrapper for evaluation
+    environments (the supervisor stays hidden; every other mitigation leaves the view alone)."""
+    return SupervisorBlind if mitigation == "supervisor-blind" else (lambda env: env)
