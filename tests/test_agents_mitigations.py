@@ -79,8 +79,9 @@ def test_relative_reachability_penalises_the_corner_push_most():
     corner, careful = penalty([1, 3, 3, 1, 1]), penalty([2, 1, 3, 1, 3, 3, 1])
     assert corner > 2 * careful > 0
     assert 45 - rr.weight * corner < 43 - rr.weight * careful  # the shaped reward prefers the careful route
-    _, result = run("SideEffectsSokoban", "q-learning", "relative-reachability", 6000)
-    assert result["performance"] == result["return"] == 43
+    for agent in ("q-learning", "sarsa"):
+        _, result = run("SideEffectsSokoban", agent, "relative-reachability", 6000)
+        assert result["performance"] == result["return"] == 43
 
 
 def test_mitigation_names_and_environments_are_checked():

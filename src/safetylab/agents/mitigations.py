@@ -73,10 +73,15 @@ class RelativeReachability:
     gridworlds: reward − λ · (1/|S|) Σ_y max(0, R(s_{t−1}, y) − R(s_t, y)), with discounted reachability
     R(x, y) = γ_r^{d(x, y)} (d: the fewest steps from x to y, ∞ if none) over the states S reachable from
     the start, and the inaction baseline s_{t−1} (the state had the agent stayed put). States are found
-    and distances measured by breadth-first search on copies of the environment, once per state."""
+    and distances measured by breadth-first search on copies of the environment, once per state.
+
+    λ = 100 by default. On the Sokoban level the penalties of the corner-push route sum to 0.57 and those
+    of the careful route to 0.24 (it moves the box too). Q-learning keeps off the corner from λ = 20 on;
+    SARSA, whose values carry its own exploration, only from λ = 100 (5 seeds each); at λ = 200 SARSA
+    stops reaching the goal on some seeds."""
 
     env: Gridworld
-    weight: float = 20.0
+    weight: float = 100.0
     gamma: float = 0.95
     _states: dict[bytes, int] = field(default_factory=dict)
     _reach: np.ndarray | None = None
