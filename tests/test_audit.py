@@ -23,6 +23,7 @@ from safetylab.core.runs import RunDir
 from safetylab.evals import EvalConfig, evaluate_policy, summarize
 from safetylab.evals.policy import METRICS
 from safetylab.models import ModelConfig, build_model, train_tokenizer
+from safetylab.robust.training import RobustTrainConfig
 from safetylab.world import KINDS
 from safetylab.world.content import JAILBREAKS
 
@@ -177,6 +178,10 @@ def tiny_audit_config():
                        adversarial=(replace(config.robust.adversarial[0], epochs=1, steps=2),), eps=(0.0, 0.1),
                        attack_steps=5, square_queries=20, ensemble_members=2, mc_samples=3),
         gridworlds=replace(config.gridworlds, episodes=60),
+        verify=replace(config.verify, trainings=("standard",), standard=RobustTrainConfig(epochs=1), eps=(0.0, 0.05),
+                       examples=8,
+                       exact_time_limit=0.2, attack_steps=3, alpha_iterations=2, sigmas=(0.25,), smooth_epochs=1,
+                       smooth_examples=4, smooth_n=100, radii=(0.0, 0.25)),
     )
 
 
@@ -224,7 +229,7 @@ def test_audit_writes_both_reports(audit_dir, report):
         assert sum(line.startswith(f"== {stage.name}: ") for line in logs) == 2
     assert not any("skipped" in line for line in logs)
     assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align", "robustness",
-                                                        "gridworlds"]
+                                                        "gridworlds", "verification"]
     assert report["config"] == json.loads(json.dumps(asdict(CONFIG)))
     assert report["safetylab"]
     for section in report["sections"]:
@@ -465,3 +470,14 @@ def test_audit_gridworlds_section(audit_dir, report):
         ("q-learning", "none"), ("q-learning", "shield"), ("sarsa", "none"), ("sarsa", "shield")}
     assert all(r["unsafe"] == 0 for r in rows if r["mitigation"] == "shield")
     assert all((audit_dir / p).is_file() for p in grid["plots"])
+
+
+def test_audit_verification_section(audit_dir, report):
+    verification = next(s for s in report["sections"] if s["name"] == "verification")
+    rows = verification["data"]["certify"]["rows"]
+    assert [(r["model"], r["eps"]) for r in rows] == [("standard", 0.0), ("standard", 0.05)]
+    for r in rows:
+        assert r["crown"] <= r["exact"] + 1e-6 and r["exact"] <= r["pgd"] + 1e-6
+    assert {r["method"] for r in verification["data"]["bounds"]["rows"]} == {"ibp", "crown", "alpha-crown"}
+    assert set(verification["data"]["smooth"]["curves"]) == {"smoothing σ=0.25", "CROWN (standard network)"}
+    assert len(verification["plots"]) == 2 and all((audit_dir / p).is_file() for p in verification["plots"])

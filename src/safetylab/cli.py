@@ -13,6 +13,7 @@ import typer
 
 from safetylab.cli_agents import agents_app
 from safetylab.cli_robust import robust_app
+from safetylab.cli_verify import verify_app
 from safetylab.core.errors import SafetylabError
 
 app = typer.Typer(help="safetylab: measure and manage the safety of ML models.", no_args_is_help=True,
@@ -25,6 +26,7 @@ app.add_typer(train_app, name="train")
 app.add_typer(sample_app, name="sample")
 app.add_typer(robust_app, name="robust")
 app.add_typer(agents_app, name="agents")
+app.add_typer(verify_app, name="verify")
 
 Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Output file (default: standard output).")]

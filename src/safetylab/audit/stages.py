@@ -35,6 +35,10 @@ from safetylab.models.train import TrainConfig, finetune, pretrain  # noqa: E402
 from safetylab.robust.suite import QUICK as ROBUST_QUICK  # noqa: E402
 from safetylab.robust.suite import SECTIONS as ROBUST_SECTIONS  # noqa: E402
 from safetylab.robust.suite import RobustSuiteConfig, run_suite  # noqa: E402
+from safetylab.verify.suite import QUICK as VERIFY_QUICK  # noqa: E402
+from safetylab.verify.suite import SECTIONS as VERIFY_SECTIONS  # noqa: E402
+from safetylab.verify.suite import VerifySuiteConfig  # noqa: E402
+from safetylab.verify.suite import run_suite as run_verification  # noqa: E402
 from safetylab.world.labelers import PRESETS, measure_labeler  # noqa: E402
 from safetylab.world.requests import KINDS  # noqa: E402
 from safetylab.world.world import World, WorldConfig  # noqa: E402
@@ -83,6 +87,7 @@ class AuditConfig:
     align: AlignStageConfig = field(default_factory=AlignStageConfig)
     robust: RobustSuiteConfig = field(default_factory=RobustSuiteConfig)
     gridworlds: GridworldStageConfig = field(default_factory=GridworldStageConfig)
+    verify: VerifySuiteConfig = field(default_factory=VerifySuiteConfig)
 
 
 QUICK = AuditConfig(
@@ -105,6 +110,7 @@ QUICK = AuditConfig(
     ),
     robust=ROBUST_QUICK,
     gridworlds=GridworldStageConfig(episodes=400),
+    verify=VERIFY_QUICK,
 )
 
 
@@ -119,7 +125,8 @@ def audit_config(quick: bool = False, seed: int = 0, device: str = "auto") -> Au
                     dpo=replace(size.align.dpo, train=seeded(size.align.dpo.train)),
                     ppo=replace(size.align.ppo, train=seeded(size.align.ppo.train)))
     return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed), base=seeded(size.base),
-                   sft=seeded(size.sft), align=align, robust=replace(size.robust, seed=seed))
+                   sft=seeded(size.sft), align=align, robust=replace(size.robust, seed=seed),
+                   verify=replace(size.verify, seed=seed))
 
 
 def world_of(ctx: Context) -> World:
@@ -305,16 +312,23 @@ def _samples(ctx: Context, model: str) -> list[dict]:
 def robustness_stage(ctx: Context) -> Section:
     """The digits classifier study of :mod:`safetylab.robust.suite`: attacks and adversarial training,
     calibration, OOD detection, distribution shift and abstention, as one section."""
-    out = ctx.stage_dir("robustness")
-    run = RunDir(out, asdict(ctx.config.robust))
-    sections = run_suite(ctx.config.robust, run, ROBUST_SECTIONS, log=lambda line: None)
+    return _study_section(ctx, "robustness", "Robustness of a classifier (digits)", ctx.config.robust, run_suite,
+                          ROBUST_SECTIONS)
+
+
+def _study_section(ctx: Context, stage: str, title: str, config, run_study, sections: tuple[str, ...]) -> Section:
+    """A study made of sections (:mod:`safetylab.robust.suite`, :mod:`safetylab.verify.suite`), run in the
+    stage's directory, as one report section."""
+    out = ctx.stage_dir(stage)
+    run = RunDir(out, asdict(config))
+    found = run_study(config, run, sections, log=lambda line: None)
     prefix = out.relative_to(ctx.run.path)
     return Section(
-        title="Robustness of a classifier (digits)",
-        summary=" | ".join(s["summary"] for s in sections.values()),
-        tables=[{**t, "title": f"{s['title']}: {t['title']}"} for s in sections.values() for t in s["tables"]],
-        plots=[str(prefix / p) for s in sections.values() for p in s["plots"]],
-        data={name: s["data"] for name, s in sections.items()},
+        title=title,
+        summary=" | ".join(s["summary"] for s in found.values()),
+        tables=[{**t, "title": f"{s['title']}: {t['title']}"} for s in found.values() for t in s["tables"]],
+        plots=[str(prefix / p) for s in found.values() for p in s["plots"]],
+        data={name: s["data"] for name, s in found.items()},
     )
 
 
@@ -340,6 +354,13 @@ def gridworlds_stage(ctx: Context) -> Section:
     )
 
 
+def verification_stage(ctx: Context) -> Section:
+    """The digits verification study of :mod:`safetylab.verify.suite`: bounds by each method, certified
+    accuracy against ε for four trainings (IBP, CROWN, α-CROWN, exact, beside PGD), randomized smoothing."""
+    return _study_section(ctx, "verification", "Verification of a classifier (digits)", ctx.config.verify,
+                          run_verification, VERIFY_SECTIONS)
+
+
 STAGES = (
     Stage("world", "build the world, its data sets and labelers", world_stage),
     Stage("base", "pre-train the base model", base_stage),
@@ -349,6 +370,8 @@ STAGES = (
     Stage("robustness", "attacks, calibration, OOD detection, shift and abstention of a digits classifier",
           robustness_stage),
     Stage("gridworlds", "safety gridworlds: agents, hidden performance, mitigations", gridworlds_stage),
+    Stage("verification", "bounds, certified accuracy, exact verification and smoothing of a digits classifier",
+          verification_stage),
 )
 
 

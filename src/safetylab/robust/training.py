@@ -4,7 +4,9 @@
 - ``pgd``: Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks":
   min_θ E max_{‖δ‖≤ε} CE(f_θ(x + δ), y), the inner max approximated by PGD with a random start;
 - ``trades``: Zhang et al. 2019, "Theoretically Principled Trade-off between Robustness and Accuracy":
-  CE(f(x), y) + β · KL(p(x) ‖ p(x′)), with x′ maximising the KL term by PGD from x + 0.001·N(0, I).
+  CE(f(x), y) + β · KL(p(x) ‖ p(x′)), with x′ maximising the KL term by PGD from x + 0.001·N(0, I);
+- ``noise``: cross-entropy on x + N(0, σ²I), not clipped — the base classifier of randomized smoothing
+  (Cohen et al. 2019, "Certified Adversarial Robustness via Randomized Smoothing", §4).
 
 The adversary runs with the model in eval mode (batch-norm statistics and dropout fixed), and the
 model's own mode is restored for the update. ε can ramp up linearly over ``eps_warmup_epochs``.
@@ -35,7 +37,7 @@ from safetylab.robust.checks import (
     model_device,
 )
 
-METHODS = ("standard", "pgd", "trades")
+METHODS = ("standard", "pgd", "trades", "noise")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class RobustTrainConfig:
     steps: int = 7  # PGD steps of the adversary
     step_size: float | None = None  # default 2.5·ε/steps (Madry et al.)
     trades_beta: float = 6.0
+    sigma: float = 0.25  # the noise's standard deviation (noise)
     eps_warmup_epochs: int = 0
     seed: int = 0
 
@@ -57,6 +60,8 @@ class RobustTrainConfig:
         if self.method not in METHODS:
             raise SafetylabError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         check_eps(self.eps)
+        if not self.sigma > 0:
+            raise SafetylabError(f"sigma must be > 0 (the training noise's standard deviation), got {self.sigma}")
         if self.epochs < 1 or self.batch_size < 1 or self.steps < 1:
             raise SafetylabError("epochs, batch_size and steps must be >= 1")
 
@@ -71,7 +76,9 @@ def epoch_eps(config: RobustTrainConfig, epoch: int) -> float:
 def adversarial_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: RobustTrainConfig, eps: float,
                      bounds: Bounds = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
     """The training loss of one batch under ``config.method`` (the model in its training mode)."""
-    if config.method == "standard" or eps == 0:
+    if config.method == "noise":
+        x = x + config.sigma * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    if config.method in ("standard", "noise") or eps == 0:
         logits = logits_of(model, x)
         return F.cross_entropy(logits, check_labels(y, logits.shape[1], len(x)))
     if config.method == "pgd":

@@ -1,0 +1,304 @@
+"""The verification study on the built-in digits: what each method can certify, for networks trained
+four ways, and randomized smoothing's certificates.
+
+``safetylab verify …`` runs one section, ``safetylab verify report`` and the audit's ``verification``
+stage run them all. Sections have the shape of :mod:`safetylab.robust.suite`'s (``title``, ``summary``,
+``tables``, ``plots``, ``data``):
+
+- ``bounds``: the width of the margins' bounds and the time per method, at one ε;
+- ``certify``: certified accuracy against ε under IBP, CROWN, α-CROWN and exact verification, beside
+  PGD's robust accuracy (an upper bound on what any certificate can reach), for a normally trained, a
+  PGD-trained, an IBP-trained and a CROWN-IBP-trained network;
+- ``smooth``: randomized smoothing's certified accuracy against the L2 radius for several σ, each with a
+  base classifier trained under that noise, beside CROWN's deterministic L2 certificates.
+
+The network is the digits MLP (64 → 64 → 64 → 8), small enough for exact verification.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from safetylab.core.errors import SafetylabError
+from safetylab.core.io import save_figure
+from safetylab.core.runs import RunDir
+from safetylab.core.seeding import seed_everything
+from safetylab.robust.attacks import pgd
+from safetylab.robust.checks import predict_logits
+from safetylab.robust.data import Digits, build_classifier, load_classifier, load_digits, save_classifier
+from safetylab.robust.suite import accuracy
+from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.verify.bounds import compute_bounds
+from safetylab.verify.exact import verify_exact
+from safetylab.verify.regions import l2_ball, linf_ball, margin_spec
+from safetylab.verify.smoothing import SmoothedClassifier, certified_accuracy
+from safetylab.verify.training import CertifiedTrainConfig, train_certified
+
+Section = dict[str, Any]
+SECTIONS = ("bounds", "certify", "smooth")
+BOUND_METHODS = ("ibp", "crown", "alpha-crown")
+
+
+TRAININGS = ("standard", "pgd", "ibp", "crown-ibp")
+
+
+@dataclass(frozen=True)
+class VerifySuiteConfig:
+    """The digits verification study. ``trainings`` names the networks compared, each trained by its own
+    config: standard and PGD training (:mod:`safetylab.robust.training`), IBP and CROWN-IBP
+    (:mod:`.training`)."""
+
+    seed: int = 0
+    hidden: int = 64
+    trainings: tuple[str, ...] = TRAININGS
+    standard: RobustTrainConfig = field(default_factory=lambda: RobustTrainConfig(epochs=30))
+    pgd: RobustTrainConfig = field(default_factory=lambda: RobustTrainConfig(method="pgd", eps=0.1, epochs=30))
+    ibp: CertifiedTrainConfig = field(default_factory=lambda: CertifiedTrainConfig(
+        method="ibp", eps=0.1, epochs=40, warmup_epochs=2, ramp_epochs=20))
+    crown_ibp: CertifiedTrainConfig = field(default_factory=lambda: CertifiedTrainConfig(
+        method="crown-ibp", eps=0.1, epochs=40, warmup_epochs=2, ramp_epochs=20))
+    eps: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15)
+    examples: int = 100  # test digits certified at each ε by every method
+    exact_time_limit: float = 5.0  # seconds per digit for exact verification ("unknown" beyond)
+    attack_steps: int = 50
+    alpha_iterations: int = 20
+    bounds_eps: float = 0.02
+    sigmas: tuple[float, ...] = (0.12, 0.25, 0.5)
+    smooth_epochs: int = 30  # of each base classifier, trained under its σ's noise
+    smooth_examples: int = 100
+    smooth_n0: int = 100
+    smooth_n: int = 10_000
+    smooth_alpha: float = 0.001
+    radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+
+    def __post_init__(self):
+        unknown = [name for name in self.trainings if name not in TRAININGS]
+        if unknown or not self.trainings:
+            raise SafetylabError(f"trainings must be some of {', '.join(TRAININGS)}, got {list(self.trainings)}")
+
+    def training(self, name: str) -> RobustTrainConfig | CertifiedTrainConfig:
+        """The config that trains the network ``name``."""
+        return {"standard": self.standard, "pgd": self.pgd, "ibp": self.ibp, "crown-ibp": self.crown_ibp}[name]
+
+
+QUICK = VerifySuiteConfig(
+    standard=RobustTrainConfig(epochs=10),
+    pgd=RobustTrainConfig(method="pgd", eps=0.1, epochs=10, steps=5),
+    ibp=CertifiedTrainConfig(method="ibp", eps=0.1, epochs=12, warmup_epochs=1, ramp_epochs=6),
+    crown_ibp=CertifiedTrainConfig(method="crown-ibp", eps=0.1, epochs=12, warmup_epochs=1, ramp_epochs=6),
+    eps=(0.0, 0.02, 0.05, 0.1), examples=50, exact_time_limit=2.0, attack_steps=20,
+    alpha_iterations=10, sigmas=(0.25, 0.5), smooth_epochs=10, smooth_examples=50, smooth_n=2_000,
+    radii=(0.0, 0.25, 0.5, 0.75, 1.0),
+)
+
+
+def suite_config(quick: bool = False, seed: int = 0) -> VerifySuiteConfig:
+    """The full study, or with ``quick`` fewer epochs, radii, examples and samples, for ``seed``."""
+    return replace(QUICK if quick else VerifySuiteConfig(), seed=seed)
+
+
+# ----------------------------------------------------------------------------- models
+def train_or_load(name: str, train: RobustTrainConfig | CertifiedTrainConfig, config: VerifySuiteConfig,
+                  digits: Digits, directory: Path) -> nn.Module:
+    """The MLP saved in ``directory``, or a new one trained by ``train`` (seeded) and saved there."""
+    if (directory / "model.safetensors").is_file():
+        return load_classifier(directory)[0]
+    spec = {"arch": "mlp", "num_classes": digits.num_classes, "hidden": config.hidden}
+    torch.manual_seed(config.seed)
+    model = build_classifier(spec)
+    data = (digits.x_train, digits.y_train)
+    if isinstance(train, CertifiedTrainConfig):
+        train_certified(model, data, replace(train, seed=config.seed))
+    else:
+        train_classifier(model, data, replace(train, seed=config.seed))
+    save_classifier(model, spec, directory)
+    return model.eval()
+
+
+def study_models(config: VerifySuiteConfig, digits: Digits, run: RunDir, model: Path | None = None,
+                 ) -> dict[str, nn.Module]:
+    """The classifier saved in ``model`` (a ``verify train`` or ``robust train`` run) alone when given,
+    else one network per training of ``config``, saved under ``artifacts/models/NAME``."""
+    if model is not None:
+        return {"given model": load_classifier(model)[0]}
+    return {name: train_or_load(name, config.training(name), config, digits, run.artifacts / "models" / name)
+            for name in config.trainings}
+
+
+# ----------------------------------------------------------------------------- sections
+def bounds_section(models: dict[str, nn.Module], digits: Digits, config: VerifySuiteConfig, run: RunDir) -> Section:
+    """Mean width of the margins' bounds, share verified and seconds per method, at ``bounds_eps``."""
+    x, y = digits.x_test[:config.examples], digits.y_test[:config.examples]
+    region, spec = linf_ball(x, config.bounds_eps), margin_spec(y, digits.num_classes)
+    rows = []
+    for name, model in models.items():
+        for method in BOUND_METHODS:
+            start = time.perf_counter()
+            found = compute_bounds(model, region, spec, method, **_options(method, config))
+            seconds = time.perf_counter() - start
+            rows.append({"model": name, "method": method, "width": (found.upper - found.lower).mean().item(),
+                         "lower": found.lower.mean().item(), "verified": found.verified().float().mean().item(),
+                         "seconds": seconds})
+    columns = ["model", "method", "width", "lower", "verified", "seconds"]
+    best = {name: min((r for r in rows if r["model"] == name), key=lambda r: r["width"])["method"] for name in models}
+    return {"title": f"Bounds on the margins at eps {config.bounds_eps:g}",
+            "summary": "; ".join(f"{name}: tightest {method}" for name, method in best.items()),
+            "tables": [{"title": f"Margins' bounds over {len(x)} test digits, L∞ eps {config.bounds_eps:g}: mean "
+                                 "width (upper − lower), mean lower bound, share verified, seconds",
+                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
+            "plots": [], "data": {"rows": rows}}
+
+
+def certify_section(models: dict[str, nn.Module], digits: Digits, config: VerifySuiteConfig, run: RunDir) -> Section:
+    """Certified accuracy against ε per model and method, PGD's robust accuracy beside it; exact
+    verification after PGD (an attack that succeeds decides a digit without a program)."""
+    x, y = digits.x_test[:config.examples], digits.y_test[:config.examples]
+    spec = margin_spec(y, digits.num_classes)
+    rows, seconds = [], {}
+    generator = torch.Generator().manual_seed(config.seed)
+    for name, model in models.items():
+        clean = accuracy(model, x, y)
+        for eps in config.eps:
+            region = linf_ball(x, eps)
+            row: dict[str, Any] = {"model": name, "eps": eps, "clean": clean}
+            x_adv = pgd(model, x, y, eps, steps=config.attack_steps, generator=generator) if eps > 0 else x
+            attacked = predict_logits(model, x_adv).argmax(1) != y
+            row["pgd"] = 1.0 - attacked.float().mean().item()
+            for method in BOUND_METHODS:
+                start = time.perf_counter()
+                row[method] = compute_bounds(model, region, spec, method, **_options(method, config)) \
+                    .verified().float().mean().item()
+                seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
+            row["exact"], row["exact unknown"] = _exact(model, x, y, eps, attacked, config.exact_time_limit,
+                                                        digits.num_classes)
+            seconds["exact"] = seconds.get("exact", 0.0) + time.perf_counter() - start
+            rows.append(row)
+    columns = ["model", "eps", "clean", "pgd", *BOUND_METHODS, "exact", "exact unknown"]
+    path = _plot_certified(rows, run.plots / "certified_accuracy.png")
+    at = config.ibp.eps
+    summary = "; ".join(f"{r['model']}: PGD {r['pgd']:.2f}, IBP {r['ibp']:.2f}, CROWN {r['crown']:.2f}, "
+                        f"α-CROWN {r['alpha-crown']:.2f}, exact {r['exact']:.2f}"
+                        for r in rows if r["eps"] == _nearest(config.eps, at))
+    return {"title": "Certified accuracy against ε (L∞)",
+            "summary": f"at eps {_nearest(config.eps, at):g}: {summary}",
+            "tables": [{"title": f"Share of {len(x)} test digits classified correctly on the whole L∞ ball, by "
+                                 f"method (exact: a MILP, at most {config.exact_time_limit:g} s a digit; 'exact "
+                                 "unknown': the time limit reached); pgd: robust accuracy under PGD, an upper bound",
+                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
+            "plots": [_rel(path, run)], "data": {"rows": rows, "seconds": seconds}}
+
+
+def _exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, attacked: torch.Tensor,
+           time_limit: float, classes: int) -> tuple[float, float]:
+    """Exact verification's verified and unknown shares, the digits PGD broke counted as falsified
+    without a program."""
+    open_ = (~attacked).nonzero().squeeze(1)
+    if len(open_) == 0:
+        return 0.0, 0.0
+    results = verify_exact(model, linf_ball(x[open_], eps), margin_spec(y[open_], classes), time_limit=time_limit)
+    return (sum(r.status == "verified" for r in results) / len(x), sum(r.status == "unknown" for r in results) / len(x))
+
+
+def smooth_section(digits: Digits, config: VerifySuiteConfig, run: RunDir, standard: nn.Module | None) -> Section:
+    """Randomized smoothing's certified accuracy against the L2 radius, one base MLP trained under each σ's
+    noise; and CROWN's deterministic L2 certificates of ``standard`` at the same radii."""
+    x, y = digits.x_test[:config.smooth_examples], digits.y_test[:config.smooth_examples]
+    curves: dict[str, list[float]] = {}
+    abstained = {}
+    for sigma in config.sigmas:
+        noisy = RobustTrainConfig(method="noise", sigma=sigma, epochs=config.smooth_epochs)
+        model = train_or_load(f"noise-{sigma:g}", noisy, config, digits, run.artifacts / "models" / f"noise-{sigma:g}")
+        smoothed = SmoothedClassifier(model, sigma)
+        found = smoothed.certify_batch(x, y, config.smooth_n0, config.smooth_n, config.smooth_alpha,
+                                       torch.Generator().manual_seed(config.seed))
+        curves[f"smoothing σ={sigma:g}"] = certified_accuracy(found.radius, found.correct, config.radii).tolist()
+        abstained[sigma] = (found.radius == 0).float().mean().item()
+    if standard is not None:
+        spec = margin_spec(y, digits.num_classes)
+        curves["CROWN (standard network)"] = [
+            compute_bounds(standard, l2_ball(x, r), spec, "crown").verified().float().mean().item()
+            for r in config.radii]
+    rows = [[name, r, value] for name, values in curves.items() for r, value in zip(config.radii, values)]
+    path = _plot_smoothing(curves, config.radii, run.plots / "smoothing.png")
+    best = [(r, max(curves, key=lambda n: curves[n][i]), i) for i, r in enumerate(config.radii) if r > 0]
+    return {"title": "Randomized smoothing: certified accuracy against the L2 radius",
+            "summary": "; ".join(f"r {r:g}: best {name} {curves[name][i]:.2f}" for r, name, i in best),
+            "tables": [{"title": f"Share of {len(x)} test digits certified correct at L2 radius ≥ r (smoothing: n0 "
+                                 f"{config.smooth_n0}, n {config.smooth_n}, α {config.smooth_alpha:g})",
+                        "columns": ["certificate", "radius", "certified accuracy"], "rows": rows}],
+            "plots": [_rel(path, run)], "data": {"curves": curves, "abstained": abstained}}
+
+
+# ----------------------------------------------------------------------------- the whole study
+def run_suite(config: VerifySuiteConfig, run: RunDir, sections: tuple[str, ...] = SECTIONS,
+              model: Path | None = None, log=print) -> dict[str, Section]:
+    """Train what the sections need (or study the classifier in ``model``), run them, write
+    ``sections.json``."""
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SafetylabError(f"sections: unknown {sorted(unknown)}; expected some of {', '.join(SECTIONS)}")
+    seed_everything(config.seed)
+    digits = load_digits(config.seed)
+    models = study_models(config, digits, run, model) if {"bounds", "certify"} & set(sections) else {}
+    out: dict[str, Section] = {}
+    if "bounds" in sections:
+        out["bounds"] = bounds_section(models, digits, config, run)
+    if "certify" in sections:
+        out["certify"] = certify_section(models, digits, config, run)
+    if "smooth" in sections:
+        standard = models.get("standard") or models.get("given model")
+        if standard is None:
+            standard = train_or_load("standard", config.standard, config, digits, run.artifacts / "models" / "standard")
+        out["smooth"] = smooth_section(digits, config, run, standard)
+    for name, section in out.items():
+        log(f"{name}: {section['summary']}")
+    run.write_json("sections.json", out)
+    return out
+
+
+def _options(method: str, config: VerifySuiteConfig) -> dict:
+    return {"iterations": config.alpha_iterations} if method == "alpha-crown" else {}
+
+
+def _plot_certified(rows: list[dict], path: Path) -> Path:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(3.2 * len(models), 3.2))
+    axes = fig.subplots(1, len(models), sharey=True, squeeze=False)[0]
+    for ax, name in zip(axes, models):
+        mine = [r for r in rows if r["model"] == name]
+        eps = [r["eps"] for r in mine]
+        ax.plot(eps, [r["pgd"] for r in mine], "k--", label="PGD (upper bound)")
+        for i, method in enumerate((*BOUND_METHODS, "exact")):
+            ax.plot(eps, [r[method] for r in mine], "o-", color=f"C{i}", label=method, markersize=3)
+        ax.set(title=name, xlabel="L∞ eps")
+    axes[0].set_ylabel("certified accuracy")
+    axes[-1].legend(fontsize="x-small")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _plot_smoothing(curves: dict[str, list[float]], radii: tuple[float, ...], path: Path) -> Path:
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.subplots()
+    for name, values in curves.items():
+        ax.plot(radii, values, "--" if name.startswith("CROWN") else "-", label=name)
+    ax.set(xlabel="L2 radius", ylabel="certified accuracy", title="Certified accuracy against the L2 radius")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _nearest(values, target: float) -> float:
+    return min(values, key=lambda v: abs(v - target))
+
+
+def _rel(path: Path, run: RunDir) -> str:
+    return str(Path(path).relative_to(run.path))
