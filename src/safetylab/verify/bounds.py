@@ -61,14 +61,13 @@ def relaxation(lower: torch.Tensor, upper: torch.Tensor, slope: float,
     active, inactive = lower >= 0, upper <= 0
     unstable = ~(active | inactive)
     width = (upper - lower).clamp(min=1e-12)
-    chord = torch.where(unstable, (upper - slope * lower) / width, torch.where(active, 1.0, slope))
+    stable = torch.where(active, 1.0, slope)  # the exact slope of a stable neuron
+    chord = torch.where(unstable, (upper - slope * lower) / width, stable)
     intercept = torch.where(unstable, upper * (1 - chord), 0.0)
     if alpha is None:
-        below = torch.where(upper >= -lower, 1.0, slope)
-    else:
-        below = alpha.clamp(slope, 1.0)
-    below = torch.where(active, 1.0, torch.where(inactive, slope, below))
-    return below, chord, intercept
+        return torch.where(unstable, torch.where(upper >= -lower, 1.0, slope), stable), chord, intercept
+    # one fused product on the (many-row) slopes: stable neurons keep their slope, unstable ones take α
+    return torch.addcmul(torch.where(unstable, 0.0, stable), alpha.clamp(slope, 1.0), unstable), chord, intercept
 
 
 def backward_pass(layers: list[Layer], a: torch.Tensor, pre_activation: list[Interval],
@@ -88,9 +87,9 @@ def backward_pass(layers: list[Layer], a: torch.Tensor, pre_activation: list[Int
             lower, upper = pre_activation[index]
             alpha = None if alphas is None else alphas[index]
             below, chord, intercept = relaxation(lower.unsqueeze(1), upper.unsqueeze(1), layer.op.slope, alpha)
-            positive, negative = a.clamp(min=0), a.clamp(max=0)
-            const = const + (negative * intercept).flatten(2).sum(-1)
-            a = positive * below + negative * chord
+            negative = a.clamp(max=0)
+            const = const + torch.einsum("bsn,bn->bs", negative.flatten(2), intercept.flatten(1))
+            a = (a - negative) * below + negative * chord
         else:
             const = const + layer.bias_term(a)
             a = layer.backward(a)
