@@ -9,7 +9,7 @@ from torch import nn
 from safetylab.core.errors import SafetylabError
 from safetylab.verify.smoothing import (
     SmoothedClassifier,
-    certified_accuracy,
+    certified_accuracy_at,
     certified_radius,
     clopper_pearson_lower,
 )
@@ -157,8 +157,8 @@ def test_clopper_pearson_edges_and_radius():
 def test_certified_accuracy_by_hand():
     radii = torch.tensor([0.0, 0.5, 1.0, 0.3])
     correct = torch.tensor([True, True, False, True])  # the first is an abstention: not certified
-    assert certified_accuracy(radii, correct, [0.0, 0.3, 0.5, 1.0]).tolist() == [0.5, 0.5, 0.25, 0.0]
-    acc = certified_accuracy(radii, torch.tensor([0, 1, 1, 1]), torch.tensor([0.4, 1.0]))
+    assert certified_accuracy_at(radii, correct, [0.0, 0.3, 0.5, 1.0]).tolist() == [0.5, 0.5, 0.25, 0.0]
+    acc = certified_accuracy_at(radii, torch.tensor([0, 1, 1, 1]), torch.tensor([0.4, 1.0]))
     assert acc.dtype == torch.float64 and acc.tolist() == [0.5, 0.25]
 
 
@@ -193,7 +193,7 @@ def test_certify_batch_on_digits(digits, digits_model):
     one_by_one = [smoothed.certify(xi, n0=20, n=300, generator=g) for xi in x]
     assert cert.prediction.tolist() == [c for c, _ in one_by_one]
     assert cert.radius.tolist() == pytest.approx([r for _, r in one_by_one])
-    assert certified_accuracy(cert.radius, cert.correct, [0.0]).item() == pytest.approx(cert.correct.double().mean())
+    assert certified_accuracy_at(cert.radius, cert.correct, [0.0]).item() == pytest.approx(cert.correct.double().mean())
     assert smoothed.certify_batch(x[:2], n0=5, n=20).correct is None
     assert all(torch.equal(v, before[k]) for k, v in digits_model.state_dict().items())
 
@@ -258,4 +258,4 @@ def test_training_mode_and_class_count_are_refused():
 ])
 def test_bad_certified_accuracy_arguments(radii, correct, thresholds, match):
     with pytest.raises(SafetylabError, match=match):
-        certified_accuracy(radii, correct, thresholds)
+        certified_accuracy_at(radii, correct, thresholds)

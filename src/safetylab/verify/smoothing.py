@@ -9,7 +9,7 @@ with a confidence level 1 − α. This module holds:
 - :func:`clopper_pearson_lower` and :func:`certified_radius`: the maths of the certificate;
 - :class:`SmoothedClassifier`: sampling, PREDICT and CERTIFY for one input, and a batch loop
   (:class:`Certificates`);
-- :func:`certified_accuracy`: the share of inputs certified correct at each radius.
+- :func:`certified_accuracy_at`: the share of inputs certified correct at each radius.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class SmoothedClassifier:
 
 
 # ----------------------------------------------------------------------------- evaluation
-def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor,
+def certified_accuracy_at(radii: torch.Tensor, correct: torch.Tensor,
                        thresholds: torch.Tensor | Sequence[float]) -> torch.Tensor:
     """Certified accuracy at each radius r (Cohen, Rosenfeld & Kolter 2019, Section 4): the share of inputs
     whose certified prediction is correct and whose certified radius is >= r. Abstentions (radius 0, as

@@ -38,7 +38,7 @@ from safetylab.robust.training import RobustTrainConfig, train_classifier
 from safetylab.verify.bounds import compute_bounds
 from safetylab.verify.exact import verify_exact
 from safetylab.verify.regions import l2_ball, linf_ball, margin_spec
-from safetylab.verify.smoothing import SmoothedClassifier, certified_accuracy
+from safetylab.verify.smoothing import SmoothedClassifier, certified_accuracy_at
 from safetylab.verify.training import CertifiedTrainConfig, train_certified
 
 Section = dict[str, Any]
@@ -219,7 +219,7 @@ def smooth_section(digits: Digits, config: VerifySuiteConfig, run: RunDir, stand
         smoothed = SmoothedClassifier(model, sigma)
         found = smoothed.certify_batch(x, y, config.smooth_n0, config.smooth_n, config.smooth_alpha,
                                        torch.Generator().manual_seed(config.seed))
-        curves[f"smoothing σ={sigma:g}"] = certified_accuracy(found.radius, found.correct, config.radii).tolist()
+        curves[f"smoothing σ={sigma:g}"] = certified_accuracy_at(found.radius, found.correct, config.radii).tolist()
         abstained[sigma] = (found.radius == 0).float().mean().item()
     if standard is not None:
         spec = margin_spec(y, digits.num_classes)
