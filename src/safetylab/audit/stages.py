@@ -87,7 +87,10 @@ class AuditConfig:
     align: AlignStageConfig = field(default_factory=AlignStageConfig)
     robust: RobustSuiteConfig = field(default_factory=RobustSuiteConfig)
     gridworlds: GridworldStageConfig = field(default_factory=GridworldStageConfig)
-    verify: VerifySuiteConfig = field(default_factory=VerifySuiteConfig)
+    # the verification study with exact verification held to 1 s a digit and ε to 0.1 (about a minute; the
+    # full study, `safetylab verify report`, takes 10)
+    verify: VerifySuiteConfig = field(default_factory=lambda: VerifySuiteConfig(eps=(0.0, 0.02, 0.05, 0.1),
+                                                                                exact_time_limit=1.0))
 
 
 QUICK = AuditConfig(
