@@ -120,17 +120,17 @@ def test_hand_network_verdicts_and_minima(slope):
     offset = half * (1 - slope)
     positive = abs_net(-offset, slope)
     assert crown(trace(positive, (1,)), region, spec).lower.item() == pytest.approx(-offset, abs=1e-6)
-    (verified,) = verify_exact(positive, region, spec)
+    (verified,) = verify_exact(positive, region, spec, attack=False)
     assert verified.status == "verified" and verified.method == "milp" and verified.counterexample is None
     assert verified.optimal == [True] and verified.minimum[0] == pytest.approx(offset, abs=1e-6)
 
-    (falsified,) = verify_exact(abs_net(offset, slope), region, spec)
+    (falsified,) = verify_exact(abs_net(offset, slope), region, spec, attack=False)
     assert falsified.status == "falsified" and falsified.row == 0
     assert falsified.minimum[0] == pytest.approx(-offset, abs=1e-6)
     assert abs(falsified.counterexample.item()) <= half + 1e-6  # where (1 − s)|x| <= offset
     assert falsified.counterexample.dtype == torch.float32
     (in_float64,) = verify_exact(abs_net(offset, slope).double(), box(region.lower.double(), region.upper.double()),
-                                 spec)
+                                 spec, attack=False)
     assert in_float64.status == "falsified" and in_float64.counterexample.dtype == torch.float64
 
     (by_bounds,) = verify_exact(positive, box(torch.tensor([[0.6]]), torch.tensor([[2.0]])), spec)
@@ -211,7 +211,7 @@ def test_verdicts_agree_with_counterexamples_samples_and_bound_methods():
     labels = net(x).argmax(1)
     labels[0] = (labels[0] + 1) % 3  # the centre itself violates this one
     region, spec = linf_ball(x, 0.4), margin_spec(labels, 3)
-    results = verify_exact(net, region, spec)
+    results = verify_exact(net, region, spec, attack=False)
     assert len(results) == 6 and all(r.seconds > 0 for r in results)
     assert results[0].status == "falsified"
     # at this radius CROWN verifies some examples, the MILP verifies one it cannot, and falsifies another
@@ -236,13 +236,18 @@ def test_verdicts_agree_with_counterexamples_samples_and_bound_methods():
     layers = trace(net, (4,))
     for other in (verify_exact(net, region, spec, bounds="ibp"), verify_exact(layers, region, spec)):
         assert [r.status for r in other] == [r.status for r in results]
+    # the attack that runs first by default falsifies the centre's violation without a program
+    attacked = verify_exact(net, region, spec)
+    assert attacked[0].status == "falsified" and attacked[0].method == "attack"
+    assert float(net(attacked[0].counterexample.unsqueeze(0))[0] @ spec[0, attacked[0].row]) <= 0
+    assert [r.status for r in attacked] == [r.status for r in results]
 
 
 def test_tiny_conv_net():
     net = conv_net(2)
     x = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(3))
     region, spec = linf_ball(x, 0.15), margin_spec(net(x).argmax(1), 3)
-    results = verify_exact(net, region, spec, time_limit=20.0)
+    results = verify_exact(net, region, spec, time_limit=20.0, attack=False)
     assert [(r.status, r.method) for r in results] == [("verified", "milp"), ("falsified", "milp")]
     for i, r in enumerate(results):
         if r.status == "falsified":

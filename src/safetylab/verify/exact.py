@@ -70,7 +70,8 @@ class ExactResult:
 
     ``minimum`` holds per row the exact minimum of the row where ``optimal`` is true, else the best proven
     lower bound (the bounds' or the solver's). ``method`` is the bound method when the bounds alone
-    verified the example, else ``"milp"``; ``seconds`` the wall time spent on the example."""
+    verified the example, ``"attack"`` when projected gradient descent falsified it, else ``"milp"``;
+    ``seconds`` the wall time spent on the example."""
 
     status: str
     minimum: list[float]
@@ -302,12 +303,14 @@ def minimize_output(layers: list[Layer], region: Region, c: torch.Tensor, time_l
 
 
 def verify_exact(model_or_layers: nn.Module | list[Layer], region: Region, spec: torch.Tensor | None,
-                 time_limit: float = 60.0, bounds: str = "crown") -> list[ExactResult]:
+                 time_limit: float = 60.0, bounds: str = "crown", attack: bool = True) -> list[ExactResult]:
     """Decide, per example, whether every row of ``C f(x)`` (``spec``: ``(B, S, K)`` or ``(S, K)``, e.g.
     :func:`~safetylab.verify.regions.margin_spec`) is positive for every ``x`` in the box ``region``.
 
     Per example: if the lower bounds by ``bounds`` are already positive for every row, the example is
-    verified without a MILP. Otherwise the rows are solved exactly (:func:`minimize_output`), the smallest
+    verified without a MILP. Otherwise (with ``attack``) projected gradient descent looks for a
+    counterexample first, since a solver proves a falsification only by solving the row to optimality.
+    Then the rows are solved exactly (:func:`minimize_output`), the smallest
     bound first, within ``time_limit`` seconds for the example. A row whose program reaches a value
     ``<= 0`` gives a candidate input: it is clipped to the box (solver tolerance) and run through the real
     network in float64 and in the network's own dtype; only if both margins are ``<= 0`` is the example
@@ -330,7 +333,8 @@ def verify_exact(model_or_layers: nn.Module | list[Layer], region: Region, spec:
     for i in range(region.batch):
         start = time.perf_counter()
         with torch.no_grad():
-            result = _verify_one(net, _one(region, i), region.lower.dtype, spec[i], bounds, time_limit, start)
+            result = _verify_one(net, _one(region, i), region.lower.dtype, spec[i], bounds, time_limit, start,
+                                 attack)
         results.append(dataclasses.replace(result, seconds=time.perf_counter() - start))
     return results
 
@@ -355,7 +359,7 @@ class _Network:
 
 
 def _verify_one(net: _Network, region: Region, region_dtype: torch.dtype, spec: torch.Tensor, bounds: str,
-                time_limit: float, start: float) -> ExactResult:
+                time_limit: float, start: float, attack: bool) -> ExactResult:
     """One example (``region`` in float64, ``spec`` ``(S, K)``): screen with the bounds, then solve rows
     until one is falsified or all are decided, within ``time_limit`` seconds of ``start``."""
     screen = BOUND_METHODS[bounds](net.layers64, region, spec.unsqueeze(0))
@@ -364,6 +368,9 @@ def _verify_one(net: _Network, region: Region, region_dtype: torch.dtype, spec: 
     proven = [m > 0 for m in minimum]
     if all(proven):
         return ExactResult("verified", minimum, optimal, None, None, bounds, 0.0)
+    attacked = _attack(net, region, region_dtype, spec) if attack else None
+    if attacked is not None:
+        return ExactResult("falsified", minimum, optimal, attacked[0], attacked[1], "attack", 0.0)
     program = _encode(net.maps, net.slopes, screen.pre_activation, region)
     notes = []
     for row in np.argsort(minimum):
@@ -391,6 +398,27 @@ def _verify_one(net: _Network, region: Region, region_dtype: torch.dtype, spec: 
             notes.append(f"row {row}: undecided, best bound {found.bound:.3g} ({found.message})")
     return ExactResult("verified" if all(proven) else "unknown", minimum, optimal, None, None, "milp", 0.0,
                        "; ".join(notes))
+
+
+def _attack(net: _Network, region: Region, region_dtype: torch.dtype, spec: torch.Tensor,
+            steps: int = 20) -> tuple[torch.Tensor, int] | None:
+    """A counterexample by projected gradient descent on the smallest row of ``spec`` (Madry et al. 2018,
+    sign steps of 2.5 · radius / ``steps``) from the box's centre, checked as the solver's are: a
+    falsification costs a few forward passes instead of a program solved to optimality."""
+    lower, upper = region.lower[0], region.upper[0]
+    x, step = (lower + upper) / 2, 2.5 * (upper - lower) / 2 / steps
+    for _ in range(steps):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad((spec @ _run(net.layers64, x.unsqueeze(0))[0]).min(), x)
+        x = torch.minimum(torch.maximum(x.detach() - step * gradient.sign(), lower), upper)
+        values = spec @ _run(net.layers64, x.unsqueeze(0))[0]
+        if values.min() <= 0:
+            row = int(values.argmin())
+            found, _ = _confirm(x, region, region_dtype, spec[row], net)
+            if found is not None:
+                return found, row
+    return None
 
 
 def _confirm(x: torch.Tensor, region: Region, region_dtype: torch.dtype, c: torch.Tensor,
