@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--eps", type=float, default=0.02)
     parser.add_argument("--exact-digits", type=int, default=32)
-    parser.add_argument("--exact-eps", type=float, nargs="+", default=[0.02, 0.05])
+    parser.add_argument("--exact-eps", type=float, nargs="+", default=[0.02, 0.05, 0.1])
     parser.add_argument("--time-limit", type=float, default=10.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
