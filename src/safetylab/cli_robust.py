@@ -7,11 +7,13 @@ classifier of ``--model`` (a ``robust train`` run) or train a standard one in th
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from safetylab.cli_study import numbers, run_study
 
 robust_app = typer.Typer(help="Robustness of a classifier on the built-in digits: attacks, adversarial training, "
                               "calibration, OOD detection, distribution shift, abstention.", no_args_is_help=True)
@@ -26,25 +28,9 @@ Quick = Annotated[bool, typer.Option(help="Fewer epochs, radii, steps, queries a
 
 def _run(out: Path, seed: int, sections: tuple[str, ...], model: Path | None = None, quick: bool = False,
          **changes) -> None:
-    from safetylab.core.runs import RunDir
-    from safetylab.robust.suite import run_suite, suite_config, tables_markdown
+    from safetylab.robust import suite
 
-    config = replace(suite_config(quick, seed), **changes)
-    run = RunDir(out, {"sections": list(sections), "model": None if model is None else str(model), **asdict(config)})
-    result = run_suite(config, run, sections, model=model)
-    print(f"tables: {tables_markdown(result, run)}\nplots:  {run.plots}")
-
-
-def _eps(text: str) -> tuple[float, ...]:
-    from safetylab.core.errors import SafetylabError
-
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SafetylabError(f"--eps: expected comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise SafetylabError(f"--eps: expected one or more radii >= 0, got {text!r}")
-    return values
+    run_study(suite, out, seed, sections, model, quick, **changes)
 
 
 @robust_app.command("train")
@@ -78,7 +64,8 @@ def attack(out: Out = Path("runs/robust-attack"), model: Model = None,
            seed: Seed = 0, quick: Quick = False) -> None:
     """Robust accuracy against ε under FGSM, PGD and the AutoAttack-style ensemble (APGD-CE, APGD-DLR,
     Square), for the standard model and a PGD-trained one."""
-    given = {"eps": None if eps is None else _eps(eps), "attack_steps": steps, "square_queries": queries}
+    given = {"eps": None if eps is None else numbers(eps, "--eps", "radii"), "attack_steps": steps,
+             "square_queries": queries}
     _run(out, seed, ("attack",), model, quick, **{k: v for k, v in given.items() if v is not None})
 
 

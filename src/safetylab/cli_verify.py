@@ -7,11 +7,13 @@ the trained networks under ``artifacts/models``). ``bounds`` and ``certify`` stu
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from safetylab.cli_study import numbers, run_study
 
 verify_app = typer.Typer(help="Verification of a classifier on the built-in digits: IBP, CROWN, α-CROWN and exact "
                               "bounds, randomized smoothing, certified training.", no_args_is_help=True)
@@ -25,26 +27,9 @@ Quick = Annotated[bool, typer.Option(help="Fewer epochs, radii, examples and noi
 
 def _run(out: Path, seed: int, sections: tuple[str, ...], model: Path | None = None, quick: bool = False,
          **changes) -> None:
-    from safetylab.core.runs import RunDir
-    from safetylab.robust.suite import tables_markdown
-    from safetylab.verify.suite import run_suite, suite_config
+    from safetylab.verify import suite
 
-    config = replace(suite_config(quick, seed), **changes)
-    run = RunDir(out, {"sections": list(sections), "model": None if model is None else str(model), **asdict(config)})
-    result = run_suite(config, run, sections, model=model)
-    print(f"tables: {tables_markdown(result, run)}\nplots:  {run.plots}")
-
-
-def _numbers(text: str, option: str) -> tuple[float, ...]:
-    from safetylab.core.errors import SafetylabError
-
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise SafetylabError(f"{option}: expected comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise SafetylabError(f"{option}: expected one or more numbers >= 0, got {text!r}")
-    return values
+    run_study(suite, out, seed, sections, model, quick, **changes)
 
 
 @verify_app.command("train")
@@ -94,7 +79,7 @@ def certify(out: Out = Path("runs/verify-certify"), model: Model = None,
             seed: Seed = 0, quick: Quick = False) -> None:
     """Certified accuracy against ε under IBP, CROWN, α-CROWN and exact verification (a MILP), beside PGD's
     robust accuracy, for standard, PGD, IBP and CROWN-IBP training."""
-    changes = {} if eps is None else {"eps": _numbers(eps, "--eps")}
+    changes = {} if eps is None else {"eps": numbers(eps, "--eps")}
     if time_limit is not None:
         changes["exact_time_limit"] = time_limit
     _run(out, seed, ("certify",), model, quick, **changes)
@@ -108,7 +93,7 @@ def smooth(out: Out = Path("runs/verify-smooth"),
            seed: Seed = 0, quick: Quick = False) -> None:
     """Randomized smoothing (Cohen et al. 2019): certified accuracy against the L2 radius for each σ, with a
     base classifier trained under that noise, beside CROWN's L2 certificates of a standard network."""
-    changes = {} if sigma is None else {"sigmas": _numbers(sigma, "--sigma")}
+    changes = {} if sigma is None else {"sigmas": numbers(sigma, "--sigma")}
     if samples is not None:
         changes["smooth_n"] = samples
     _run(out, seed, ("smooth",), None, quick, **changes)

@@ -1,0 +1,35 @@
+"""What the study commands (``safetylab robust …``, ``safetylab verify …``) share: running sections of a
+study into a run directory, and reading comma-separated numbers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import ModuleType
+
+
+def run_study(suite: ModuleType, out: Path, seed: int, sections: tuple[str, ...], model: Path | None = None,
+              quick: bool = False, **changes) -> None:
+    """Run ``sections`` of ``suite`` (a module with ``suite_config`` and ``run_suite``, e.g.
+    :mod:`safetylab.robust.suite`) into the run directory ``out``, with ``changes`` to its config, and
+    print where the tables and plots are."""
+    from safetylab.core.runs import RunDir
+    from safetylab.robust.suite import tables_markdown
+
+    config = replace(suite.suite_config(quick, seed), **changes)
+    run = RunDir(out, {"sections": list(sections), "model": None if model is None else str(model), **asdict(config)})
+    result = suite.run_suite(config, run, sections, model=model)
+    print(f"tables: {tables_markdown(result, run)}\nplots:  {run.plots}")
+
+
+def numbers(text: str, option: str, what: str = "numbers") -> tuple[float, ...]:
+    """The comma-separated ``text`` of ``option`` as numbers >= 0 (``what`` names them in errors)."""
+    from safetylab.core.errors import SafetylabError
+
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SafetylabError(f"{option}: expected comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise SafetylabError(f"{option}: expected one or more {what} >= 0, got {text!r}")
+    return values
