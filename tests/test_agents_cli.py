@@ -45,3 +45,13 @@ def test_agents_suite_covers_every_agent_and_mitigation(tmp_path, monkeypatch, c
 def test_bad_names_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
     code, _, err = run_main(monkeypatch, capsys, "agents", "run", *args, "--out", str(tmp_path / "run"))
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_learning_curves_average_seeds_of_different_lengths(tmp_path):
+    from PIL import Image
+
+    from safetylab.agents.experiment import plot_learning_curves
+
+    runs = [[{"return": float(i), "performance": 0.0} for i in range(n)] for n in (120, 95)]  # deep agents' seeds
+    path = plot_learning_curves({"ppo": runs}, tmp_path / "curves.png", "BoatRace", window=10)
+    assert Image.open(path).size[0] > 100

@@ -155,12 +155,14 @@ def summarize(records: list[dict]) -> list[dict]:
 def plot_learning_curves(histories: dict[str, list[list[dict]]], path: str | Path, title: str,
                          window: int = 100) -> Path:
     """Return (solid) and hidden performance (dashed) per training episode, a moving mean over ``window``
-    episodes averaged over seeds, one colour per run label."""
+    episodes averaged over seeds, one colour per run label. Seeds may finish different numbers of
+    episodes (a deep agent trains for a number of steps): the curve stops where the shortest run does."""
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
     for i, (label, runs) in enumerate(histories.items()):
+        shortest = min(len(run) for run in runs)
         for key, style in (("return", "-"), ("performance", "--")):
-            curve = np.mean([_moving_mean([h[key] for h in run], window) for run in runs], axis=0)
+            curve = np.mean([_moving_mean([h[key] for h in run[:shortest]], window) for run in runs], axis=0)
             ax.plot(curve, style, color=f"C{i}", label=f"{label}: {key}")
     ax.set(xlabel="training episode", ylabel=f"mean over {window} episodes", title=title)
     ax.legend(fontsize="x-small")
