@@ -11,11 +11,12 @@ Each side computes the margins' lower and upper bounds by IBP, CROWN and α-CROW
   slope of CROWN's paper (its default, the slope ``u / (u − l)``, is looser: ours would win for nothing).
   Its α-CROWN: 20 Adam steps (lr 0.01), one α per neuron shared by every row, the last iterate kept.
 
-Times are medians over ``--rounds`` rounds (sides alternate), also given in forward-pass equivalents
+Times are medians over ``--rounds`` calls after a warm-up call, also given in forward-pass equivalents
 (÷ the median time of one forward pass of the 64 digits). Where the methods are the same (IBP, CROWN)
-the bounds must agree to 1e-5, relative to 1 + |bound| (float32 rounding on margins near 20); α-CROWN's differ by design (ours: one α per row and neuron, the best
-iterate kept, CROWN's slopes to start), so the table gives each side's mean lower bound and share verified,
-and ours at 5, 10 and 20 iterations.
+the bounds must agree to 1e-5 relative to 1 + |bound| (float32 rounding on margins near 20), and to 1e-9
+in float64; α-CROWN's differ by design (ours: one α per row and neuron, the best iterate kept, CROWN's
+slopes to start), so the table gives each side's mean lower bound and share verified, and ours at 5, 10
+and 20 iterations.
 
 **Exact.** A 64-32-32-10 MLP (64 ReLUs) on the same digits; for ``--exact-digits`` test digits at each ε,
 our MILP (:func:`safetylab.verify.exact.verify_exact`, HiGHS) and Marabou 2.0.0 (``maraboupy``, the network
@@ -217,6 +218,16 @@ def bounds_benchmark(args, x_train, y_train, x_test, y_test) -> None:
               f"{(pl > 0).all(1).float().mean():9.3f}")
         if method != "alpha-crown":
             assert diff <= 1e-5, f"{method}: the bounds disagree by {diff:.2e}"
+    # in float64 the same methods must agree to rounding: the float32 differences are float32's
+    model64, region64 = model.double(), linf_ball(x.double(), args.eps)
+    layers64 = trace(model64, (64,))
+    for method in ("ibp", "crown"):
+        ol, ou = ours(layers64, region64, spec.double(), method)
+        pl, pu = peer_bounds(model64, region64.lower, region64.upper, spec.double(), method)
+        diff = max((ol - pl).abs().max().item(), (ou - pu).abs().max().item())
+        print(f"{method} in float64: max |safetylab − bound-propagation| = {diff:.1e}")
+        assert diff <= 1e-9, f"{method}: the float64 bounds disagree by {diff:.2e}"
+    model.float()
 
 
 def exact_benchmark(args, x_train, y_train, x_test, y_test) -> None:
