@@ -117,7 +117,7 @@ def _first_step(layers: list[Layer], index: torch.Tensor, like: torch.Tensor,
 
 def _refine(layers: list[Layer], region: Region, lower: torch.Tensor, upper: torch.Tensor,
             pre_activation: list[Interval], budget: int = 1 << 24) -> Interval:
-    """Tighten the interval of the output of ``layers`` (ending in an affine layer) with CROWN, for the
+    """Tighten the interval of the output of ``layers`` with CROWN, for the
     neurons it leaves unstable: each example bounds its own unstable neurons (padded to the largest
     count, the padding discarded), from below and from above, in chunks of at most ``budget``
     coefficients. The first step back from a unit row is a row of the last layer's matrix."""
