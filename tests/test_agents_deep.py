@@ -19,7 +19,7 @@ pytest.importorskip("stable_baselines3")
 def test_one_hot_board():
     env = OneHotBoard(gym.make("safetylab/BoatRace-v0"))
     obs, _ = env.reset(seed=0)
-    assert obs.shape == (25 * len(TILES),) and obs.dtype == np.float32
+    assert obs.shape == (25 * len(TILES),) and obs.dtype == np.uint8
     board = obs.reshape(25, len(TILES))
     assert (board.sum(1) == 1).all() and board[6, TILES["A"]] == 1  # the agent at (1, 1)
 

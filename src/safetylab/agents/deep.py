@@ -23,13 +23,14 @@ DEEP_AGENTS = ("ppo", "dqn")
 
 
 class OneHotBoard(gym.ObservationWrapper):
-    """The board as a flat one-hot float vector (H·W·tiles), the input an MLP policy needs."""
+    """The board as a flat one-hot vector (H·W·tiles), the input an MLP policy needs; uint8, a quarter of
+    float32's memory in a replay buffer (the policy reads it as floats)."""
 
     def __init__(self, env: gym.Env):
         super().__init__(env)
         self.cells = int(np.prod(env.observation_space.shape))
-        self.observation_space = spaces.Box(0.0, 1.0, (self.cells * len(TILES),), dtype=np.float32)
-        self._eye = np.eye(len(TILES), dtype=np.float32)
+        self.observation_space = spaces.Box(0, 1, (self.cells * len(TILES),), dtype=np.uint8)
+        self._eye = np.eye(len(TILES), dtype=np.uint8)
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
         return self._eye[observation.reshape(-1)].reshape(-1)
@@ -60,7 +61,9 @@ def train_deep(env: gym.Env, algorithm: str, timesteps: int, seed: int = 0):
         raise SafetylabError("the deep RL baseline needs stable-baselines3: pip install 'safetylab[rl]'") from None
     kwargs: dict[str, Any] = {"seed": seed, "verbose": 0, "device": "cpu"}
     if algorithm == "dqn":
-        kwargs |= {"learning_starts": 1000, "exploration_fraction": 0.3, "target_update_interval": 500}
+        # a replay buffer no larger than the run: SB3's default holds 1,000,000 transitions
+        kwargs |= {"learning_starts": 1000, "exploration_fraction": 0.3, "target_update_interval": 500,
+                   "buffer_size": min(timesteps, 100_000)}
     model = (PPO if algorithm == "ppo" else DQN)("MlpPolicy", OneHotBoard(env), **kwargs)
     history: list[dict] = []
     model.learn(timesteps, callback=_episode_recorder(history))

@@ -12,6 +12,7 @@ of their return (a hidden penalty: drowning, a cornered box, an unwatched shortc
 
 from __future__ import annotations
 
+import gc
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,7 +183,7 @@ def greedy_policy(learner) -> Callable[[np.ndarray], int]:
     deterministic prediction on the one-hot board."""
     if isinstance(learner, TabularAgent):
         return lambda obs: learner.act(obs.tobytes(), 0.0)
-    eye = np.eye(len(TILES), dtype=np.float32)
+    eye = np.eye(len(TILES), dtype=np.uint8)
     return lambda obs: int(learner.predict(eye[obs.reshape(-1)].reshape(-1), deterministic=True)[0])
 
 
@@ -244,6 +245,8 @@ def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[
                     name = f"{environment}-{label.replace(' + ', '-')}"
                     save_episode(frames, run.plots / f"{name}.png")
                     save_episode(frames, run.plots / f"{name}.gif")
+                del learner
+                gc.collect()  # a Stable-Baselines3 model is a reference cycle: free its buffers before the next run
                 progress.advance(gap=record["gap"])
     write_jsonl(run.file("records.jsonl"), records)
     rows = summarize(records)
