@@ -1,3 +1,9 @@
+"""Certified training: the worst-case loss by hand, the ε/κ/β schedule by hand, bounds with gradients
+that hold on sampled inputs, and IBP and CROWN-IBP training that make certificates possible where normal
+training leaves none."""
+
+from __future__ import annotations
+
 import copy
 import math
 
