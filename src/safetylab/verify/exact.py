@@ -39,7 +39,7 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.verify.bounds import METHODS, alpha_crown, crown, ibp
-from safetylab.verify.network import Layer, trace
+from safetylab.verify.network import Layer, map_tensors, trace
 from safetylab.verify.regions import Region, check_spec
 
 MIP_REL_GAP = 1e-6  # HiGHS stops when (best − bound) / |best| falls below this
@@ -84,17 +84,10 @@ class ExactResult:
 
 
 # ----------------------------------------------------------------------------- the network as matrices
-def _cast64(item: object) -> object:
-    """A frozen dataclass with its tensor fields in float64, cut from autograd."""
-    return dataclasses.replace(item, **{f.name: getattr(item, f.name).detach().double()
-                                        for f in dataclasses.fields(item)
-                                        if isinstance(getattr(item, f.name), torch.Tensor)})
-
-
 def _float64(layer: Layer) -> Layer:
-    """The layer with every tensor (its operation's and its own) in float64, so the program is built in
-    float64."""
-    return dataclasses.replace(_cast64(layer), op=_cast64(layer.op))
+    """The layer with every tensor (its operation's and its own) in float64, cut from autograd, so the
+    program is built in float64."""
+    return map_tensors(layer, lambda t: t.detach().double())
 
 
 def _first_tensor(layers: list[Layer], default: torch.Tensor) -> torch.Tensor:

@@ -189,8 +189,6 @@ def _op_of(module: nn.Module, name: str) -> Op | None:
                                  f"got padding={module.padding!r}, padding_mode={module.padding_mode!r}")
         bias = module.bias if module.bias is not None else module.weight.new_zeros(module.out_channels)
         return ConvOp(module.weight, bias, module.stride, module.padding, module.dilation, module.groups)
-    if isinstance(module, nn.AvgPool2d):
-        return None  # built per input shape (it needs the channel count), see _avg_pool
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if module.running_mean is None:
             raise SafetylabError(f"layer {name!r} ({type(module).__name__}) keeps no running statistics "
@@ -207,11 +205,14 @@ def _op_of(module: nn.Module, name: str) -> Op | None:
     if isinstance(module, nn.ReLU):
         return Activation(0.0)
     if isinstance(module, nn.LeakyReLU):
-        if not 0.0 <= module.negative_slope < 1.0:
-            raise SafetylabError(f"layer {name!r} (LeakyReLU): negative_slope must be in [0, 1), "
-                                 f"got {module.negative_slope}")
-        return Activation(float(module.negative_slope))
+        return _leaky(module.negative_slope, name)
     raise SafetylabError(f"layer {name!r} ({type(module).__name__}) is not supported; supported: {SUPPORTED}")
+
+
+def _leaky(slope: float, name: str) -> Activation:
+    if not 0.0 <= slope < 1.0:
+        raise SafetylabError(f"layer {name!r} (LeakyReLU): negative_slope must be in [0, 1), got {slope}")
+    return Activation(float(slope))
 
 
 def _avg_pool(module: nn.AvgPool2d, name: str, channels: int, like: torch.Tensor) -> ConvOp:
@@ -258,9 +259,8 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], detach: bool = True) -
                     raise SafetylabError(f"the network is not a chain at {node.name!r}: residual additions and "
                                          "other branches are not supported")
                 op = _node_op(node, modules, probe)
-                if op is not None and detach:
-                    op = _detached(op)
                 if op is not None:
+                    op = map_tensors(op, torch.Tensor.detach) if detach else op
                     out = op.forward(probe)
                     layers.append(Layer(op, str(node.target), tuple(probe.shape[1:]), tuple(out.shape[1:]),
                                         _dense(op, probe[0].numel(), out[0].numel(), tuple(probe.shape[1:]))))
@@ -280,10 +280,12 @@ def _dense(op: Op, n_in: int, n_out: int, in_shape: tuple[int, ...], limit: int 
     return (op.forward(basis) - op.forward(torch.zeros_like(basis[:1]))).reshape(n_in, n_out).T.contiguous()
 
 
-def _detached(op: Op) -> Op:
-    """The operation with its tensors cut from the autograd graph (verification never trains)."""
-    fields = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in vars(op).items()}
-    return type(op)(**fields)
+def map_tensors(item, fn):
+    """A copy of a frozen dataclass (an operation, or a :class:`Layer` with its operation) with ``fn``
+    applied to each of its tensors: cut from autograd, or cast to another dtype."""
+    fields = {k: fn(v) if isinstance(v, torch.Tensor) else map_tensors(v, fn) if k == "op" else v
+              for k, v in vars(item).items()}
+    return type(item)(**fields)
 
 
 def _node_op(node: fx.Node, modules: dict[str, nn.Module], probe: torch.Tensor) -> Op | None:
@@ -298,8 +300,7 @@ def _node_op(node: fx.Node, modules: dict[str, nn.Module], probe: torch.Tensor) 
     if node.op == "call_function" and node.target in (F.relu, torch.relu):
         return Activation(0.0)
     if node.op == "call_function" and node.target is F.leaky_relu:
-        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-        return Activation(float(slope))
+        return _leaky(node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01), node.name)
     if (node.op, node.target) in (("call_function", torch.flatten), ("call_method", "flatten")):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
