@@ -63,6 +63,10 @@ class RunDir:
     def plots(self) -> Path:
         return self.path / "plots"
 
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` (inside the run directory) relative to it, as reports link files."""
+        return str(Path(path).relative_to(self.path))
+
     def write_json(self, name: str, data: Any) -> Path:
         target = self.path / name
         atomic_write_text(target, json.dumps(data, indent=2, allow_nan=False) + "\n")

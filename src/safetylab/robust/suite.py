@@ -143,7 +143,7 @@ def attack_section(models: dict[str, nn.Module], digits: Digits, config: RobustS
             "tables": [{"title": f"Accuracy under attack on {len(digits.y_test)} test digits; ensemble = FGSM, "
                                  f"PGD, {', '.join(ENSEMBLE)} each on the survivors",
                         "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [_rel(path, run)], "data": {"rows": rows, "warnings": warnings}}
+            "plots": [run.relative(path)], "data": {"rows": rows, "warnings": warnings}}
 
 
 def _plot_robustness(rows: list[dict], path: Path) -> Path:
@@ -196,7 +196,7 @@ def calibration_section(model: nn.Module, ensemble: list[nn.Module], digits: Dig
                                  "aleatoric (expected entropy) and epistemic (mutual information), in nats",
                         "columns": ["inputs", "total", "aleatoric", "epistemic"],
                         "rows": [[name, *values] for name, values in split.items()]}],
-            "plots": [_rel(path, run)], "data": {"temperature": temperature, "metrics": metrics,
+            "plots": [run.relative(path)], "data": {"temperature": temperature, "metrics": metrics,
                                                  "uncertainty_split": split}}
 
 
@@ -248,7 +248,7 @@ def ood_section(detectors: dict, digits: Digits, config: RobustSuiteConfig, run:
             "tables": [{"title": "Test digits (in-distribution) against each OOD set; FPR95 = share of OOD inputs "
                                  "accepted when 95% of in-distribution inputs are",
                         "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [_rel(path, run)], "data": {"rows": rows}}
+            "plots": [run.relative(path)], "data": {"rows": rows}}
 
 
 def _plot_histograms(scores: dict[str, dict[str, torch.Tensor]], path: Path) -> Path:
@@ -288,7 +288,7 @@ def shift_section(model: nn.Module, detector, digits: Digits, config: RobustSuit
             "tables": [{"title": "Test digits under each corruption" + (f"; OOD score from {detector_name}"
                                                                         if detector else ""),
                         "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [_rel(p, run) for p in paths], "data": {"rows": rows}}
+            "plots": [run.relative(p) for p in paths], "data": {"rows": rows}}
 
 
 # ----------------------------------------------------------------------------- selective prediction
@@ -305,8 +305,8 @@ def selective_section(model: nn.Module, detectors: dict, digits: Digits, config:
         scores = {set_name: detector.score(x) for set_name, (x, _) in sets.items()}
         curves[name] = risk_coverage(scores["shifted (severity 3)"], correct["shifted (severity 3)"])
         aurcs.append([name, *(aurc(scores[n], correct[n]) for n in sets)])
-    path = _rel(plot_risk_coverage(curves, run.plots / "risk_coverage.png",
-                                   "Risk–coverage on shifted test digits (severity 3)"), run)
+    path = run.relative(plot_risk_coverage(curves, run.plots / "risk_coverage.png",
+                                           "Risk–coverage on shifted test digits (severity 3)"))
     msp = msp_score(model)
     criteria = [Criterion("msp", msp, threshold_for_coverage(msp(digits.x_val), config.coverage))]
     if ood_detector in detectors:
@@ -404,7 +404,3 @@ def _cell(value: Any) -> str:
 
 def _nearest(values, target: float) -> float:
     return min(values, key=lambda v: abs(v - target))
-
-
-def _rel(path: Path, run: RunDir) -> str:
-    return str(Path(path).relative_to(run.path))

@@ -183,17 +183,16 @@ def certify_section(models: dict[str, nn.Module], digits: Digits, config: Verify
             rows.append(row)
     columns = ["model", "eps", "clean", "pgd", *BOUND_METHODS, "exact", "exact unknown"]
     path = _plot_certified(rows, run.plots / "certified_accuracy.png")
-    at = config.ibp.eps
+    at = min(config.eps, key=lambda e: abs(e - config.ibp.eps))  # the radius the certified networks train for
     summary = "; ".join(f"{r['model']}: PGD {r['pgd']:.2f}, IBP {r['ibp']:.2f}, CROWN {r['crown']:.2f}, "
-                        f"α-CROWN {r['alpha-crown']:.2f}, exact {r['exact']:.2f}"
-                        for r in rows if r["eps"] == _nearest(config.eps, at))
+                        f"α-CROWN {r['alpha-crown']:.2f}, exact {r['exact']:.2f}" for r in rows if r["eps"] == at)
     return {"title": "Certified accuracy against ε (L∞)",
-            "summary": f"at eps {_nearest(config.eps, at):g}: {summary}",
+            "summary": f"at eps {at:g}: {summary}",
             "tables": [{"title": f"Share of {len(x)} test digits classified correctly on the whole L∞ ball, by "
                                  f"method (exact: a MILP, at most {config.exact_time_limit:g} s a digit; 'exact "
                                  "unknown': the time limit reached); pgd: robust accuracy under PGD, an upper bound",
                         "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [_rel(path, run)], "data": {"rows": rows, "seconds": seconds}}
+            "plots": [run.relative(path)], "data": {"rows": rows, "seconds": seconds}}
 
 
 def _exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, attacked: torch.Tensor,
@@ -234,7 +233,7 @@ def smooth_section(digits: Digits, config: VerifySuiteConfig, run: RunDir, stand
             "tables": [{"title": f"Share of {len(x)} test digits certified correct at L2 radius ≥ r (smoothing: n0 "
                                  f"{config.smooth_n0}, n {config.smooth_n}, α {config.smooth_alpha:g})",
                         "columns": ["certificate", "radius", "certified accuracy"], "rows": rows}],
-            "plots": [_rel(path, run)], "data": {"curves": curves, "abstained": abstained}}
+            "plots": [run.relative(path)], "data": {"curves": curves, "abstained": abstained}}
 
 
 # ----------------------------------------------------------------------------- the whole study
@@ -294,11 +293,3 @@ def _plot_smoothing(curves: dict[str, list[float]], radii: tuple[float, ...], pa
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def _nearest(values, target: float) -> float:
-    return min(values, key=lambda v: abs(v - target))
-
-
-def _rel(path: Path, run: RunDir) -> str:
-    return str(Path(path).relative_to(run.path))
