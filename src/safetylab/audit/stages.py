@@ -222,7 +222,7 @@ def evaluate_stage(ctx: Context) -> Section:
                  f"{b['jailbreak_success']:.2f} → {s['jailbreak_success']:.2f}; "
                  f"KL(SFT ‖ base) {s['kl_to_reference']:.2f}"),
         tables=tables,
-        plots=[str(plot.relative_to(ctx.run.path))],
+        plots=[ctx.run.relative(plot)],
         transcripts=transcripts,
         data={"overall": overall, "by_kind": {name: results[name]["by_kind"] for name in results}},
     )
@@ -293,9 +293,9 @@ def align_stage(ctx: Context) -> Section:
              "columns": ["model", *columns],
              "rows": [[name, *(row[m] for m in columns)] for name, row in overall.items()]},
         ],
-        plots=[str(plot.relative_to(ctx.run.path))],
+        plots=[ctx.run.relative(plot)],
         data={"reward": reward_eval, "best_of_n": curve, **{name: overall[name] for name in policies},
-              **{f"{name}_model": str(path.relative_to(ctx.run.path)) for name, (_, path) in policies.items()}},
+              **{f"{name}_model": ctx.run.relative(path) for name, (_, path) in policies.items()}},
     )
 
 
@@ -393,8 +393,8 @@ def _training_section(ctx: Context, name: str, title: str, run: RunDir, model) -
     return Section(
         title=title,
         summary=f"{params:,} parameters, {metrics[-1]['step'] if metrics else 0} steps, final loss {final:.3f}",
-        plots=[str(plot.relative_to(ctx.run.path))],
-        data={"model": str((run.artifacts / "model").relative_to(ctx.run.path)), "final_loss": final,
+        plots=[ctx.run.relative(plot)],
+        data={"model": ctx.run.relative(run.artifacts / "model"), "final_loss": final,
               "parameters": params},
     )
 
