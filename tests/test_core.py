@@ -19,6 +19,7 @@ from safetylab.core import (
     atomic_write_text,
     config_from_dict,
     config_to_dict,
+    jsonl_lines,
     load_config,
     read_config_file,
     read_jsonl,
@@ -111,6 +112,22 @@ def test_read_jsonl_bad_line_names_file_and_line(tmp_path, bad_line, words):
     assert str(path) in message
     assert "line 3" in message
     assert words in message
+
+
+def test_blank_lines_at_the_end_of_a_jsonl_file_are_no_error(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n\n  \n', encoding="utf-8")
+    assert list(read_jsonl(path)) == [{"a": 1}, {"a": 2}]
+
+
+def test_jsonl_lines_names_every_bad_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{oops\n{"prompt": 3}\n[1]\n{"prompt": "b"}\n', encoding="utf-8")
+    lines = list(jsonl_lines(path, required=("prompt",)))
+    assert [(line.number, line.problem is None) for line in lines] == [
+        (1, True), (2, False), (3, False), (4, False), (5, False), (6, True)]
+    assert "empty line" in lines[1].problem and "malformed JSON" in lines[2].problem
+    assert "'prompt'" in lines[3].problem and "JSON object" in lines[4].problem
 
 
 def test_read_jsonl_yields_good_lines_before_the_bad_one(tmp_path):
@@ -317,7 +334,7 @@ def test_run_dir_reopens_with_same_config(tmp_path):
     ],
 )
 def test_run_dir_rejects_a_different_config(tmp_path, change, field_name):
-    RunDir(tmp_path / "run", CONFIG)
+    RunDir(tmp_path / "run", CONFIG).log(0, loss=1.0)
     with pytest.raises(SafetylabError) as info:
         RunDir(tmp_path / "run", {**CONFIG, **change})
     message = str(info.value)
@@ -325,6 +342,18 @@ def test_run_dir_rejects_a_different_config(tmp_path, change, field_name):
     assert field_name in message
     # the saved config is untouched
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == CONFIG
+
+
+def test_a_run_dir_without_results_takes_a_new_config(tmp_path):
+    """A run that failed before its first result (say, on a bad option) leaves only its config; the
+    corrected rerun reuses the directory. A nested run's config alone is no result either."""
+    RunDir(tmp_path / "run", CONFIG)
+    RunDir(tmp_path / "run" / "members" / "0", CONFIG)
+    again = RunDir(tmp_path / "run", {**CONFIG, "seed": 2})
+    assert json.loads((again.path / "config.json").read_text())["seed"] == 2
+    (again.path / "artifacts" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(SafetylabError, match="different config"):
+        RunDir(tmp_path / "run", CONFIG)
 
 
 def test_run_dir_corrupt_config(tmp_path):

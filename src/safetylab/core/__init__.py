@@ -1,14 +1,22 @@
 """Run records, configs, seeding, devices and progress: what every experiment stands on."""
 
-from safetylab.core.config import config_from_dict, config_to_dict, load_config, read_config_file
+from safetylab.core.config import (
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    read_config_file,
+    require,
+    require_choice,
+)
 from safetylab.core.devices import select_device
-from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_bytes, atomic_write_text, read_jsonl, write_jsonl
+from safetylab.core.errors import ConfigError, SafetylabError
+from safetylab.core.io import atomic_write_bytes, atomic_write_text, jsonl_lines, read_jsonl, write_jsonl
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
 
 __all__ = [
+    "ConfigError",
     "Progress",
     "RunDir",
     "SafetylabError",
@@ -16,9 +24,12 @@ __all__ = [
     "atomic_write_text",
     "config_from_dict",
     "config_to_dict",
+    "jsonl_lines",
     "load_config",
     "read_config_file",
     "read_jsonl",
+    "require",
+    "require_choice",
     "seed_everything",
     "select_device",
     "write_jsonl",

@@ -1,4 +1,5 @@
-"""Typed configs: dataclasses in, plain dicts out, unknown keys rejected by name."""
+"""Typed configs: dataclasses in, plain dicts out, unknown keys rejected by name, values checked when
+a config is built (each config's ``__post_init__`` calls :func:`require`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,22 @@ from typing import Any, TypeVar
 
 import yaml
 
-from safetylab.core.errors import SafetylabError
+from safetylab.core.errors import ConfigError, SafetylabError
 
 C = TypeVar("C")
+
+
+def require(holds: bool, field: str, expected: str, value: object) -> None:
+    """Raise :class:`ConfigError` for ``field`` unless ``holds``. Write ``holds`` as what must be true
+    (``lr > 0``, not ``not lr <= 0``), so that NaN fails every check."""
+    if not holds:
+        raise ConfigError(field, expected, value)
+
+
+def require_choice(value: object, field: str, choices: typing.Iterable[object]) -> None:
+    """``value`` must be one of ``choices``."""
+    choices = tuple(choices)
+    require(value in choices, field, f"one of {', '.join(map(str, choices))}", value)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -36,7 +50,10 @@ def config_from_dict(cls: type[C], data: dict[str, Any], where: str = "config") 
         )
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise e.renamed(f"{where}.{e.field}") from None
 
 
 def load_config(cls: type[C], path: str | os.PathLike | None = None, **overrides: Any) -> C:

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import torch
 
+from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device_name(name: str, field: str = "device") -> str:
+    """``name`` must name a kind of device (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``); whether
+    that device is available is :func:`select_device`'s question."""
+    kind, colon, index = str(name).partition(":")
+    require(kind in DEVICES and (not colon or (kind == "cuda" and index.isdigit())), field,
+            "auto, cpu, cuda, cuda:N or mps", name)
+    return name
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -17,9 +27,7 @@ def select_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    kind = name.split(":")[0]
-    if kind not in DEVICES:
-        raise SafetylabError(f"device {name!r}: expected one of {', '.join(DEVICES)} (cuda:N allowed)")
+    kind = check_device_name(name).split(":")[0]
     if kind == "cuda" and not torch.cuda.is_available():
         raise SafetylabError(f"device {name!r}: CUDA is not available on this machine")
     if kind == "mps" and not torch.backends.mps.is_available():

@@ -8,7 +8,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from safetylab.core.errors import SafetylabError
 
@@ -61,28 +61,62 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> i
     return len(lines)
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
-    """Yield the JSON objects of a JSONL file, failing on the first bad line with its number.
+class JsonlLine(NamedTuple):
+    """One line of a JSONL file: its number, and its JSON object or, for a bad line, the ``problem``."""
 
-    Blank lines are errors too: a JSONL file with a hole in it is usually a truncated write.
-    ``required`` names keys every object must hold, with string values.
+    number: int
+    record: dict[str, Any] | None
+    problem: str | None = None
+
+
+def jsonl_lines(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[JsonlLine]:
+    """Every line of a JSONL file, good or bad, so that a caller can report all the bad ones.
+
+    Blank lines at the end of the file are ignored (editors add them); a blank line with data after it
+    is bad: a JSONL file with a hole in it is usually a damaged or concatenated write. ``required``
+    names keys every object must hold, with string values.
     """
     path = Path(path)
     if not path.is_file():
         raise SafetylabError(f"{path}: no such file (expected a JSONL file)")
     required = tuple(required)
+    blank: list[int] = []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
-            where = f"{path}, line {number}"
             if not line.strip():
-                raise SafetylabError(f"{where}: empty line (expected one JSON object per line)")
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SafetylabError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise SafetylabError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key in required:
-                if not isinstance(record.get(key), str):
-                    raise SafetylabError(f"{where}: expected a string field {key!r}")
-            yield record
+                blank.append(number)
+                continue
+            for hole in blank:
+                yield JsonlLine(hole, None, "empty line (expected one JSON object per line)")
+            blank = []
+            yield _parse_line(number, line, required)
+
+
+def _parse_line(number: int, line: str, required: tuple[str, ...]) -> JsonlLine:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return JsonlLine(number, None, f"malformed JSON ({e.msg} at column {e.colno})")
+    if not isinstance(record, dict):
+        return JsonlLine(number, None, f"expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in required if not isinstance(record.get(key), str)]
+    if missing:
+        return JsonlLine(number, None, f"expected a string field {missing[0]!r}")
+    return JsonlLine(number, record)
+
+
+def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """Yield the JSON objects of a JSONL file, failing on the first bad line with its number
+    (see :func:`jsonl_lines` for what is bad)."""
+    for line in jsonl_lines(path, required):
+        if line.problem is not None:
+            raise SafetylabError(f"{path}, line {line.number}: {line.problem}")
+        yield line.record
+
+
+def bad_lines_error(path: str | os.PathLike, bad: list[tuple[int, str]], total: int) -> SafetylabError:
+    """One error that names every bad line of a file (the first ten with their problem)."""
+    shown = "; ".join(f"line {number}: {problem}" for number, problem in bad[:10])
+    rest = f"; and lines {', '.join(str(number) for number, _ in bad[10:])}" if len(bad) > 10 else ""
+    return SafetylabError(f"{path}: {len(bad)} bad line{'s' if len(bad) > 1 else ''} of {total} ({shown}{rest}); "
+                          "nothing was written")

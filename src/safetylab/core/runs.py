@@ -26,30 +26,50 @@ from safetylab.core.io import atomic_write_bytes, atomic_write_text, dumps_line
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+def saved_inside(path: str | os.PathLike, marker: str) -> str:
+    """Where a user who named a run directory (``path``) instead of a saved model inside it should look:
+    "; it holds DIR: pass that directory" for each directory under ``path`` with a file ``marker``
+    (checkpoints and unfinished writes left out), or "" when there is none."""
+    path = Path(path)
+    if not path.is_dir():
+        return ""
+    found = [str(p.parent) for p in sorted(path.rglob(marker))
+             if not any(part == "checkpoints" or part.startswith(".tmp-") for part in p.relative_to(path).parts)]
+    if not found:
+        return ""
+    return f"; it holds {' and '.join(found[:3])}{' and more' if len(found) > 3 else ''}: pass that directory"
+
+
 class RunDir:
-    """A run directory bound to one config; reopening it with the same config resumes it."""
+    """A run directory bound to one config; reopening it with the same config resumes it. A directory
+    that holds nothing but its config (a run that failed before its first result) takes a new one."""
 
     def __init__(self, path: str | os.PathLike, config: dict[str, Any]):
         self.path = Path(path)
         self.config = json.loads(json.dumps(config))  # a plain, JSON-round-tripped copy
         self.path.mkdir(parents=True, exist_ok=True)
         saved = self.path / "config.json"
+        diff = "no config yet"
         if saved.exists():
             try:
                 old = json.loads(saved.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise SafetylabError(f"{saved}: corrupt config ({e.msg}); delete the run directory") from None
             diff = _first_difference(old, self.config)
-            if diff is not None:
+            if diff is not None and self._holds_results():
                 raise SafetylabError(
                     f"{self.path}: this run directory already holds a different config "
                     f"({diff}); use a new --out directory or the same settings"
                 )
-        else:
+        if diff is not None:
             atomic_write_text(saved, json.dumps(self.config, indent=2) + "\n")
         for sub in ("checkpoints", "artifacts", "plots"):
             (self.path / sub).mkdir(exist_ok=True)
         self._drop_torn_metrics_line()
+
+    def _holds_results(self) -> bool:
+        """Whether any file but a config (this run's, or a nested run's) was written here."""
+        return any(p.is_file() and p.name != "config.json" for p in self.path.rglob("*"))
 
     # ----------------------------------------------------------------- files
     def file(self, *parts: str) -> Path:
