@@ -538,7 +538,7 @@ def make_dpo(args, setup: Setup, work: Path, steps: int) -> Bench:
             continue
         trainers[side] = DPOTrainer(
             model=copy.deepcopy(setup.policy), ref_model=None if precompute else copy.deepcopy(setup.policy),
-            args=trl_args(TRLDPOConfig, args, work / f"trl-{side}", steps, lr, beta=config.beta,
+            args=trl_args(TRLDPOConfig, args, work / f"trl-{side}", steps, lr, beta=config.loss_beta,
                           precompute_ref_log_probs=precompute, max_length=None),
             train_dataset=dataset, processing_class=tok)
     counter = {"round": 0}
@@ -551,7 +551,7 @@ def make_dpo(args, setup: Setup, work: Path, steps: int) -> Bench:
             train_dpo(policy, tok, rows, DPOConfig(train=replace_steps(train, n)), run, reference=reference)
         return times
 
-    floor = DPOFloor(setup.policy, batches, lr, config.beta) if "floor" in args.sides else None
+    floor = DPOFloor(setup.policy, batches, lr, config.loss_beta) if "floor" in args.sides else None
     bench = Bench("dpo", {"safetylab": run_safetylab}, floor)
     if not args.child:
         from safetylab.align.dpo import sequence_logps

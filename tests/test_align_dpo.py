@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from safetylab.align.data import preferences_from_records
-from safetylab.align.dpo import LOSSES, DPOConfig, reference_logps, sequence_logps, train_dpo
-from safetylab.core import RunDir, SafetylabError
+from safetylab.align.dpo import LABEL_SMOOTHED, LOSSES, DPOConfig, reference_logps, sequence_logps, train_dpo
+from safetylab.core import ConfigError, RunDir, SafetylabError
 from safetylab.evals.policy import EvalConfig, gold_tracker
 from safetylab.models import logprobs
 from safetylab.models.train import TrainConfig
@@ -52,10 +52,9 @@ def test_every_layout_gives_the_same_log_probs(tiny_lm, tok, rows, name):
         assert torch.equal(got.chosen_lengths, padded.chosen_lengths)
 
 
-def test_an_unknown_layout_is_an_error(tiny_lm, tmp_path, tok, rows):
-    with pytest.raises(SafetylabError, match="layout 'rows'"):
-        train_dpo(tiny_lm("gpt2"), tok, rows, DPOConfig(train=TRAIN, layout="rows"), RunDir(tmp_path / "d", {}),
-                  tiny_lm("gpt2"))
+def test_an_unknown_layout_is_an_error_when_the_config_is_built():
+    with pytest.raises(ConfigError, match="layout: expected one of padded, shared-prompt, packed, got 'rows'"):
+        DPOConfig(train=TRAIN, layout="rows")
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -63,7 +62,8 @@ def test_an_unknown_layout_is_an_error(tiny_lm, tmp_path, tok, rows):
 def test_every_loss_trains_every_model(tiny_lm, tmp_path, tok, rows, name, loss):
     policy, reference = tiny_lm(name), tiny_lm(name).eval()
     before = [p.clone() for p in policy.parameters()]
-    config = DPOConfig(train=TRAIN, loss=loss, beta=2.0 if loss == "simpo" else 0.5, label_smoothing=0.1)
+    config = DPOConfig(train=TRAIN, loss=loss, beta=2.0 if loss == "simpo" else 0.5,
+                       label_smoothing=0.1 if loss in LABEL_SMOOTHED else 0.0)
     run = RunDir(tmp_path / "dpo", {})
     train_dpo(policy, tok, rows, config, run, None if loss == "simpo" else reference)
     metrics = run.metrics()
@@ -133,8 +133,8 @@ def test_resumed_dpo_repeats_the_uninterrupted_run(tiny_lm, tmp_path, tok, rows,
 
 def test_bad_settings_are_clear_errors(tiny_lm, tmp_path, tok, rows):
     policy = tiny_lm("gpt2")
-    with pytest.raises(SafetylabError, match="unknown preference loss 'kto'"):
-        train_dpo(policy, tok, rows, DPOConfig(train=TRAIN, loss="kto"), RunDir(tmp_path / "a", {}), policy)
+    with pytest.raises(ConfigError, match="loss: expected one of sigmoid, robust, ipo, hinge, simpo, got 'kto'"):
+        DPOConfig(train=TRAIN, loss="kto")
     with pytest.raises(SafetylabError, match="needs a reference model"):
         train_dpo(policy, tok, rows, DPOConfig(train=TRAIN), RunDir(tmp_path / "b", {}))
 
@@ -153,17 +153,18 @@ def test_train_dpo_command_trains_saves_and_compares(tmp_path, tok, world):
     torch.manual_seed(0)
     base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "sft")
     write_jsonl(tmp_path / "prefs.jsonl", world.preferences(24, "ideal"))
-    args = ["train", "dpo", "--base", str(base), "--preferences", str(tmp_path / "prefs.jsonl"), "--loss", "ipo",
+    args = ["train", "dpo", "--base", str(base), "--preferences", str(tmp_path / "prefs.jsonl"), "--loss", "simpo",
             "--steps", "2", "--out", str(tmp_path / "dpo"), "--device", "cpu"]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["dpo"]["beta"] == 2.0  # SimPO's own β
     report = json.loads((tmp_path / "dpo" / "eval.json").read_text())
     assert set(report) == {"start", "dpo"}
     assert report["start"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)
     assert (tmp_path / "dpo" / "artifacts" / "model" / "model.safetensors").exists()
     bad = subprocess.run([sys.executable, "-m", "safetylab", *args[:-4], "--loss", "kto", "--out", str(tmp_path / "x")],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown preference loss 'kto'" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "--loss: expected one of sigmoid" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_policy_preferences_compare_the_policys_own_finished_samples(monkeypatch, tok, world):
@@ -206,3 +207,52 @@ def test_policy_preferences_compare_every_two_of_k_samples(monkeypatch, tok, wor
                                                               (texts[1], texts[2])]  # gold: 1 > 0.6 > -1
     with pytest.raises(SafetylabError, match="k must be at least 2"):
         dpo.policy_preferences(None, tok, world, request, "ideal", k=1)
+
+
+def _with_dropout(tok, p: float = 0.1):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, n_positions=128,
+                                      resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
+def test_dropout_is_off_while_the_policy_is_compared_with_its_reference(tmp_path, tok, rows, loss):
+    """A policy equal to its reference (and not moved: lr 1e-30) has log-ratio h = 0 at step 1, so the
+    sigmoid loss is ln 2 and the margin 0, as TRL's disable_dropout gives, though the model was built
+    with dropout 0.1: the reference log-probs are taken without dropout, and so are the policy's. The
+    caller's modules keep their own dropout probabilities."""
+    import math
+
+    train = replace(TRAIN, steps=1, lr=1e-30, warmup_steps=0, log_every=1, checkpoint_every=1)
+    policy, reference = _with_dropout(tok), _with_dropout(tok).eval()
+    trained = train_dpo(policy, tok, rows, DPOConfig(train=train, loss=loss), RunDir(tmp_path / "off", {}), reference)
+    first = RunDir(tmp_path / "off", {}).metrics()[0]
+    assert first["rewards/margins"] == 0.0
+    assert first["loss"] == pytest.approx(math.log(2) if loss == "sigmoid" else (1 / (2 * 0.1)) ** 2, rel=1e-6)
+    assert {m.p for m in trained.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+    on = DPOConfig(train=train, loss=loss, disable_dropout=False)
+    train_dpo(_with_dropout(tok), tok, rows, on, RunDir(tmp_path / "on", {}), reference)
+    assert RunDir(tmp_path / "on", {}).metrics()[0]["rewards/margins"] != 0.0  # what dropout did before
+
+
+def test_simpo_takes_the_beta_of_its_paper_unless_told_otherwise():
+    assert DPOConfig(loss="simpo").loss_beta == 2.0 and DPOConfig().loss_beta == 0.1
+    assert replace(DPOConfig(), loss="simpo").loss_beta == 2.0  # a default follows the loss it belongs to
+    assert DPOConfig(loss="simpo", beta=2.5).loss_beta == 2.5
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"beta": 0.0}, "beta: expected a finite number > 0"),
+    ({"beta": -0.1}, "beta: expected a finite number > 0"),
+    ({"label_smoothing": 0.5}, r"label_smoothing: expected a probability in \[0, 0.5\)"),
+    ({"loss": "hinge", "label_smoothing": 0.1}, "label_smoothing: expected 0 for the hinge loss"),
+    ({"rpo_alpha": -1.0}, "rpo_alpha: expected a finite number >= 0"),
+    ({"gamma": float("inf")}, "gamma"),
+])
+def test_dpo_settings_are_checked_when_the_config_is_built(change, message):
+    with pytest.raises(ConfigError, match=message):
+        DPOConfig(**change)

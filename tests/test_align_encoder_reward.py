@@ -248,7 +248,7 @@ def test_train_rm_command_takes_an_encoder_directory(tmp_path, bert_dir, world):
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert config["reward"]["train"]["lr"] == 1e-3
     bad = CliRunner().invoke(cli.app, [*args[:-4], "--pooling", "max", "--out", str(tmp_path / "bad")])
-    assert bad.exit_code != 0 and "--pooling: expected auto or one of" in str(bad.exception)
+    assert bad.exit_code != 0 and "--pooling: expected one of auto, last, mean, first" in str(bad.exception)
 
 
 @pytest.mark.slow

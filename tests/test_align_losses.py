@@ -149,6 +149,17 @@ def test_bradley_terry_rejects_bad_arguments():
         bradley_terry_loss(x, x, center_coef=-1.0)
     with pytest.raises(ValueError, match="shape"):
         bradley_terry_loss(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="margin"):  # [3] against [3, 1] would broadcast to [3, 3]
+        bradley_terry_loss(x, x, margin=torch.zeros(3, 1), reduction="none")
+
+
+def test_bradley_terry_margin_per_pair_or_one_number():
+    chosen, rejected = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 1.0, 0.5])
+    margin = torch.tensor([0.5, 0.0, 1.0])
+    per_pair = bradley_terry_loss(chosen, rejected, margin=margin, reduction="none")
+    torch.testing.assert_close(per_pair, -torch.nn.functional.logsigmoid(chosen - rejected - margin))
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected, margin=torch.tensor(0.5), reduction="none"),
+                               bradley_terry_loss(chosen, rejected, margin=0.5, reduction="none"))
 
 
 # ---------------------------------------------------------------------------- DPO family

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from safetylab.align.ppo import ActorCritic, PPOConfig, collect_rollout, ppo_loss, train_ppo
-from safetylab.core import RunDir, SafetylabError
+from safetylab.core import ConfigError, RunDir, SafetylabError
 from safetylab.models.train import TrainConfig
 
 TRAIN = TrainConfig(steps=48, batch_size=8, lr=2e-2, warmup_steps=1, log_every=4, checkpoint_every=8, device="cpu")
@@ -111,17 +111,18 @@ def test_adaptive_beta_is_saved_with_checkpoints_and_a_resumed_run_repeats(tiny_
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"ppo_epochs": 0}, "at least 1"),
-    ({"train": replace(TRAIN, checkpoint_every=6)}, "checkpoint_every"),
+    ({"ppo_epochs": 0}, "ppo_epochs: expected an integer >= 1"),
+    ({"train": replace(TRAIN, log_every=2, checkpoint_every=6)}, r"train.checkpoint_every: expected a multiple of "
+                                                                  r"ppo_epochs × mini_batches \(4\)"),
     ({"kl_estimator": "k2"}, "kl_estimator"),
-    ({"kl_coef": 0.0, "kl_target": 6.0}, "kl_coef > 0"),
-    ({"mini_batches": 4, "ppo_epochs": 1, "train": replace(TRAIN, batch_size=2)}, "do not fit"),
+    ({"kl_coef": 0.0, "kl_target": 6.0}, "kl_coef: expected a number > 0 to adapt towards kl_target"),
+    ({"mini_batches": 4, "ppo_epochs": 1, "train": replace(TRAIN, batch_size=2)}, "mini_batches: expected at most"),
+    ({"gamma": 1.5}, r"gamma: expected a number in \[0, 1\]"),
+    ({"clip": float("nan")}, "clip"),
 ])
-def test_ppo_settings_are_checked(tiny_lm, tmp_path, tok, prompts, change, message):
-    policy = tiny_lm("gpt2")
-    with pytest.raises(SafetylabError, match=message):
-        train_ppo(policy, tok, prompts, _shorter_is_better, tiny_lm("gpt2"), replace(CONFIG, **change),
-                  RunDir(tmp_path / "a", {}))
+def test_ppo_settings_are_checked_when_the_config_is_built(change, message):
+    with pytest.raises(ConfigError, match=message):
+        replace(CONFIG, **change)
 
 
 def test_a_reference_with_another_vocabulary_is_an_error(tiny_lm, tmp_path, tok, prompts):
@@ -137,3 +138,20 @@ def test_a_prompt_longer_than_the_context_is_named(tiny_lm, tmp_path, tok, promp
     with pytest.raises(SafetylabError, match=r"prompt 2 has \d+ tokens .*context of 128"):
         train_ppo(tiny_lm("gpt2"), tok, [prompts[0], long], _shorter_is_better, tiny_lm("gpt2"),
                   replace(CONFIG, train=replace(TRAIN, batch_size=2), mini_batches=1), RunDir(tmp_path / "a", {}))
+
+
+def test_ppo_trains_without_dropout_and_leaves_the_callers_modules_alone(tmp_path, tok, prompts):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32, resid_pdrop=0.1,
+                                        embd_pdrop=0.1, attn_pdrop=0.1, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    reference = GPT2LMHeadModel(policy.config).eval()
+    reference.load_state_dict(policy.state_dict())
+    config = replace(CONFIG, train=replace(TRAIN, steps=4, lr=1e-30))
+    train_ppo(policy, tok, prompts, _shorter_is_better, reference, config, RunDir(tmp_path / "run", {}))
+    first = RunDir(tmp_path / "run", {}).metrics()[0]
+    assert first["policy/approxkl_avg"] == pytest.approx(0.0, abs=1e-9)  # π = π_old at ratio 1: no dropout noise
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert {m.p for m in policy.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}

@@ -123,6 +123,9 @@ def test_save_and_load_give_the_same_rewards(tmp_path, tok, rows):
     torch.testing.assert_close(score(model.eval(), tok, prompts, responses), score(loaded, tok, prompts, responses))
     with pytest.raises(SafetylabError, match="not a reward model"):
         load_reward_model(base)
+    inside = save_reward_model(model, tokenizer, tmp_path / "run" / "members" / "0" / "artifacts" / "reward-model")
+    with pytest.raises(SafetylabError, match=f"not a reward model .*; it holds {inside}: pass that directory"):
+        load_reward_model(tmp_path / "run")  # a `train rm` run directory, not the model in it
     (path / "reward_head.safetensors").write_bytes(b"broken")
     with pytest.raises(SafetylabError, match="reward_head"):
         load_reward_model(path)
@@ -164,7 +167,8 @@ def test_preference_rows_are_checked_line_by_line(tmp_path):
     assert len(prefs) == 2 and prefs.skipped == [(2, "chosen and rejected are identical")]
     assert prefs.rows[1].meta == {"extra": 1}
     write_jsonl(path, [{**good, "rejected": "a"}])
-    with pytest.raises(SafetylabError, match="no usable preference pairs"):
+    with pytest.raises(SafetylabError, match=r"no usable preference pairs \(1 skipped: chosen and rejected are "
+                                             r"identical on line 1\)"):
         read_preferences(path)
 
 

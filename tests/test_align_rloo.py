@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from safetylab.align.rloo import RLOOConfig, train_rloo
-from safetylab.core import RunDir, SafetylabError
+from safetylab.core import ConfigError, RunDir, SafetylabError
 from safetylab.models.train import TrainConfig
 
 TRAIN = TrainConfig(steps=32, batch_size=4, lr=2e-2, warmup_steps=1, log_every=4, checkpoint_every=8, device="cpu")
@@ -47,14 +47,16 @@ def test_the_kl_penalty_enters_the_reward(tiny_lm, tmp_path, tok, world):
     assert run.metrics()[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first step: policy = reference
 
 
-def test_rloo_settings_are_checked(tiny_lm, tmp_path, tok):
-    policy = tiny_lm("gpt2")
-    with pytest.raises(SafetylabError, match="k must be at least 2"):
-        train_rloo(policy, tok, ["what is 2 plus 2 ?"], _shorter_is_better, policy, RLOOConfig(train=TRAIN, k=1),
-                   RunDir(tmp_path / "a", {}))
-    with pytest.raises(SafetylabError, match="kl_estimator"):
-        train_rloo(policy, tok, ["what is 2 plus 2 ?"], _shorter_is_better, policy,
-                   RLOOConfig(train=TRAIN, kl_estimator="k2"), RunDir(tmp_path / "b", {}))
+@pytest.mark.parametrize(("change", "message"), [
+    ({"k": 1}, "k: expected an integer >= 2"),
+    ({"kl_estimator": "k2"}, "kl_estimator: expected one of k1, k3, got 'k2'"),
+    ({"kl_coef": -0.1}, "kl_coef: expected a finite number >= 0"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"layout": "rows"}, "layout"),
+])
+def test_rloo_settings_are_checked_when_the_config_is_built(change, message):
+    with pytest.raises(ConfigError, match=message):
+        RLOOConfig(train=TRAIN, **change)
 
 
 def test_every_layout_gives_the_same_steps(tiny_lm, tmp_path, tok, world):

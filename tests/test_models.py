@@ -18,6 +18,7 @@ from safetylab.models import (
     build_model,
     full_kl,
     kl_estimates,
+    kl_per_token,
     load_model,
     logprobs,
     policy_kl,
@@ -495,6 +496,21 @@ def test_kl_estimates_k3_nonnegative_and_zero_when_equal():
     same = kl_estimates(logp, logp.clone(), mask)
     for name in ("k1", "k2", "k3"):
         assert torch.equal(same[name], torch.zeros(50))
+
+
+def test_kl_estimates_ignore_what_masked_positions_hold():
+    """Padding may hold −inf or NaN log-probs: masked entries are 0 and never reach the sums."""
+    logp = torch.tensor([[-1.0, -0.5, -math.inf], [-2.0, math.nan, -1.0]])
+    logq = torch.tensor([[-1.5, -0.5, -3.0], [-1.0, -1.0, -math.inf]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    per_token = kl_per_token(logp, logq, mask)
+    for name, values in per_token.items():
+        assert torch.isfinite(values).all(), name
+        assert (values[mask == 0] == 0).all(), name
+    r = torch.tensor([0.5, -1.0])
+    torch.testing.assert_close(kl_estimates(logp, logq, mask)["k3"], torch.expm1(-r) + r)
+    logits = torch.tensor([[[0.0, -math.inf], [1.0, 2.0]]])  # the first state can never emit token 1
+    assert torch.isfinite(full_kl(logits, torch.zeros(1, 2, 2), torch.tensor([[1, 0]]))).all()
 
 
 def test_k1_and_k3_means_approximate_the_exact_kl():

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import safetylab.models.train as train_module
-from safetylab.core.errors import SafetylabError
+from safetylab.core.errors import ConfigError, SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
 from safetylab.models import ModelConfig, build_model, load_model, train_tokenizer
@@ -186,11 +186,20 @@ def test_train_lm_lowers_the_loss(tmp_path, tok, examples):
     assert not list((run.path / "checkpoints").glob("step-*"))
 
 
-def test_checkpoint_every_must_be_a_multiple_of_log_every(tmp_path, tok, examples):
-    run = RunDir(tmp_path / "run", {})
-    with pytest.raises(SafetylabError, match="log_every"):
-        train_lm(fresh_model(tok), tok, examples, replace(CONFIG, checkpoint_every=6, log_every=4), run)
-    assert not run.metrics()
+@pytest.mark.parametrize(("change", "message"), [
+    ({"checkpoint_every": 6, "log_every": 4}, r"checkpoint_every: expected a multiple of log_every \(4\)"),
+    ({"eval_every": 3, "log_every": 2}, "eval_every: expected 0 or a multiple of log_every"),
+    ({"lr": -1.0}, "lr: expected a finite number > 0, got -1.0"),
+    ({"lr": float("nan")}, "lr: expected a finite number > 0"),
+    ({"steps": 0}, "steps: expected an integer >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"device": "tpu"}, "device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ({"device": "cpu:0"}, "device"),
+])
+def test_train_settings_are_checked_when_the_config_is_built(change, message):
+    with pytest.raises(ConfigError, match=message):
+        replace(CONFIG, **change)
 
 
 def test_train_lm_without_examples(tmp_path, tok):

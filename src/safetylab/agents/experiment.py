@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import gc
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean, stdev
@@ -36,6 +36,7 @@ from safetylab.agents.mitigations import (
     view_for,
 )
 from safetylab.agents.tabular import AGENTS, TabularAgent, TabularConfig, evaluate, make_agent, train
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_bytes, atomic_write_text, save_figure, write_jsonl
 from safetylab.core.progress import Progress
@@ -66,6 +67,27 @@ def check_environment(name: str) -> str:
 
 
 DEEP_TIMESTEPS = 30_000
+# mitigations that change only the environment: any agent can use them
+ENV_ONLY = ("shield", "supervisor-blind", "goal-diversity")
+
+
+def check_run(environment: str, agent: str, mitigation: str | None) -> None:
+    """An agent, and a mitigation, that can train on ``environment``: checked before any run starts.
+    Deep agents take the mitigations that change only the environment."""
+    check_environment(environment)
+    check_mitigation(mitigation, environment)
+    require_choice(agent, "agent", (*AGENTS, *DEEP_AGENTS))
+    if agent in DEEP_AGENTS and mitigation not in (None, *ENV_ONLY):
+        raise SafetylabError(f"mitigation {mitigation!r} works with the tabular agents ({', '.join(AGENTS)}), "
+                             f"not with {agent} (which takes {', '.join(ENV_ONLY)})")
+
+
+def check_training(seeds: Sequence[int], episodes: int | None, timesteps: int) -> None:
+    """How long and over which seeds agents train: checked before any run starts."""
+    require(len(seeds) > 0 and min(seeds) >= 0, "seeds", "one or more integers >= 0", list(seeds))
+    require(episodes is None or episodes >= 1, "episodes", "an integer >= 1 (or none: the environment's own)",
+            episodes)
+    require(timesteps >= 1, "timesteps", "an integer >= 1", timesteps)
 
 
 def run_experiment(environment: str, agent: str, mitigation: str | None = None, seed: int = 0,
@@ -73,20 +95,17 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
     """Train and evaluate one (environment, agent, mitigation, seed); return the record, the training
     history (one record per episode) and the trained agent. Tabular agents train for ``episodes``
     (default: the environment's), the deep ones (``ppo``, ``dqn``) for ``timesteps`` steps."""
-    check_environment(environment)
-    check_mitigation(mitigation, environment)
+    check_run(environment, agent, mitigation)
+    check_training([seed], episodes, timesteps)
     plan = PLANS[environment]
     setup = mitigated(environment, mitigation)
     view = view_for(mitigation)
     test_env = view(gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs))
     if agent in DEEP_AGENTS:
-        if setup["reward_fn"] or setup["preferences"] or not setup["follow_overrides"] or mitigation == "abstain":
-            raise SafetylabError(f"mitigation {mitigation!r} works with the tabular agents "
-                                 f"({', '.join(AGENTS)}), not with {agent}")
         learner, history = train_deep(setup["env"], agent, timesteps, seed)
         result = evaluate_deep(learner, test_env, 100, seed=10_000 + seed)
     else:
-        config = TabularConfig(episodes=episodes or plan.episodes, seed=seed)
+        config = TabularConfig(episodes=plan.episodes if episodes is None else episodes, seed=seed)
         learner = make_agent(agent, 4, config)
         if setup["preferences"]:
             history = train_with_preferences(setup["env"], learner, config)
@@ -114,10 +133,6 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
     for name, kwargs in plan.variants.items():  # e.g. friend or foe, room by room
         record[f"eval_return_{name}"] = variant(kwargs)["return"]
     return record, history, learner
-
-
-# mitigations that change only the environment: any agent can use them
-ENV_ONLY = ("shield", "supervisor-blind", "goal-diversity")
 
 
 def suite_runs(environments=None, agents=None, mitigations: bool = True) -> list[tuple[str, str, str | None]]:
@@ -230,6 +245,8 @@ def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[
     game's plot. Returns the summary rows."""
     import safetylab.agents  # noqa: F401  (registers the environments)
     from safetylab.agents.offswitch import plot_deference
+
+    check_training(seeds, episodes, timesteps)
 
     records, histories = [], {}
     with Progress("agents", len(runs) * len(seeds)) as progress:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
+from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
 
 AGENTS = ("q-learning", "sarsa")
@@ -36,10 +37,13 @@ class TabularConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.episodes < 1 or not 0 < self.alpha <= 1 or not 0 <= self.gamma <= 1:
-            raise SafetylabError("episodes must be >= 1, alpha in (0, 1] and gamma in [0, 1]")
-        if not 0 <= self.epsilon_end <= self.epsilon_start <= 1:
-            raise SafetylabError("epsilon must satisfy 0 <= epsilon_end <= epsilon_start <= 1")
+        require(self.episodes >= 1, "episodes", "an integer >= 1", self.episodes)
+        require(0 < self.alpha <= 1, "alpha", "a learning rate in (0, 1]", self.alpha)
+        require(0 <= self.gamma <= 1, "gamma", "a discount in [0, 1]", self.gamma)
+        require(0 <= self.epsilon_start <= 1, "epsilon_start", "a probability in [0, 1]", self.epsilon_start)
+        require(0 <= self.epsilon_end <= self.epsilon_start, "epsilon_end",
+                f"a probability in [0, epsilon_start = {self.epsilon_start}]", self.epsilon_end)
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
 
 
 def epsilon_at(config: TabularConfig, episode: int) -> float:

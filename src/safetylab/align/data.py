@@ -55,8 +55,18 @@ def preferences_from_records(records, where: str = "preferences") -> Preferences
         meta = {k: v for k, v in record.items() if k not in ("prompt", "chosen", "rejected")}
         out.rows.append(Preference(record["prompt"], record["chosen"], record["rejected"], meta))
     if not out.rows:
-        raise SafetylabError(f"{where}: no usable preference pairs ({len(out.skipped)} skipped)")
+        reasons: dict[str, list[int]] = {}
+        for number, reason in out.skipped:
+            reasons.setdefault(reason, []).append(number)
+        why = "; ".join(f"{reason} on line{'s' if len(lines) > 1 else ''} {_numbers(lines)}"
+                        for reason, lines in reasons.items())
+        raise SafetylabError(f"{where}: no usable preference pairs ({len(out.skipped)} skipped: {why})"
+                             if out.skipped else f"{where}: no preference pairs (the data is empty)")
     return out
+
+
+def _numbers(lines: list[int], shown: int = 10) -> str:
+    return ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
 
 
 def read_preferences(path: str | os.PathLike) -> Preferences:

@@ -9,6 +9,7 @@ with ``rpo_alpha``); with a gold tracker, the gold judge's metrics every ``eval_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,14 +25,20 @@ from safetylab.align.losses import (
     robust_dpo_loss,
     simpo_loss,
 )
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Template, batch_logprobs
-from safetylab.models.packing import check_layout
+from safetylab.models.packing import LAYOUTS
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.requests import Request
 from safetylab.world.world import World, chat
+
+# β where a config leaves it unset: TRL's 0.1 for the losses on the reference log-ratio (Rafailov et al.
+# 2023 use 0.1 to 0.5), and the reward scale SimPO's paper recommends (β ∈ [2, 2.5], Meng et al. 2024).
+DEFAULT_BETA = {"sigmoid": 0.1, "robust": 0.1, "ipo": 0.1, "hinge": 0.1, "simpo": 2.0}
+LABEL_SMOOTHED = ("sigmoid", "robust")
 
 
 @dataclass(frozen=True)
@@ -39,11 +46,29 @@ class DPOConfig:
     train: TrainConfig = TrainConfig(steps=200, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10,
                                      checkpoint_every=50, eval_every=50)
     loss: str = "sigmoid"  # one of LOSSES
-    beta: float = 0.1
+    beta: float | None = None  # None: the loss's own default, DEFAULT_BETA (see loss_beta)
     label_smoothing: float = 0.0  # cDPO and robust DPO
     gamma: float = 0.5  # SimPO's target margin
     rpo_alpha: float = 0.0  # > 0: add α · NLL of the chosen responses (RPO; TRL's rpo_alpha)
     layout: str = "packed"  # each pair's prompt computed once, pairs packed (safetylab.models.packing)
+    disable_dropout: bool = True  # train in eval mode, as the reference log-probs were taken (TRL's default)
+
+    def __post_init__(self):
+        require_choice(self.loss, "loss", LOSSES)
+        require(self.beta is None or (self.beta > 0 and math.isfinite(self.beta)), "beta",
+                "a finite number > 0 (or none: the loss's default)", self.beta)
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", "a probability in [0, 0.5)", self.label_smoothing)
+        require(self.label_smoothing == 0 or self.loss in LABEL_SMOOTHED, "label_smoothing",
+                f"0 for the {self.loss} loss (only {' and '.join(LABEL_SMOOTHED)} use it)", self.label_smoothing)
+        require(self.gamma >= 0 and math.isfinite(self.gamma), "gamma", "a finite number >= 0", self.gamma)
+        require(self.rpo_alpha >= 0 and math.isfinite(self.rpo_alpha), "rpo_alpha", "a finite number >= 0",
+                self.rpo_alpha)
+        require_choice(self.layout, "layout", LAYOUTS)
+
+    @property
+    def loss_beta(self) -> float:
+        """β as the loss uses it: the one given, else the loss's default (SimPO 2.0, the others 0.1)."""
+        return DEFAULT_BETA[self.loss] if self.beta is None else self.beta
 
 
 @dataclass(frozen=True)
@@ -58,15 +83,15 @@ class SequenceLogps:
 
 LossFn = Callable[[SequenceLogps, SequenceLogps, DPOConfig], PreferenceLoss]
 LOSSES: dict[str, LossFn] = {
-    "sigmoid": lambda p, r, c: dpo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta,
+    "sigmoid": lambda p, r, c: dpo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.loss_beta,
                                         label_smoothing=c.label_smoothing),
-    "robust": lambda p, r, c: robust_dpo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta,
+    "robust": lambda p, r, c: robust_dpo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.loss_beta,
                                               label_smoothing=c.label_smoothing),
-    "ipo": lambda p, r, c: ipo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta,
+    "ipo": lambda p, r, c: ipo_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.loss_beta,
                                     chosen_lengths=p.chosen_lengths, rejected_lengths=p.rejected_lengths),
-    "hinge": lambda p, r, c: hinge_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.beta),
-    "simpo": lambda p, r, c: simpo_loss(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths, beta=c.beta,
-                                        gamma=c.gamma),
+    "hinge": lambda p, r, c: hinge_loss(p.chosen, p.rejected, r.chosen, r.rejected, beta=c.loss_beta),
+    "simpo": lambda p, r, c: simpo_loss(p.chosen, p.rejected, p.chosen_lengths, p.rejected_lengths,
+                                        beta=c.loss_beta, gamma=c.gamma),
 }
 REFERENCE_FREE = ("simpo",)
 
@@ -108,9 +133,6 @@ def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, 
               template: Template = chat, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` on ``rows`` with ``config.loss``; ``reference`` is needed except for
     reference-free losses (SimPO). Returns the trained policy."""
-    if config.loss not in LOSSES:
-        raise SafetylabError(f"unknown preference loss {config.loss!r} (expected one of: {', '.join(LOSSES)})")
-    check_layout(config.layout)
     max_length = config.train.max_length
     ref = None
     if config.loss not in REFERENCE_FREE:
@@ -133,7 +155,8 @@ def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, 
         nll = chosen_nll(logps)
         return out.losses.mean() + config.rpo_alpha * nll, {**metrics, "nll_loss": nll.item()}
 
-    return train_loop(policy, len(rows), step_loss, config.train, run, f"dpo ({config.loss})", evaluate)
+    return train_loop(policy, len(rows), step_loss, config.train, run, f"dpo ({config.loss})", evaluate,
+                      disable_dropout=config.disable_dropout)
 
 
 @torch.no_grad()

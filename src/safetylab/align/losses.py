@@ -73,7 +73,7 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     - Bradley & Terry 1952, "Rank analysis of incomplete block designs": P(y⁺ ≻ y⁻) = σ(r⁺ − r⁻);
       used for RLHF reward models by Ouyang et al. 2022 ("InstructGPT"), eq. 1.
     - margin m (default 0): Touvron et al. 2023 ("Llama 2"), eq. 2 — a larger margin for pairs rated
-      as clearly different.
+      as clearly different; a number, or a tensor of the shape of ``chosen`` (one margin per pair).
     - centring η = ``center_coef`` (default 0): Eisenstein et al. 2023 ("Helping or Herding? Reward
       model ensembles mitigate but do not eliminate reward hacking"), an auxiliary loss that pins the
       free additive constant of the rewards near 0 (TRL's ``center_rewards_coefficient``).
@@ -81,7 +81,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: tor
     ``reduction``: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-example losses).
     """
     _check_same_shape(chosen=chosen, rejected=rejected)
-    if center_coef < 0:
+    if isinstance(margin, torch.Tensor) and margin.dim():
+        _check_same_shape(chosen=chosen, margin=margin)  # a margin per pair, never broadcast across pairs
+    if not center_coef >= 0:
         raise ValueError(f"center_coef must be >= 0, got {center_coef}")
     diff = chosen - rejected
     if margin is not None:

@@ -25,6 +25,7 @@ penalty uses, beside ``objective/kl_k1|k2|k3``), ``objective/entropy``, ``object
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from safetylab.align.advantages import (
 from safetylab.align.losses import entropy_from_logits, policy_loss, value_loss
 from safetylab.align.reward import Reward, RewardModel, sample_rewards
 from safetylab.align.utils import masked_mean, masked_whiten
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Batch, Template, batch_logprobs, check_same_vocabulary, gather_logprobs
@@ -72,6 +74,30 @@ class PPOConfig:
     kl_estimator: str = "k1"  # "k1" or "k3"
     missing_eos_penalty: float = 1.0
     max_new_tokens: int = 48  # sampling is at temperature 1: the gradient is the sampling policy's
+    disable_dropout: bool = True  # train in eval mode: with dropout π_old and π differ at ratio 1 (TRL's default)
+
+    def __post_init__(self):
+        for name in ("ppo_epochs", "mini_batches", "kl_horizon", "max_new_tokens"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        updates = self.ppo_epochs * self.mini_batches
+        require(self.train.checkpoint_every % updates == 0, "train.checkpoint_every",
+                f"a multiple of ppo_epochs × mini_batches ({updates}), so that checkpoints fall between rollouts",
+                self.train.checkpoint_every)
+        require(self.train.batch_size >= self.mini_batches, "mini_batches",
+                f"at most the prompts per rollout (batch_size {self.train.batch_size})", self.mini_batches)
+        for name in ("clip", "value_clip"):
+            require(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
+        require(self.vf_coef >= 0, "vf_coef", "a number >= 0", self.vf_coef)
+        for name in ("gamma", "lam"):
+            require(0 <= getattr(self, name) <= 1, name, "a number in [0, 1]", getattr(self, name))
+        require(self.kl_coef >= 0 and math.isfinite(self.kl_coef), "kl_coef", "a finite number >= 0", self.kl_coef)
+        require(self.kl_target >= 0 and math.isfinite(self.kl_target), "kl_target", "a finite number >= 0 (0: β fixed)",
+                self.kl_target)
+        require(self.kl_target == 0 or self.kl_coef > 0, "kl_coef", "a number > 0 to adapt towards kl_target",
+                self.kl_coef)
+        require_choice(self.kl_estimator, "kl_estimator", ("k1", "k3"))
+        require(math.isfinite(self.missing_eos_penalty), "missing_eos_penalty", "a finite number",
+                self.missing_eos_penalty)
 
 
 class ActorCritic(nn.Module):
@@ -183,15 +209,12 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: Reward, referen
     """Optimise ``policy`` against ``reward`` on ``prompts`` with PPO; returns the trained policy (the
     value head is only in the run's checkpoints). ``reference`` (frozen) must share the policy's
     tokenizer, and so must ``reward`` when it is a :class:`~safetylab.align.reward.RewardModel` (it
-    then scores the sampled token ids). Dropout is switched off in ``policy``, as TRL does: with it,
-    π_old and π would differ at ratio 1."""
-    _check(config, len(prompts))
+    then scores the sampled token ids)."""
+    if not prompts:
+        raise SafetylabError("ppo: no prompts")
     check_same_vocabulary(policy, reference)
     if isinstance(reward, RewardModel):
         check_same_vocabulary(policy, reward.backbone, "reward model")
-    for module in policy.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
     updates = config.ppo_epochs * config.mini_batches
     controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target > 0
                   else FixedKLController(config.kl_coef))
@@ -224,22 +247,5 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: Reward, referen
 
     trained = train_loop(ActorCritic(policy), len(prompts), step_loss, config.train, run, "ppo",
                          None if evaluate is None else lambda model: evaluate(model.policy),
-                         state=[controller, normalizer])
+                         state=[controller, normalizer], disable_dropout=config.disable_dropout)
     return trained.policy
-
-
-def _check(config: PPOConfig, n_prompts: int) -> None:
-    updates = config.ppo_epochs * config.mini_batches
-    if n_prompts < 1:
-        raise SafetylabError("ppo: no prompts")
-    if config.ppo_epochs < 1 or config.mini_batches < 1:
-        raise SafetylabError(f"ppo: ppo_epochs and mini_batches must be at least 1, got {config.ppo_epochs} and "
-                             f"{config.mini_batches}")
-    if config.train.checkpoint_every % updates:
-        raise SafetylabError(f"ppo: checkpoint_every ({config.train.checkpoint_every}) must be a multiple of "
-                             f"ppo_epochs × mini_batches ({updates}), so that checkpoints fall between rollouts")
-    if config.kl_estimator not in ("k1", "k3"):
-        raise SafetylabError(f"ppo: kl_estimator must be 'k1' or 'k3', got {config.kl_estimator!r}")
-    if config.kl_coef < 0 or config.kl_target < 0 or (config.kl_target > 0 and config.kl_coef == 0):
-        raise SafetylabError(f"ppo: kl_coef and kl_target must be >= 0, and kl_coef > 0 when adapted towards a "
-                             f"target, got kl_coef {config.kl_coef} and kl_target {config.kl_target}")

@@ -16,6 +16,7 @@ training and scoring always agree.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -31,8 +32,9 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 from safetylab.align.best_of_n import RewardFn
 from safetylab.align.data import Preference
 from safetylab.align.losses import bradley_terry_loss
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
-from safetylab.core.runs import RunDir
+from safetylab.core.runs import RunDir, saved_inside
 from safetylab.core.seeding import seed_everything
 from safetylab.models.logprobs import Batch, Template, encode_pairs
 from safetylab.models.packing import pack_batch
@@ -134,6 +136,14 @@ class RewardConfig:
     center_coef: float = 0.0  # Eisenstein et al. 2023 use 0.01
     pooling: str = "auto"  # auto: "mean" for text-pair (encoder) tokenizers, else "last"; see resolve_pooling
     members: int = 1  # an ensemble of this many reward models, seeds seed, seed+1, …
+    disable_dropout: bool = True  # train in eval mode, as the model will score (TRL's default)
+
+    def __post_init__(self):
+        require(self.margin >= 0 and math.isfinite(self.margin), "margin", "a finite number >= 0", self.margin)
+        require(self.center_coef >= 0 and math.isfinite(self.center_coef), "center_coef", "a finite number >= 0",
+                self.center_coef)
+        require_choice(self.pooling, "pooling", ("auto", *POOLINGS))
+        require(self.members >= 1, "members", "an integer >= 1", self.members)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -346,7 +356,8 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
         diff = (chosen - rejected).detach()
         return loss, {"accuracy": (diff > 0).float().mean().item(), "margin": diff.mean().item()}
 
-    return train_loop(model, len(rows), step_loss, config.train, run, "reward model")
+    return train_loop(model, len(rows), step_loss, config.train, run, "reward model",
+                      disable_dropout=config.disable_dropout)
 
 
 @torch.no_grad()
@@ -410,7 +421,8 @@ def save_reward_model(model: RewardModel, tokenizer, path: str | os.PathLike) ->
 def load_reward_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[RewardModel, object]:
     path = Path(path)
     if not (path / "reward_head.safetensors").is_file():
-        raise SafetylabError(f"{path}: not a reward model (no reward_head.safetensors)")
+        raise SafetylabError(f"{path}: not a reward model (no reward_head.safetensors)"
+                             + saved_inside(path, "reward_head.safetensors"))
     backbone, tokenizer = backbone_from(path, device)
     settings = json.loads((path / "reward.json").read_text()) if (path / "reward.json").is_file() else {}
     model = RewardModel(backbone, settings.get("pooling", "last"))

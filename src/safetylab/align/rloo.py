@@ -19,6 +19,7 @@ response), ``val/num_eos_tokens``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,10 +28,10 @@ import torch
 from safetylab.align.advantages import missing_eos_penalty, rloo_advantages, sequence_kl_stats
 from safetylab.align.losses import policy_loss
 from safetylab.align.reward import Reward, RewardModel, sample_rewards
-from safetylab.core.errors import SafetylabError
+from safetylab.core.config import require, require_choice
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Template, batch_logprobs, check_same_vocabulary, kl_per_token
-from safetylab.models.packing import check_layout
+from safetylab.models.packing import LAYOUTS
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.world import chat
@@ -46,6 +47,16 @@ class RLOOConfig:
     missing_eos_penalty: float = 1.0
     max_new_tokens: int = 48  # sampling is at temperature 1: the gradient is the sampling policy's
     layout: str = "packed"  # the k samples of a prompt share one prompt computation (safetylab.models.packing)
+    disable_dropout: bool = True  # train in eval mode: the sampling policy is the policy trained (TRL's default)
+
+    def __post_init__(self):
+        require(self.k >= 2, "k", "an integer >= 2 (a leave-one-out baseline needs other samples)", self.k)
+        require(self.kl_coef >= 0 and math.isfinite(self.kl_coef), "kl_coef", "a finite number >= 0", self.kl_coef)
+        require_choice(self.kl_estimator, "kl_estimator", ("k1", "k3"))
+        require(math.isfinite(self.missing_eos_penalty), "missing_eos_penalty", "a finite number",
+                self.missing_eos_penalty)
+        require(self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        require_choice(self.layout, "layout", LAYOUTS)
 
 
 def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: Reward, reference, config: RLOOConfig,
@@ -55,14 +66,9 @@ def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: Reward, refere
     ``reference`` (frozen) must share the policy's tokenizer, and so must ``reward`` when it is a
     :class:`~safetylab.align.reward.RewardModel` (it then scores the sampled token ids; a function
     of text works with any tokenizer)."""
-    if config.k < 2:
-        raise SafetylabError(f"rloo: k must be at least 2 (a leave-one-out baseline needs others), got {config.k}")
-    if config.kl_estimator not in ("k1", "k3"):
-        raise SafetylabError(f"rloo: kl_estimator must be 'k1' or 'k3', got {config.kl_estimator!r}")
     check_same_vocabulary(policy, reference)
     if isinstance(reward, RewardModel):
         check_same_vocabulary(policy, reward.backbone, "reward model")
-    check_layout(config.layout)
 
     def step_loss(model, step: Step):
         generator = getattr(model, "module", model)  # generate on the bare model, not its DDP wrapper
@@ -88,4 +94,5 @@ def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: Reward, refere
             "val/num_eos_tokens": samples.finished.float().mean().item(),
         }
 
-    return train_loop(policy, len(prompts), step_loss, config.train, run, "rloo", evaluate)
+    return train_loop(policy, len(prompts), step_loss, config.train, run, "rloo", evaluate,
+                      disable_dropout=config.disable_dropout)

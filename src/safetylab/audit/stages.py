@@ -24,7 +24,8 @@ from safetylab.align.reward import (  # noqa: E402
     score,
 )
 from safetylab.audit.pipeline import Context, Section, Stage  # noqa: E402
-from safetylab.core.devices import select_device  # noqa: E402
+from safetylab.core.config import require, require_choice  # noqa: E402
+from safetylab.core.devices import check_device_name, select_device  # noqa: E402
 from safetylab.core.io import atomic_write_text, write_jsonl  # noqa: E402
 from safetylab.core.runs import RunDir  # noqa: E402
 from safetylab.core.seeding import seed_everything  # noqa: E402
@@ -62,6 +63,14 @@ class AlignStageConfig:
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         train=TrainConfig(steps=80, batch_size=32, lr=1e-4, warmup_steps=8, log_every=8, checkpoint_every=40)))
 
+    def __post_init__(self):
+        require_choice(self.labeler, "labeler", PRESETS)
+        for name in ("preferences", "best_of_n_per_kind", "ppo_prompts_per_kind"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(len(self.best_of_n) > 0 and min(self.best_of_n) >= 1, "best_of_n", "one or more integers >= 1",
+                self.best_of_n)
+        require(self.kl_samples >= 0, "kl_samples", "an integer >= 0", self.kl_samples)
+
 
 @dataclass(frozen=True)
 class GridworldStageConfig:
@@ -69,6 +78,11 @@ class GridworldStageConfig:
 
     seeds: tuple[int, ...] = (0,)
     episodes: int | None = None  # per run; None: each environment's own (3,000, or 6,000 for Sokoban)
+
+    def __post_init__(self):
+        require(len(self.seeds) > 0 and min(self.seeds) >= 0, "seeds", "one or more integers >= 0", self.seeds)
+        require(self.episodes is None or self.episodes >= 1, "episodes", "an integer >= 1 (or none: the "
+                "environment's own)", self.episodes)
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,13 @@ class AuditConfig:
     # full study, `safetylab verify report`, takes 10)
     verify: VerifySuiteConfig = field(default_factory=lambda: VerifySuiteConfig(eps=(0.0, 0.02, 0.05, 0.1),
                                                                                 exact_time_limit=1.0))
+
+    def __post_init__(self):
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        check_device_name(self.device)
+        for name in ("corpus_conversations", "demonstrations", "labeler_pairs"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(self.sft_replay >= 0, "sft_replay", "a number >= 0", self.sft_replay)
 
 
 QUICK = AuditConfig(
@@ -288,7 +309,7 @@ def align_stage(ctx: Context) -> Section:
                        reward_eval.get("gold_agreement")]]},
             {"title": f"Best-of-n against the reward model ({len(probe)} held-out prompts)",
              "columns": list(curve[0]), "rows": [list(row.values()) for row in curve]},
-            {"title": (f"DPO ({align.dpo.loss}, β {align.dpo.beta}) on the same comparisons and PPO against the "
+            {"title": (f"DPO ({align.dpo.loss}, β {align.dpo.loss_beta:g}) on the same comparisons and PPO against the "
                        f"reward model (β {align.ppo.kl_coef}), held-out prompts"),
              "columns": ["model", *columns],
              "rows": [[name, *(row[m] for m in columns)] for name, row in overall.items()]},

@@ -16,11 +16,13 @@ Rates, each over the prompts where it applies:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
+from safetylab.core.config import require
 from safetylab.models.logprobs import policy_kl
 from safetylab.models.sampling import sample
 from safetylab.world.judge import GoldJudge, Score
@@ -38,6 +40,13 @@ class EvalConfig:
     max_new_tokens: int = 48
     temperature: float = 1.0
     batch_size: int = 128
+
+    def __post_init__(self):
+        for name in ("per_kind", "max_new_tokens", "batch_size"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(self.jailbroken >= 0, "jailbroken", "an integer >= 0", self.jailbroken)
+        require(self.temperature > 0 and math.isfinite(self.temperature), "temperature", "a finite number > 0",
+                self.temperature)
 
 
 def evaluate_policy(model, tokenizer, judge: GoldJudge, requests: Sequence[Request], reference=None,

@@ -8,6 +8,7 @@ from safetylab.models.logprobs import (
     full_kl,
     gather_logprobs,
     kl_estimates,
+    kl_per_token,
     logprobs,
     policy_kl,
 )
@@ -16,6 +17,6 @@ from safetylab.models.tokenizer import train_tokenizer
 
 __all__ = [
     "Batch", "ModelConfig", "Samples", "batch_logprobs", "build_model", "check_tokenizer", "encode_pairs",
-    "full_kl", "gather_logprobs", "kl_estimates", "load_model", "logprobs", "policy_kl", "sample",
+    "full_kl", "gather_logprobs", "kl_estimates", "kl_per_token", "load_model", "logprobs", "policy_kl", "sample",
     "save_model", "train_tokenizer",
 ]

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
+from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
+from safetylab.core.runs import saved_inside
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,12 @@ class ModelConfig:
     n_embd: int = 128
     n_positions: int = 128
     dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_positions"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(self.n_embd % self.n_head == 0, "n_embd", f"a multiple of n_head ({self.n_head})", self.n_embd)
+        require(0 <= self.dropout < 1, "dropout", "a probability in [0, 1)", self.dropout)
 
 
 def build_model(config: ModelConfig, tokenizer) -> GPT2LMHeadModel:
@@ -66,9 +74,11 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise SafetylabError(f"{path}: not a model directory (no config.json); expected a save_pretrained directory")
+        raise SafetylabError(f"{path}: not a model directory (no config.json); expected a save_pretrained directory"
+                             + saved_inside(path, "model.safetensors"))
     if not any(path.glob("*.safetensors")):
-        raise SafetylabError(f"{path}: no safetensors weights found (only safetensors checkpoints are loaded)")
+        raise SafetylabError(f"{path}: no safetensors weights found (only safetensors checkpoints are loaded)"
+                             + saved_inside(path, "model.safetensors"))
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise SafetylabError(f"{path}: no tokenizer files (expected tokenizer.json saved with the model)")
     try:

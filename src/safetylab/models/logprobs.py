@@ -5,6 +5,7 @@ Every algorithm that needs log-probs calls these; nobody writes them twice.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -124,18 +125,16 @@ def check_same_vocabulary(policy, other, what: str = "reference") -> None:
 
 def kl_per_token(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-token estimates of KL(p ‖ q) at tokens sampled from p (Schulman 2020, "Approximating KL
-    divergence"), with ``r = log p − log q``; masked-out entries are 0:
+    divergence"), with ``r = log p − log q``; masked-out entries are 0, whatever the inputs hold there
+    (padding may carry −inf or NaN):
 
     - k1 = r                         unbiased, high variance, can be negative
     - k2 = ½ r²                      biased, low variance
     - k3 = (e^{−r} − 1) + r          unbiased, non-negative, low variance
     """
-    r = (logp - logq) * mask
-    return {
-        "k1": r,
-        "k2": 0.5 * r.pow(2) * mask,
-        "k3": (torch.expm1(-r) + r) * mask,
-    }
+    keep = mask.bool()
+    r = torch.where(keep, logp - logq, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return {"k1": r, "k2": 0.5 * r.pow(2), "k3": torch.expm1(-r) + r}
 
 
 def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -152,11 +151,13 @@ def kl_estimates(logp: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor) -> 
 def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence KL(p ‖ q) = Σ_t Σ_v p(v|s_t) (log p(v|s_t) − log q(v|s_t)) over the masked
     positions: exact at each visited state, so its mean over samples of p is an unbiased,
-    lower-variance estimate of the sequence KL than k1."""
+    lower-variance estimate of the sequence KL than k1. Tokens p cannot emit (logit −∞) add 0, and so
+    do masked-out positions, whatever the logits hold there."""
     logp = torch.log_softmax(logits_p.float(), -1)
     logq = torch.log_softmax(logits_q.float(), -1)
-    per_token = (logp.exp() * (logp - logq)).sum(-1)
-    return (per_token * mask).sum(-1)
+    zero = torch.zeros((), device=logp.device)
+    per_token = torch.where(logp > -math.inf, logp.exp() * (logp - logq), zero).sum(-1)
+    return torch.where(mask.bool(), per_token, zero).sum(-1)
 
 
 @torch.no_grad()

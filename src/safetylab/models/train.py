@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from safetylab.core.devices import select_device
+from safetylab.core.config import require
+from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.errors import SafetylabError
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
@@ -41,6 +42,20 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end (when the loop is given an evaluation)
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "max_length", "log_every", "checkpoint_every"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(self.lr > 0 and math.isfinite(self.lr), "lr", "a finite number > 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        require(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0: no clipping)", self.grad_clip)
+        require(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0", self.warmup_steps)
+        require(self.eval_every >= 0 and self.eval_every % self.log_every == 0, "eval_every",
+                f"0 or a multiple of log_every ({self.log_every})", self.eval_every)
+        require(self.checkpoint_every % self.log_every == 0, "checkpoint_every",
+                f"a multiple of log_every ({self.log_every}), so that a resumed run logs the same windows",
+                self.checkpoint_every)
+        check_device_name(self.device)
 
 
 @dataclass
@@ -137,7 +152,7 @@ StepLoss = Callable[[torch.nn.Module, Step], tuple[torch.Tensor, dict[str, float
 def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, config: TrainConfig, run: RunDir,
                description: str = "train",
                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-               state: Sequence[object] = ()) -> torch.nn.Module:
+               state: Sequence[object] = (), disable_dropout: bool = False) -> torch.nn.Module:
     """The one training loop: AdamW, warm-up and cosine decay, gradient clipping, under
     ``accelerate``; resumes from the run's latest checkpoint; logs ``loss``, the mean over each
     window of the statistics ``step_loss`` returns (averaged over processes) and ``lr``.
@@ -149,17 +164,13 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
     with its own random stream seeded alike each time (so differences between evaluations are the
     policy's, not sampling noise, and a resumed run repeats them); its metrics join that step's
     record. ``state``: further objects with ``state_dict`` and
-    ``load_state_dict`` (an adaptive KL controller) saved in each checkpoint and restored on resume."""
+    ``load_state_dict`` (an adaptive KL controller) saved in each checkpoint and restored on resume.
+    ``disable_dropout``: the model trains in eval mode, so dropout (and any other train-time noise) is
+    off, as preference optimisation and RL need (TRL's ``disable_dropout``): the policy is then the same
+    function as the frozen reference and the sampling policy it is compared with. No module's dropout
+    probability is edited, so the caller's model keeps its own settings."""
     if n_examples < 1:
         raise SafetylabError(f"{run.path}: no training examples")
-    if config.steps < 1 or config.batch_size < 1 or config.log_every < 1 or config.checkpoint_every < 1:
-        raise SafetylabError("train: steps, batch_size, log_every and checkpoint_every must be at least 1, got "
-                             f"{config.steps}, {config.batch_size}, {config.log_every}, {config.checkpoint_every}")
-    if config.eval_every % config.log_every:
-        raise SafetylabError(f"eval_every ({config.eval_every}) must be a multiple of log_every ({config.log_every})")
-    if config.checkpoint_every % config.log_every:
-        raise SafetylabError(f"checkpoint_every ({config.checkpoint_every}) must be a multiple of log_every "
-                             f"({config.log_every}), so a resumed run logs the same windows")
     device = select_device(config.device)
     accelerator = Accelerator(cpu=device.type == "cpu")
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -173,7 +184,7 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
     start = _resume(accelerator, run)
     if start == 0 and config.eval_every and evaluate is not None and accelerator.is_main_process:
         run.log(0, **_evaluate(accelerator.unwrap_model(model), evaluate, config.seed))  # the starting point
-    model.train()
+    model.train(not disable_dropout)
     window: dict[str, list[float]] = {}
     with Progress(description, config.steps - start) as progress:
         for step in range(start, config.steps):
@@ -228,11 +239,12 @@ def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig,
 def _evaluate(model: torch.nn.Module, evaluate, seed: int) -> dict[str, float]:
     if evaluate is None:
         return {}
+    training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         metrics = evaluate(model)
-    model.train()
+    model.train(training)
     return metrics
 
 

@@ -17,6 +17,7 @@ import math
 import random
 from dataclasses import dataclass
 
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.world.judge import GoldJudge, Score
 from safetylab.world.requests import Request
@@ -30,6 +31,12 @@ class LabelerConfig:
     length_bias: float = 0.0
     flattery_bias: float = 0.0
     confidence_bias: float = 0.0
+
+    def __post_init__(self):
+        require(self.tau >= 0 and math.isfinite(self.tau), "tau", "a finite number >= 0 (0: no noise)", self.tau)
+        require_choice(self.verifies, "verifies", ("all", "easy"))
+        for name in ("length_bias", "flattery_bias", "confidence_bias"):
+            require(math.isfinite(getattr(self, name)), name, "a finite number", getattr(self, name))
 
 
 PRESETS = {

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
 from safetylab.world import content
 from safetylab.world.judge import GoldJudge
@@ -50,6 +51,13 @@ class WorldConfig:
     easy_fraction: float = 0.35  # of countries whose facts a typical labeler knows
     easy_arithmetic: float = 0.4  # share of arithmetic requests that are easy
 
+    def __post_init__(self):
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        require(self.countries >= 5, "countries", "an integer >= 5", self.countries)
+        require(0 < self.test_fraction < 1, "test_fraction", "a number in (0, 1)", self.test_fraction)
+        for name in ("easy_fraction", "easy_arithmetic"):
+            require(0 <= getattr(self, name) <= 1, name, "a share in [0, 1]", getattr(self, name))
+
 
 def chat(prompt: str, response: str | None = None) -> str:
     """The world's conversation format: ``<user> … <assistant> … <eos>``."""
@@ -61,10 +69,6 @@ class World:
     """Prompts, reference responses, the gold judge, labelers and data sets of one seed."""
 
     def __init__(self, config: WorldConfig = WorldConfig()):
-        if not 0 < config.test_fraction < 1:
-            raise SafetylabError(f"world.test_fraction: expected a number in (0, 1), got {config.test_fraction}")
-        if config.countries < 5:
-            raise SafetylabError(f"world.countries: expected at least 5, got {config.countries}")
         self.config = config
         self.countries = build_countries(config.seed, config.countries, config.test_fraction, config.easy_fraction)
         self.facts: tuple[Fact, ...] = facts_of(self.countries)
