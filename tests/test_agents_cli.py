@@ -38,13 +38,18 @@ def test_agents_suite_covers_every_agent_and_mitigation(tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("args,message", [
     (["--env", "Pong"], "environment must be one of SafeInterruptibility"),
-    (["--env", "BoatRace", "--agent", "a2c"], "--agent must be one of q-learning, sarsa, ppo, dqn"),
+    (["--env", "BoatRace", "--agent", "a2c"], "--agent: expected one of q-learning, sarsa, ppo, dqn, got 'a2c'"),
     (["--env", "BoatRace", "--mitigation", "shield"], "applies to IslandNavigation, not to BoatRace"),
+    (["--env", "BoatRace", "--agent", "ppo", "--mitigation", "preferences"], "works with the tabular agents"),
     (["--env", "BoatRace", "--seeds", "a"], "--seeds: expected comma-separated integers"),
+    (["--env", "BoatRace", "--seeds", "0,-1"], "--seeds: expected one or more integers >= 0"),
+    (["--env", "BoatRace", "--episodes", "0"], "--episodes: expected an integer >= 1"),
+    (["--env", "BoatRace", "--agent", "ppo", "--timesteps", "0"], "--timesteps: expected an integer >= 1"),
 ])
-def test_bad_names_fail_clearly(tmp_path, monkeypatch, capsys, args, message):
+def test_bad_options_fail_clearly_before_any_file_is_written(tmp_path, monkeypatch, capsys, args, message):
     code, _, err = run_main(monkeypatch, capsys, "agents", "run", *args, "--out", str(tmp_path / "run"))
     assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_learning_curves_average_seeds_of_different_lengths(tmp_path):

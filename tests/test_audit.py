@@ -6,15 +6,14 @@ import json
 import math
 import os
 import shutil
-import sys
 from dataclasses import asdict, replace
 
 import pytest
 import torch
 from filelock import FileLock
+from test_cli import run_main
 
 import safetylab.audit.run as audit_run
-from safetylab import cli
 from safetylab.agents.envs import ENVIRONMENTS
 from safetylab.audit import STAGES, Context, Section, Stage, audit_config, run_audit, run_pipeline
 from safetylab.audit.report import build_report, write_report
@@ -374,17 +373,6 @@ def test_a_custom_stage_is_a_local_addition(audit_copy):
 
 
 # ============================================================================ audit CLI config
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["safetylab", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("text,names", [
     ("bogus_key: 1\n", ["bogus_key"]),
     ("base:\n  stepz: 5\n", ["stepz", "base"]),

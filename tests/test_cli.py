@@ -127,7 +127,7 @@ def test_unknown_preset_through_python_m(tmp_path):
                            timeout=120, env=env)
     assert debug.returncode == 2
     assert "Traceback (most recent call last)" in debug.stderr
-    assert "SafetylabError" in debug.stderr
+    assert "safetylab.core.errors.ConfigError" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1].startswith("error: ")
 
 
@@ -192,10 +192,23 @@ def test_world_judge_bad_line(monkeypatch, capsys, sample_file, kind, number):
     code, out, err = run_main(monkeypatch, capsys, "world", "judge", str(sample_file))
     assert code == 2
     assert out == ""  # nothing scored is printed for a file that fails
-    assert err.startswith("error: ")
-    assert f"{sample_file}, line {number}:" in err
+    assert err.startswith(f"error: {sample_file}: 1 bad line of ")
+    assert f"(line {number}: " in err and "nothing was written" in err
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_world_judge_names_every_bad_line_and_writes_nothing(monkeypatch, capsys, sample_file, tmp_path):
+    lines = sample_file.read_text(encoding="utf-8").splitlines()
+    for number, kind in ((2, "malformed"), (4, "foreign_prompt"), (5, "missing_response")):
+        lines = _broken(lines, number, kind)
+    sample_file.write_text("\n".join(lines) + "\n\n", encoding="utf-8")  # a blank line at the end is fine
+    out = tmp_path / "scores.jsonl"
+    code, _, err = run_main(monkeypatch, capsys, "world", "judge", str(sample_file), "-o", str(out))
+    assert code == 2 and not out.exists()
+    assert f"3 bad lines of {len(lines)} (line 2: malformed JSON" in err
+    assert "line 4: the prompt is not a prompt of the world" in err
+    assert "line 5: expected a string field 'response'" in err
 
 
 def test_world_judge_missing_file(monkeypatch, capsys, tmp_path):
@@ -208,7 +221,7 @@ def test_world_judge_other_seed_world(monkeypatch, capsys, sample_file):
     # a prompt of the seed-0 world names countries the seed-5 world does not have
     code, _, err = run_main(monkeypatch, capsys, "world", "judge", str(sample_file), "--seed", "5")
     assert code == 2
-    assert f"{sample_file}, line " in err and "seed 5" in err
+    assert f"{sample_file}: " in err and "bad lines of 12 (line " in err and "seed 5" in err
 
 
 def test_train_sft_bad_demonstrations_file(monkeypatch, capsys, tmp_path):

@@ -13,7 +13,9 @@ import typer
 
 from safetylab.cli_agents import agents_app
 from safetylab.cli_robust import robust_app
+from safetylab.cli_study import options
 from safetylab.cli_verify import verify_app
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 
 app = typer.Typer(help="safetylab: measure and manage the safety of ML models.", no_args_is_help=True,
@@ -60,7 +62,8 @@ def audit(
     from safetylab.audit import AuditConfig, audit_config, run_audit
     from safetylab.core.config import config_from_dict, config_to_dict, read_config_file
 
-    chosen = audit_config(quick=quick, seed=seed, device=device)
+    with options("seed", "device"):
+        chosen = audit_config(quick=quick, seed=seed, device=device)
     if config is not None:
         merged = _merge(config_to_dict(chosen), read_config_file(config))
         chosen = config_from_dict(AuditConfig, merged, where=str(config))
@@ -83,7 +86,12 @@ def world_sample(
     """Prompts with reference responses, as JSONL."""
     from safetylab.world import KINDS, World, WorldConfig
 
-    _emit(World(WorldConfig(seed=seed)).sample(n, split, style, kinds=tuple(kind or KINDS)), out)
+    with options("n", "split", "seed", kind="--kind"):
+        _check_sample(n, split)
+        for name in kind or ():
+            require_choice(name, "kind", KINDS)
+        world = World(WorldConfig(seed=seed))
+    _emit(world.sample(n, split, style, kinds=tuple(kind or KINDS)), out)
 
 
 @world_app.command("preferences")
@@ -96,10 +104,12 @@ def world_preferences(
 ) -> None:
     """A preference data set: JSONL {"prompt","chosen","rejected"} plus metadata."""
     from safetylab.world import World, WorldConfig
-    from safetylab.world.labelers import preset
 
-    preset(labeler)
-    _emit(World(WorldConfig(seed=seed)).preferences(n, labeler, split), out)
+    with options("labeler", "n", "split", "seed"):
+        _check_labeler(labeler)
+        _check_sample(n, split)
+        world = World(WorldConfig(seed=seed))
+    _emit(world.preferences(n, labeler, split), out)
 
 
 @world_app.command("judge")
@@ -108,18 +118,25 @@ def world_judge(
     seed: Annotated[int, typer.Option(help="Seed of the world the prompts come from.")] = 0,
     out: Out = None,
 ) -> None:
-    """Score every response with the gold judge: one score record per input line."""
-    from safetylab.core.io import read_jsonl
+    """Score every response with the gold judge: one score record per input line. A file with bad lines
+    (not JSON, no prompt or response, a prompt the world does not know) is an error that names every
+    one of them, and nothing is written."""
+    from safetylab.core.io import bad_lines_error, jsonl_lines
     from safetylab.world import World, WorldConfig
 
-    world = World(WorldConfig(seed=seed))
-    records = []
-    for number, line in enumerate(read_jsonl(file, required=("prompt", "response")), start=1):
-        request = world.parser.parse(line["prompt"])
-        if request is None:
-            raise SafetylabError(f"{file}, line {number}: the prompt is not a prompt of the world with seed {seed}: "
-                                 f"{line['prompt']!r}")
-        records.append({"line": number, **world.judge.score(request, line["response"]).to_dict()})
+    with options("seed"):
+        world = World(WorldConfig(seed=seed))
+    records, bad, total = [], [], 0
+    for line in jsonl_lines(file, required=("prompt", "response")):
+        total += 1
+        request = None if line.problem else world.parser.parse(line.record["prompt"])
+        if line.problem or request is None:
+            bad.append((line.number, line.problem or f"the prompt is not a prompt of the world with seed {seed}: "
+                                                     f"{line.record['prompt']!r}"))
+        elif not bad:
+            records.append({"line": line.number, **world.judge.score(request, line.record["response"]).to_dict()})
+    if bad:
+        raise bad_lines_error(file, bad, total)
     _emit(records, out)
 
 
@@ -139,8 +156,10 @@ def train_base(
     from safetylab.models.train import pretrain
     from safetylab.world import World
 
-    cfg = audit_config(quick, seed, device)
-    train = _overridden(cfg.base, steps=steps)
+    with options("steps", "conversations", "seed", "device"):
+        cfg = audit_config(quick, seed, device)
+        train = _overridden(cfg.base, steps=steps)
+        require(conversations >= 1, "conversations", "an integer >= 1", conversations)
     lines = World(cfg.world).corpus(conversations)
     run = RunDir(out, {"model": asdict(cfg.model), "train": asdict(train), "world": asdict(cfg.world),
                        "conversations": conversations})
@@ -168,8 +187,10 @@ def train_sft(
     from safetylab.models.train import finetune
     from safetylab.world import World
 
-    cfg = audit_config(False, seed, device)
-    train = _overridden(cfg.sft, steps=steps)
+    with options("steps", "n", "seed", "device"):
+        cfg = audit_config(False, seed, device)
+        train = _overridden(cfg.sft, steps=steps)
+        require(n >= 1, "n", "an integer >= 1", n)
     if demonstrations is not None:
         pairs = [(d["prompt"], d["response"]) for d in read_jsonl(demonstrations, required=("prompt", "response"))]
     else:
@@ -209,7 +230,6 @@ def train_rm(
     from rich.table import Table
 
     from safetylab.align.reward import (
-        POOLINGS,
         RewardConfig,
         RewardEnsemble,
         evaluate_reward_model,
@@ -218,12 +238,10 @@ def train_rm(
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
 
-    if members < 1:
-        raise SafetylabError(f"--members: expected at least 1, got {members}")
-    if pooling not in ("auto", *POOLINGS):
-        raise SafetylabError(f"--pooling: expected auto or one of {', '.join(POOLINGS)}, got {pooling!r}")
-    config = RewardConfig(members=members, pooling=pooling)
-    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
+    with options("members", "pooling", "seed", "device", "steps", "lr", "labeler", "n"):
+        config = RewardConfig(members=members, pooling=pooling)
+        config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
+        _check_preference_source(preferences, labeler, n)
     train_rows, held_out, source, skipped = _preference_rows(preferences, labeler, n, seed)
     run = RunDir(out, {"base": str(base), "preferences": source, "reward": asdict(config)})
     models, tokenizer = fit_reward_models(base, train_rows, config, run, select_device(device))
@@ -246,7 +264,9 @@ def train_dpo_command(
     labeler: Labeler = "typical",
     n: Pairs = 4_000,
     loss: Annotated[str, typer.Option(help="sigmoid, robust, ipo, hinge or simpo.")] = "sigmoid",
-    beta: Annotated[float, typer.Option(help="β (SimPO: its reward scale).")] = 0.1,
+    beta: Annotated[float | None, typer.Option(
+        help="β (SimPO: its reward scale). Default: the loss's own, from its paper (SimPO 2.0, the others 0.1).")
+    ] = None,
     label_smoothing: Annotated[float, typer.Option(help="ε of cDPO and robust DPO.")] = 0.0,
     gamma: Annotated[float, typer.Option(help="SimPO's target margin γ.")] = 0.5,
     rpo_alpha: Annotated[float, typer.Option(help="Weight of the chosen responses' NLL in the loss (RPO).")] = 0.0,
@@ -264,8 +284,12 @@ def train_dpo_command(
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 
-    config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma, rpo_alpha=rpo_alpha)
-    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
+    with options("loss", "beta", "label_smoothing", "gamma", "rpo_alpha", "seed", "device", "steps", "lr",
+                 "labeler", "n"):
+        config = DPOConfig(loss=loss, beta=beta, label_smoothing=label_smoothing, gamma=gamma, rpo_alpha=rpo_alpha)
+        config = replace(config, beta=config.loss_beta,  # the run's config records the β the loss uses
+                         train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
+        _check_preference_source(preferences, labeler, n)
     rows, _, source, _ = _preference_rows(preferences, labeler, n, seed)
     where = select_device(device)
     world = World(WorldConfig(seed=seed))
@@ -294,8 +318,10 @@ def train_rloo_command(
     a held-out evaluation against the starting model at the end."""
     from safetylab.align.rloo import RLOOConfig, train_rloo
 
-    config = RLOOConfig(k=k, kl_coef=kl_coef)
-    config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
+    with options("k", "kl_coef", "seed", "device", "steps", "lr", "prompts_per_kind"):
+        config = RLOOConfig(k=k, kl_coef=kl_coef)
+        config = replace(config, train=_overridden(config.train, seed=seed, device=device, steps=steps, lr=lr))
+        require(prompts_per_kind >= 1, "prompts_per_kind", "an integer >= 1", prompts_per_kind)
     _reinforce("rloo", config, base, reward, prompts_per_kind, out, seed, device, train_rloo)
 
 
@@ -318,11 +344,17 @@ def train_ppo_command(
     judge tracked during training and a held-out evaluation against the starting model at the end."""
     from safetylab.align.ppo import PPOConfig, train_ppo
 
-    updates = ppo_epochs * mini_batches
-    config = PPOConfig(kl_coef=kl_coef, kl_target=kl_target, ppo_epochs=ppo_epochs, mini_batches=mini_batches)
-    train = _overridden(config.train, seed=seed, device=device, steps=steps, lr=lr)
-    config = replace(config, train=replace(train, log_every=updates, checkpoint_every=updates * 10,
-                                           eval_every=updates * 10))
+    with options("kl_coef", "kl_target", "ppo_epochs", "mini_batches", "seed", "device", "steps", "lr",
+                 "prompts_per_kind"):
+        require(ppo_epochs >= 1, "ppo_epochs", "an integer >= 1", ppo_epochs)
+        require(mini_batches >= 1, "mini_batches", "an integer >= 1", mini_batches)
+        updates = ppo_epochs * mini_batches
+        default = PPOConfig().train
+        train = _overridden(default, seed=seed, device=device, steps=steps, lr=lr, log_every=updates,
+                            checkpoint_every=updates * 10, eval_every=updates * 10)
+        config = PPOConfig(train=train, kl_coef=kl_coef, kl_target=kl_target, ppo_epochs=ppo_epochs,
+                           mini_batches=mini_batches)
+        require(prompts_per_kind >= 1, "prompts_per_kind", "an integer >= 1", prompts_per_kind)
     _reinforce("ppo", config, base, reward, prompts_per_kind, out, seed, device, train_ppo)
 
 
@@ -348,10 +380,13 @@ def sample_best_of_n(
     from safetylab.world import World, WorldConfig
 
     sizes = sorted(set(n or [1, 2, 4, 8, 16]))
-    if sizes[0] < 1:
-        raise SafetylabError(f"--n: expected values of at least 1, got {sizes[0]}")
+    with options("n", "per_kind", "jailbroken", "kl_samples", "seed", "device"):
+        require(sizes[0] >= 1, "n", "integers >= 1", sizes[0])
+        require(per_kind >= 1, "per_kind", "an integer >= 1", per_kind)
+        require(jailbroken >= 0, "jailbroken", "an integer >= 0", jailbroken)
+        require(kl_samples >= 0, "kl_samples", "an integer >= 0", kl_samples)
+        world = World(WorldConfig(seed=seed))
     where = select_device(device)
-    world = World(WorldConfig(seed=seed))
     model, tokenizer = load_model(policy, where)
     reward_model, reward_tokenizer = load_reward_model(reward, where)
     requests = world.evaluation_set(per_kind, jailbroken)
@@ -387,11 +422,12 @@ def evaluate(
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 
-    world = World(WorldConfig(seed=seed))
+    with options("per_kind", "jailbroken", "seed", "device"):
+        config = EvalConfig(per_kind=per_kind, jailbroken=jailbroken)
+        world = World(WorldConfig(seed=seed))
     where = select_device(device)
     policy, tokenizer = load_model(model, where)
     ref = load_model(reference, where)[0] if reference is not None else None
-    config = EvalConfig(per_kind=per_kind, jailbroken=jailbroken)
     seed_everything(seed)
     result = evaluate_policy(policy, tokenizer, world.judge, world.evaluation_set(per_kind, config.jailbroken), ref,
                              config)
@@ -409,9 +445,29 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- helpers
-def _overridden(train, **options):
+def _overridden(train, **given):
     """``train`` (a TrainConfig) with the command-line options that were given (not ``None``)."""
-    return replace(train, **{k: v for k, v in options.items() if v is not None})
+    return replace(train, **{k: v for k, v in given.items() if v is not None})
+
+
+def _check_sample(n: int, split: str) -> None:
+    from safetylab.world.requests import SPLITS
+
+    require(n >= 1, "n", "an integer >= 1", n)
+    require_choice(split, "split", SPLITS)
+
+
+def _check_labeler(labeler: str) -> None:
+    from safetylab.world.labelers import PRESETS
+
+    require_choice(labeler, "labeler", PRESETS)
+
+
+def _check_preference_source(preferences: Path | None, labeler: str, n: int) -> None:
+    """Without a preference file, the world's comparisons need a labeler and a number of pairs."""
+    if preferences is None:
+        _check_labeler(labeler)
+        require(n >= 1, "n", "an integer >= 1", n)
 
 
 def _preference_rows(preferences: Path | None, labeler: str, n: int, seed: int):
@@ -521,15 +577,21 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
+    """Run the command line: a bad option or value (typer's usage errors too) is one line on standard
+    error and exit code 2; ``--debug`` adds the traceback."""
     _quiet_libraries()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # usage: an unknown option, a value of the wrong type
+        if message := e.format_message():  # (empty when help was asked for and shown)
+            print(f"error: {message}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except SafetylabError as e:
         if "--debug" in sys.argv[1:]:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    if code == 130:  # typer turns Ctrl-C into exit code 130
         print("interrupted: finished checkpoints and stages are kept; rerun the same command to resume",
               file=sys.stderr)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -33,21 +33,14 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _agent(name: str) -> str:
-    from safetylab.agents.deep import DEEP_AGENTS
-    from safetylab.agents.tabular import AGENTS
-    from safetylab.core.errors import SafetylabError
-
-    if name not in (*AGENTS, *DEEP_AGENTS):
-        raise SafetylabError(f"--agent must be one of {', '.join((*AGENTS, *DEEP_AGENTS))}, got {name!r}")
-    return name
-
-
 def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int], episodes: int | None,
              timesteps: int) -> None:
-    from safetylab.agents.experiment import run_suite, table_markdown
+    from safetylab.agents.experiment import check_training, run_suite, table_markdown
+    from safetylab.cli_study import options
     from safetylab.core.runs import RunDir
 
+    with options("seeds", "episodes", "timesteps"):
+        check_training(seeds, episodes, timesteps)
     run = RunDir(out, {"runs": [list(r) for r in runs], "seeds": seeds, "episodes": episodes, "timesteps": timesteps})
     rows = run_suite(run, runs, seeds, episodes, timesteps)
     print(table_markdown(rows))
@@ -66,11 +59,12 @@ def run_command(
     out: Out = Path("runs/agents"),
 ) -> None:
     """Train one agent on one environment (optionally mitigated) and report reward against performance."""
-    from safetylab.agents.experiment import check_environment
-    from safetylab.agents.mitigations import check_mitigation
-    check_environment(env)
-    check_mitigation(mitigation, env)
-    _execute(out, [(env, _agent(agent), mitigation)], _seeds(seeds), episodes, timesteps)
+    from safetylab.agents.experiment import check_run
+    from safetylab.cli_study import options
+
+    with options("agent"):
+        check_run(env, agent, mitigation)
+    _execute(out, [(env, agent, mitigation)], _seeds(seeds), episodes, timesteps)
 
 
 @agents_app.command("suite")
@@ -86,7 +80,13 @@ def suite_command(
     """Every environment × agent × applicable mitigation over seeds: the table of reward against hidden
     performance, learning curves and episode strips. Deep agents get the mitigations that change the
     environment only (shield, supervisor-blind, goal diversity)."""
+    from safetylab.agents.deep import DEEP_AGENTS
     from safetylab.agents.experiment import suite_runs
+    from safetylab.agents.tabular import AGENTS
+    from safetylab.cli_study import options
+    from safetylab.core.config import require_choice
 
-    agents = tuple(_agent(a) for a in agent) if agent else None
-    _execute(out, suite_runs(env, agents), _seeds(seeds), episodes, timesteps)
+    with options("agent"):
+        for name in agent or ():
+            require_choice(name, "agent", (*AGENTS, *DEEP_AGENTS))
+    _execute(out, suite_runs(env, tuple(agent) if agent else None), _seeds(seeds), episodes, timesteps)

@@ -1,11 +1,31 @@
-"""What the study commands (``safetylab robust …``, ``safetylab verify …``) share: running sections of a
-study into a run directory, and reading comma-separated numbers."""
+"""What the commands share: naming a bad value by its option, reading comma-separated numbers, and (for
+``safetylab robust …`` and ``safetylab verify …``) running sections of a study into a run directory."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
+
+from safetylab.core.errors import ConfigError
+
+
+@contextmanager
+def options(*fields: str, **renamed: str) -> Iterator[None]:
+    """Config errors raised inside about ``fields`` (the config fields that command-line options set,
+    ``label_smoothing`` for ``--label-smoothing``) or the fields of ``renamed`` (field → option, where
+    the names differ) name the option instead of the field. Build configs inside it, before any file is
+    written."""
+    names = {field: "--" + field.replace("_", "-") for field in fields} | renamed
+    try:
+        yield
+    except ConfigError as e:
+        if e.field not in names:
+            raise
+        raise e.renamed(names[e.field]) from None
 
 
 def run_study(suite: ModuleType, out: Path, seed: int, sections: tuple[str, ...], model: Path | None = None,
@@ -23,13 +43,13 @@ def run_study(suite: ModuleType, out: Path, seed: int, sections: tuple[str, ...]
 
 
 def numbers(text: str, option: str, what: str = "numbers") -> tuple[float, ...]:
-    """The comma-separated ``text`` of ``option`` as numbers >= 0 (``what`` names them in errors)."""
+    """The comma-separated ``text`` of ``option`` as finite numbers >= 0 (``what`` names them in errors)."""
     from safetylab.core.errors import SafetylabError
 
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise SafetylabError(f"{option}: expected comma-separated numbers such as 0,0.05,0.1, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise SafetylabError(f"{option}: expected one or more {what} >= 0, got {text!r}")
+    if not values or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise SafetylabError(f"{option}: expected one or more finite {what} >= 0, got {text!r}")
     return values

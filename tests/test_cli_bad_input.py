@@ -1,0 +1,111 @@
+"""Every command with bad values: exit code 2, one line of error naming the option and what it takes, no
+traceback, and no file written (the values are checked before any run directory, model load or data pass).
+
+Each row is (command, the option under test with its bad value, a fragment the error must hold). Paths the
+commands need (a model, a reward model) do not exist: a bad value must be reported before they are read.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from test_cli import run_main
+
+MODEL = ["--base", "no-model"]
+REWARD = ["--base", "no-model", "--reward", "no-reward-model"]
+TABLE = [
+    # the audit
+    ("audit", ["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+    ("audit", ["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ("audit", ["--config", "no-such.yaml"], "no-such.yaml: no such config file"),
+    # the world
+    ("world sample", ["--n", "0"], "--n: expected an integer >= 1, got 0"),
+    ("world sample", ["--split", "dev"], "--split: expected one of train, test, got 'dev'"),
+    ("world sample", ["--kind", "poetry"], "--kind: expected one of arithmetic"),
+    ("world sample", ["--style", "rhymes"], "unknown style 'rhymes'"),
+    ("world sample", ["--seed", "-3"], "--seed: expected an integer >= 0, got -3"),
+    ("world preferences", ["--labeler", "perfect"], "--labeler: expected one of ideal, careful, typical"),
+    ("world preferences", ["--n", "-5"], "--n: expected an integer >= 1, got -5"),
+    ("world preferences", ["--split", "valid"], "--split: expected one of train, test"),
+    ("world judge no-such.jsonl", [], "no-such.jsonl: no such file"),
+    ("world judge no-such.jsonl", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    # training
+    ("train base", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    ("train base", ["--conversations", "0"], "--conversations: expected an integer >= 1"),
+    ("train base", ["--device", "gpu"], "--device: expected auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    ("train sft", [*MODEL, "--steps", "-2"], "--steps: expected an integer >= 1, got -2"),
+    ("train sft", [*MODEL, "--n", "0"], "--n: expected an integer >= 1"),
+    ("train rm", [*MODEL, "--members", "0"], "--members: expected an integer >= 1, got 0"),
+    ("train rm", [*MODEL, "--pooling", "max"], "--pooling: expected one of auto, last, mean, first, got 'max'"),
+    ("train rm", [*MODEL, "--lr", "-1"], "--lr: expected a finite number > 0, got -1.0"),
+    ("train rm", [*MODEL, "--labeler", "perfect"], "--labeler: expected one of ideal, careful, typical"),
+    ("train rm", [*MODEL, "--n", "0"], "--n: expected an integer >= 1"),
+    ("train dpo", [*MODEL, "--beta", "0"], "--beta: expected a finite number > 0"),
+    ("train dpo", [*MODEL, "--beta", "-0.1"], "--beta: expected a finite number > 0"),
+    ("train dpo", [*MODEL, "--beta", "nan"], "--beta: expected a finite number > 0"),
+    ("train dpo", [*MODEL, "--label-smoothing", "0.5"], "--label-smoothing: expected a probability in [0, 0.5)"),
+    ("train dpo", [*MODEL, "--loss", "hinge", "--label-smoothing", "0.1"],
+     "--label-smoothing: expected 0 for the hinge loss"),
+    ("train dpo", [*MODEL, "--lr", "-1"], "--lr: expected a finite number > 0"),
+    ("train dpo", [*MODEL, "--rpo-alpha", "-1"], "--rpo-alpha: expected a finite number >= 0"),
+    ("train dpo", [*MODEL, "--gamma", "-1"], "--gamma: expected a finite number >= 0"),
+    ("train dpo", [*MODEL, "--loss", "kto"], "--loss: expected one of sigmoid, robust, ipo, hinge, simpo"),
+    ("train dpo", [*MODEL, "--steps", "0"], "--steps: expected an integer >= 1"),
+    ("train rloo", [*REWARD, "--k", "1"], "--k: expected an integer >= 2"),
+    ("train rloo", [*REWARD, "--kl-coef", "-0.1"], "--kl-coef: expected a finite number >= 0"),
+    ("train rloo", [*REWARD, "--lr", "0"], "--lr: expected a finite number > 0"),
+    ("train rloo", [*REWARD, "--prompts-per-kind", "0"], "--prompts-per-kind: expected an integer >= 1"),
+    ("train ppo", [*REWARD, "--ppo-epochs", "0"], "--ppo-epochs: expected an integer >= 1"),
+    ("train ppo", [*REWARD, "--mini-batches", "0"], "--mini-batches: expected an integer >= 1"),
+    ("train ppo", [*REWARD, "--mini-batches", "64"], "--mini-batches: expected at most the prompts per rollout"),
+    ("train ppo", [*REWARD, "--kl-coef", "-1"], "--kl-coef: expected a finite number >= 0"),
+    ("train ppo", [*REWARD, "--kl-target", "-1"], "--kl-target: expected a finite number >= 0"),
+    ("train ppo", [*REWARD, "--kl-coef", "0", "--kl-target", "6"], "--kl-coef: expected a number > 0 to adapt"),
+    ("train ppo", [*REWARD, "--steps", "0"], "--steps: expected an integer >= 1"),
+    # sampling and evaluation
+    ("sample best-of-n", ["--policy", "p", "--reward", "r", "--n", "0"], "--n: expected integers >= 1, got 0"),
+    ("sample best-of-n", ["--policy", "p", "--reward", "r", "--per-kind", "0"], "--per-kind: expected an integer >= 1"),
+    ("sample best-of-n", ["--policy", "p", "--reward", "r", "--jailbroken", "-1"], "--jailbroken: expected an "
+                                                                                  "integer >= 0"),
+    ("sample best-of-n", ["--policy", "p", "--reward", "r", "--kl-samples", "-1"], "--kl-samples: expected an "
+                                                                                  "integer >= 0"),
+    ("eval no-model", ["--per-kind", "0"], "--per-kind: expected an integer >= 1"),
+    ("eval no-model", ["--jailbroken", "-2"], "--jailbroken: expected an integer >= 0"),
+    # the gridworlds
+    ("agents run", ["--env", "Pong"], "environment must be one of"),
+    ("agents run", ["--env", "BoatRace", "--agent", "a2c"], "--agent: expected one of q-learning, sarsa, ppo, dqn"),
+    ("agents run", ["--env", "BoatRace", "--mitigation", "prayer"], "mitigation must be one of"),
+    ("agents run", ["--env", "BoatRace", "--episodes", "0"], "--episodes: expected an integer >= 1"),
+    ("agents run", ["--env", "BoatRace", "--timesteps", "-5"], "--timesteps: expected an integer >= 1"),
+    ("agents run", ["--env", "BoatRace", "--seeds", "0,-1"], "--seeds: expected one or more integers >= 0"),
+    ("agents suite", ["--agent", "a2c"], "--agent: expected one of q-learning, sarsa, ppo, dqn"),
+    ("agents suite", ["--env", "Pong"], "environment must be one of"),
+    ("agents suite", ["--episodes", "0"], "--episodes: expected an integer >= 1"),
+    ("agents suite", ["--seeds", ","], "--seeds: expected at least one seed"),
+    # values of the wrong type, caught by the command line itself
+    ("train dpo", [*MODEL, "--steps", "abc"], "Invalid value for '--steps'"),
+    ("world sample", ["--bogus", "1"], "No such option: --bogus"),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "message"), TABLE,
+                         ids=[f"{c} {' '.join(a)}" for c, a, _ in TABLE])
+def test_a_bad_value_is_one_line_exit_2_and_no_file(monkeypatch, capsys, tmp_path, command, args, message):
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "run")] if _writes_a_run(command) else []
+    code, stdout, err = run_main(monkeypatch, capsys, *command.split(), *args, *out)
+    assert code == 2, err
+    assert err.startswith("error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert stdout == ""
+    assert list(tmp_path.iterdir()) == [], "a file was written before the values were checked"
+
+
+def _writes_a_run(command: str) -> bool:
+    return not command.startswith(("world", "eval"))
+
+
+def test_debug_shows_the_traceback(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "--debug", "world", "sample", "--n", "0")
+    assert code == 2 and "Traceback (most recent call last)" in err and err.strip().endswith(
+        "error: --n: expected an integer >= 1, got 0")
