@@ -18,7 +18,9 @@ from safetylab.robust.attacks import (
     square,
     square_p,
 )
+from safetylab.robust.checks import predict_logits
 from safetylab.robust.evaluate import evaluate_robustness, gradient_masking, robustness_curve
+from safetylab.robust.suite import accuracy as suite_accuracy
 from safetylab.robust.training import RobustTrainConfig, adversarial_loss, epoch_eps, train_classifier
 
 EPS = 0.1
@@ -142,7 +144,7 @@ def test_attacks_restore_modes_and_leave_parameters_alone(digits_model, batch):
 # ----------------------------------------------------------------------------- bad input
 def test_bad_input_is_named(digits_model, batch):
     x, y = batch
-    with pytest.raises(SafetylabError, match="eps must be >= 0"):
+    with pytest.raises(SafetylabError, match="eps must be a finite number >= 0"):
         pgd(digits_model, x, y, -0.1)
     with pytest.raises(SafetylabError, match=r"must lie in \[0.0, 1.0\]"):
         fgsm(digits_model, x * 255, y, EPS)
@@ -159,6 +161,16 @@ def test_bad_input_is_named(digits_model, batch):
 
 
 # ----------------------------------------------------------------------------- evaluation
+def test_accuracies_are_exact_shares(digits_model, digits):
+    """Clean and robust accuracy are k / N to float64 rounding (they were float32 means: 5/7 read 0.71428573)."""
+    x = digits.x_test[:7]
+    y = predict_logits(digits_model, x).argmax(1)
+    y[:2] = (y[:2] + 1) % digits.num_classes  # two wrong labels: 5 of 7 right
+    result = evaluate_robustness(digits_model, (x, y), 0.0, attacks=("fgsm",))
+    assert result.clean_accuracy == result.robust_accuracy == result.by_attack["fgsm"] == 5 / 7
+    assert suite_accuracy(digits_model, x, y) == 5 / 7
+
+
 def test_ensemble_only_lowers_robust_accuracy(digits_model, digits):
     data = (digits.x_test[:160], digits.y_test[:160])
     result = evaluate_robustness(digits_model, data, EPS, attacks=("fgsm", "pgd", "apgd-ce", "square"),

@@ -127,6 +127,16 @@ def test_temperature_scaling_on_digits(digits, digits_model):
     assert "temperature" in scaled.state_dict()
 
 
+def test_temperature_scaling_keeps_a_float64_models_precision():
+    """T is held in the model's dtype (a float32 buffer rounded T = 1.3 to 1.2999999523)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double().eval()
+    scaled = TemperatureScaled(model, 1.3)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    assert scaled.temperature.dtype == torch.float64 and scaled.temperature.item() == 1.3
+    torch.testing.assert_close(scaled(x), model(x) / 1.3, rtol=0, atol=0)
+
+
 def test_plot_reliability_writes_a_png(tmp_path):
     probs, labels = torch.tensor(HAND_PROBS), torch.tensor(HAND_LABELS)
     sharp = torch.softmax(5 * probs.log().clamp(min=-20), 1)

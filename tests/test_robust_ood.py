@@ -57,6 +57,23 @@ def test_metrics_match_sklearn_with_and_without_ties(seed):
         assert got[key] == pytest.approx(want[key], abs=1e-6), key
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(4))
+def test_metrics_match_sklearn_to_float64_rounding(seed, dtype):
+    """Every metric is a ratio of counts: exact to float64 rounding whatever the scores' dtype (AUPR-In and
+    AUPR-Out were once computed in float32, off by up to 1.4e-7)."""
+    gen = torch.Generator().manual_seed(seed)
+    s_in = torch.randn(3000, generator=gen, dtype=torch.float64)
+    s_out = torch.randn(2000, generator=gen, dtype=torch.float64) + 0.5
+    if seed % 2:  # ties within and across the two sets
+        s_in, s_out = (s_in * 8).round() / 8, (s_out * 8).round() / 8
+    s_in, s_out = s_in.to(dtype), s_out.to(dtype)
+    got = ood_metrics(s_in, s_out)
+    want = _sklearn_metrics(s_in.double().numpy(), s_out.double().numpy())
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=0, abs=1e-12), key
+
+
 def test_auroc_hand_worked_with_ties():
     # pairs (in, out): (0,1) 1, (0,2) 1, (1,1) tie 1/2, (1,2) 1 -> 3.5 / 4
     assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([1.0, 2.0])) == 0.875
@@ -114,7 +131,7 @@ def _grads(model: nn.Module) -> list:
 
 
 def test_logit_scores_hand_worked():
-    logits = torch.tensor([[0.0, 0.0], [np.log(3.0), 0.0]])
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     model = nn.Linear(2, 2).eval()
     torch.testing.assert_close(MSP(model).score_features(logits), torch.tensor([-0.5, -0.75]))
     torch.testing.assert_close(Energy(model).score_features(logits), -torch.log(torch.tensor([2.0, 4.0])))
@@ -235,6 +252,32 @@ def test_mahalanobis_preprocessing_lowers_in_distribution_scores(digits, digits_
     preprocessed = Mahalanobis(digits_model, eps=0.01).fit(data).score(x)
     assert (preprocessed < plain).float().mean() > 0.9
     assert _grads(digits_model) == grads_before
+
+
+def test_detectors_keep_a_float64_models_precision(digits):
+    """A float64 model gets float64 scores, equal to a float64 reference to rounding (they were cast to
+    float32, so scores that differ below float32's resolution tied)."""
+    torch.manual_seed(0)
+    model = digits_mlp(digits.num_classes).double().eval()
+    x_train, y_train = digits.x_train[:400].double(), digits.y_train[:400]
+    x = digits.x_test[:40].double()
+    with torch.no_grad():
+        logits, z_train, z = model(x), model[:-1](x_train), model[:-1](x)
+    expected = {
+        "msp": -logits.softmax(1).max(1).values,
+        "energy": -torch.logsumexp(logits, 1),
+        "odin": -(logits / 1000).softmax(1).max(1).values,
+        "mahalanobis": _naive_mahalanobis(z_train, y_train, z, 1e-6),
+        "knn": torch.cdist(F.normalize(z, dim=1), F.normalize(z_train, dim=1)).sort(1).values[:, 49],
+    }
+    detectors = {"msp": MSP(model), "energy": Energy(model), "odin": ODIN(model, eps=0.0),
+                 "mahalanobis": Mahalanobis(model), "knn": KNN(model)}
+    for name, detector in detectors.items():
+        got = detector.fit((x_train, y_train)).score(x)
+        assert got.dtype == torch.float64, name
+        torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert Uncertainty([model, model]).score(x).dtype == torch.float64
+    assert Uncertainty(model, samples=3).score(x).dtype == torch.float64
 
 
 # ----------------------------------------------------------------------------- uncertainty detector

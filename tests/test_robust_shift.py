@@ -30,6 +30,7 @@ from safetylab.robust.shift import (
     feature_noise,
     feature_scale,
     feature_shift,
+    gaussian_blur,
     gaussian_noise,
     occlusion,
     plot_shift,
@@ -99,6 +100,16 @@ def test_blur_matches_scipy_and_keeps_a_constant_image():
                 np.testing.assert_allclose(out[n, c].numpy(), ref, atol=1e-5)
         flat = torch.full((1, 1, 8, 8), 0.37)
         np.testing.assert_allclose(blur(flat, severity).numpy(), 0.37, atol=1e-6)
+
+
+def test_blur_keeps_float64_precision():
+    """The kernel is built in float64 and cast to the images' dtype (it was rounded to float32 first)."""
+    x = torch.rand(1, 2, 9, 11, generator=gen(5), dtype=torch.float64)
+    for sigma in BLUR_SIGMAS:
+        ref = [gaussian_filter(x[0, c].numpy(), sigma, mode="nearest", radius=math.ceil(3 * sigma)) for c in range(2)]
+        np.testing.assert_allclose(gaussian_blur(x, sigma)[0].numpy(), np.stack(ref), rtol=0, atol=1e-14)
+        flat = torch.full((1, 1, 8, 8), 0.37, dtype=torch.float64)
+        np.testing.assert_allclose(gaussian_blur(flat, sigma).numpy(), 0.37, rtol=0, atol=1e-15)
 
 
 def test_contrast_pulls_each_image_towards_its_mean():
@@ -320,6 +331,17 @@ def test_shift_report_with_a_detector(digits, digits_model, tmp_path):
     assert row["ood_score"] == pytest.approx(noisy.mean().item())
     plot_shift(rows, tmp_path / "auroc.png", metric="ood_auroc")
     assert (tmp_path / "auroc.png").stat().st_size > 1000
+
+
+def test_shift_report_keeps_float64_detector_scores(digits, digits_model):
+    """Scores that differ below float32's resolution still rank (they were cast to float32 and tied)."""
+    class Brightness:  # float64 scores: 1 + 1e-9 · mean pixel, higher for brighter inputs
+        def score(self, x):
+            return 1 + 1e-9 * x.flatten(1).double().mean(1)
+
+    x, y = digits.x_test[:50], digits.y_test[:50]
+    rows = shift_report(digits_model, x, y, shifts={"brightness": brightness}, severities=(3,), detector=Brightness())
+    assert rows[1]["ood_auroc"] == 1.0
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,6 +1,7 @@
 import copy
 import math
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import pytest
@@ -86,8 +87,13 @@ def test_mc_dropout_samples_vary_and_only_dropout_is_switched_on():
     net = _bn_dropout_net()
     x = torch.randn(10, 4)
     seen = {}
+
+    def record(name, module, inputs, output):
+        if len(inputs[0]) > 1:  # the sampling passes (the one-input pass checks the input shape)
+            seen.setdefault(name, set()).add(module.training)
+
     for name, module in net.named_children():
-        module.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, set()).add(m.training))
+        module.register_forward_hook(partial(record, name))
     running_mean = net[1].running_mean.clone()
     probs = mc_dropout_probs(net, x, samples=30, batch_size=4)
     assert probs.shape == (30, 10, 3)
@@ -117,9 +123,17 @@ def test_mc_dropout_is_seeded_by_torch():
 
 def test_mc_dropout_restores_modes_on_error():
     net = _bn_dropout_net()
-    with pytest.raises(RuntimeError):
-        mc_dropout_probs(net, torch.randn(5, 7))  # wrong input width: the forward pass fails
+
+    def fail_while_sampling(module, inputs, output):
+        if module.training:
+            raise RuntimeError("the forward pass fails")
+
+    net[3].register_forward_hook(fail_while_sampling)
+    with pytest.raises(RuntimeError, match="the forward pass fails"):
+        mc_dropout_probs(net, torch.randn(5, 4))
     assert not any(m.training for m in net.modules())
+    with pytest.raises(SafetylabError, match=r"cannot take x of shape \(5, 7\)"):
+        mc_dropout_probs(net, torch.randn(5, 7))  # wrong input width: refused before any sampling
 
 
 def test_mc_dropout_on_the_digits_model(digits, digits_model):

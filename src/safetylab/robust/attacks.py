@@ -5,7 +5,9 @@ any normalisation lives inside the model). Every attack returns x′ of the same
 and the range, and leaves the model as it found it: it runs in eval mode, each submodule's own mode is
 restored afterwards, and parameter gradients are never touched (gradients are taken with respect to the
 input only). Untargeted attacks seek argmax f(x′) ≠ y; targeted ones (``targeted=True``, ``y`` holding
-the target classes) seek argmax f(x′) = y.
+the target classes) seek argmax f(x′) = y. Every argument is checked before the first gradient: x is a
+batch in the model's dtype (:func:`~safetylab.robust.checks.check_inputs`), y one label per input, and
+each step count, step size and loss name a valid one.
 """
 
 from __future__ import annotations
@@ -18,7 +20,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import Bounds, check_eps, check_labels, check_range, eval_mode, logits_of
+from safetylab.robust.checks import (
+    Bounds,
+    check_count,
+    check_eps,
+    check_fraction,
+    check_labels,
+    check_positive,
+    check_range,
+    classes_of,
+    eval_mode,
+    logits_of,
+    model_device,
+)
 
 NORMS = ("linf", "l2")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -54,6 +68,13 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 LOSSES: dict[str, Loss] = {"ce": ce_loss, "dlr": dlr_loss}
 
 
+def loss_by_name(name: str) -> Loss:
+    """The attack loss ``name`` (a key of ``LOSSES``)."""
+    if not isinstance(name, str) or name not in LOSSES:
+        raise SafetylabError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
+    return LOSSES[name]
+
+
 # ----------------------------------------------------------------------------- geometry
 def _norms(v: torch.Tensor) -> torch.Tensor:
     """Per-example L2 norms, shaped to broadcast against ``v``."""
@@ -65,6 +86,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, nor
     """The point of the ε-ball around x (intersected with the box ``bounds``) nearest to x_adv for L∞;
     for L2 the radial projection onto the ball, then the box. Clipping to the box moves every coordinate
     towards x's (which is inside it), so the result stays in the ball."""
+    check_norm(norm)
     delta = x_adv - x
     if norm == "linf":
         delta = torch.maximum(torch.minimum(delta, eps * torch.ones_like(delta)), -eps * torch.ones_like(delta))
@@ -82,6 +104,7 @@ def random_start(x: torch.Tensor, eps: float, norm: str = "linf", bounds: Bounds
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniform point of the ε-ball around x (L∞: uniform per coordinate; L2: uniform in the ball),
     clipped to the box."""
+    check_norm(norm)
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     if norm == "linf":
         return project(x + eps * (2 * noise - 1), x, eps, norm, bounds)
@@ -91,15 +114,30 @@ def random_start(x: torch.Tensor, eps: float, norm: str = "linf", bounds: Bounds
 
 
 # ----------------------------------------------------------------------------- checks and gradients
+def check_norm(norm: str) -> str:
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise SafetylabError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return norm
+
+
 def _check_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, bounds: Bounds,
                   ) -> torch.Tensor:
-    if norm not in NORMS:
-        raise SafetylabError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    """The checks every attack shares; returns the labels as int64 on x's device."""
+    check_norm(norm)
     check_eps(eps)
+    classes = classes_of(model, x)
+    device = model_device(model)
+    if next(model.parameters(), None) is not None and x.device != device:
+        raise SafetylabError(f"x is on {x.device} but the model on {device}: move x there (x.to('{device}')); "
+                             "the attack returns x′ on x's device")
     check_range(x, bounds)
-    with torch.no_grad(), eval_mode(model):
-        classes = logits_of(model, x[:1]).shape[1]
-    return check_labels(y.to(x.device), classes, len(x))
+    return check_labels(y, classes, len(x)).to(x.device)
+
+
+def _step_size(eps: float, steps: int, step_size: float | None) -> float:
+    """α: ``step_size``, or 2.5·ε/steps when None (Madry et al. 2018)."""
+    steps = check_count(steps, "steps")
+    return 2.5 * eps / steps if step_size is None else check_positive(step_size, "step_size")
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Loss = ce_loss,
@@ -151,10 +189,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     and the last iterate is returned.
     """
     y = _check_attack(model, x, y, eps, norm, bounds)
-    if steps < 1 or restarts < 1:
-        raise SafetylabError(f"steps and restarts must be >= 1, got {steps} and {restarts}")
-    alpha = 2.5 * eps / steps if step_size is None else step_size
-    loss_fn = LOSSES[loss]
+    alpha, restarts, loss_fn = _step_size(eps, steps, step_size), check_count(restarts, "restarts"), loss_by_name(loss)
     x_best = x.detach().clone()
     todo = torch.arange(len(x), device=x.device)
     with eval_mode(model):
@@ -190,7 +225,8 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, norm: str = 
     """TRADES' inner maximisation, Zhang et al. 2019: x′ = argmax_{x′ ∈ B(x, ε)} KL(p(x) ‖ p(x′)) by PGD
     from x + 0.001·N(0, I) (the KL's gradient vanishes at x′ = x)."""
     check_eps(eps)
-    alpha = 2.5 * eps / steps if step_size is None else step_size
+    check_norm(norm)
+    alpha = _step_size(eps, steps, step_size)
     with eval_mode(model), torch.no_grad():
         target = F.log_softmax(logits_of(model, x), 1)
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
@@ -230,7 +266,8 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: s
     since. Returns, per point, the first x′ that fools the model, else the highest-loss iterate.
     """
     y = _check_attack(model, x, y, eps, norm, bounds)
-    loss_fn = LOSSES[loss]
+    steps, restarts, loss_fn = check_count(steps, "steps"), check_count(restarts, "restarts"), loss_by_name(loss)
+    rho, momentum = check_fraction(rho, "rho"), check_fraction(momentum, "momentum")
     checkpoints = apgd_checkpoints(steps)
     x_out = x.detach().clone()
     todo = torch.arange(len(x), device=x.device)
@@ -299,6 +336,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps
     lowers the margin z_y − max_{i≠y} z_i. Inputs of shape (N, D) are treated as (N, 1, 1, D) rows.
     """
     y = _check_attack(model, x, y, eps, "linf", bounds)
+    steps, p_init = check_count(steps, "steps"), check_fraction(p_init, "p_init")
     with eval_mode(model):
         x4 = x.reshape(len(x), 1, 1, -1) if x.dim() == 2 else x
         if x4.dim() != 4:

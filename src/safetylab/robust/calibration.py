@@ -20,7 +20,7 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
-from safetylab.robust.checks import check_labels, check_probs, model_device
+from safetylab.robust.checks import check_count, check_labels, check_positive, check_probs, model_device, model_dtype
 
 NLL_FLOOR = 1e-12  # p_y is clamped here: a certain, wrong prediction costs −log 1e-12 ≈ 27.6, not infinity
 
@@ -51,12 +51,6 @@ def _checked(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
     return probs, labels
 
 
-def _check_bins(n_bins: int) -> int:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise SafetylabError(f"n_bins must be an integer >= 1, got {n_bins!r}")
-    return n_bins
-
-
 # ----------------------------------------------------------------------------- metrics
 def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> ReliabilityBins:
     """Count, accuracy and mean confidence of the predictions in each of ``n_bins`` equal-width bins of
@@ -70,7 +64,7 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15
     differs from i/B only by rounding error is assigned as that rounding dictates.
     """
     probs, labels = _checked(probs, labels)
-    n_bins = _check_bins(n_bins)
+    n_bins = check_count(n_bins, "n_bins")
     conf, pred = probs.max(1)
     edges = torch.arange(n_bins + 1, dtype=torch.float64) / n_bins
     # searchsorted (right=False) finds the first edge >= conf: conf in (edges[m], edges[m + 1]] gives m + 1.
@@ -156,8 +150,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
     if not torch.isfinite(logits).all():
         raise SafetylabError("logits hold NaN or infinite values")
     labels = check_labels(_cpu(labels, "labels"), logits.shape[1], len(logits), "labels")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise SafetylabError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    max_iter = check_count(max_iter, "max_iter")
     z = logits.double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -176,17 +169,16 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 class TemperatureScaled(nn.Module):
     """A classifier whose logits are divided by a temperature T (Guo et al. 2017): f(x) / T.
 
-    ``TemperatureScaled(model, fit_temperature(predict_logits(model, x_val), y_val))``. T is a buffer (it
-    moves with ``.to`` and is saved in the state dict, but is not a parameter). The wrapper starts in the
-    wrapped model's mode, so an evaluation-mode model stays ready for evaluation.
+    ``TemperatureScaled(model, fit_temperature(predict_logits(model, x_val), y_val))``. T is a buffer in
+    the model's dtype (it moves with ``.to`` and is saved in the state dict, but is not a parameter). The
+    wrapper starts in the wrapped model's mode, so an evaluation-mode model stays ready for evaluation.
     """
 
     def __init__(self, model: nn.Module, temperature: float):
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-            raise SafetylabError(f"temperature must be a finite number > 0, got {temperature!r}")
         self.model = model
-        self.register_buffer("temperature", torch.tensor(float(temperature), device=model_device(model)))
+        self.register_buffer("temperature", torch.tensor(check_positive(temperature, "temperature"),
+                                                         dtype=model_dtype(model), device=model_device(model)))
         self.training = model.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,14 +18,16 @@ import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.attacks import apgd, fgsm, input_gradient, pgd, square
+from safetylab.robust.attacks import apgd, check_norm, fgsm, input_gradient, pgd, square
 from safetylab.robust.checks import (
     Bounds,
     Data,
+    check_count,
     check_eps,
     check_eval,
     check_labels,
     check_range,
+    classes_of,
     gather,
     logits_of,
     model_device,
@@ -38,6 +40,8 @@ def attack_by_name(name: str, norm: str = "linf", steps: int = 100, square_queri
                    bounds: Bounds = (0.0, 1.0), seed: int = 0) -> Attack:
     """``fgsm``, ``pgd`` (20 steps), ``pgd-restarts`` (3×), ``apgd-ce``, ``apgd-dlr`` or ``square`` as a
     function (model, x, y, ε) -> x′, seeded so that a run repeats."""
+    check_norm(norm)
+    steps, square_queries = check_count(steps, "steps"), check_count(square_queries, "square_queries")
     generator = torch.Generator().manual_seed(seed)
     attacks: dict[str, Attack] = {
         "fgsm": partial(fgsm, norm=norm, bounds=bounds),
@@ -87,6 +91,7 @@ def gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: fl
       quantises), or the gradient is zero for most points (shattered gradients);
     - *non-finite gradient*: NaN or infinite input gradients.
     """
+    y = check_labels(y, classes_of(model, x), len(x)).to(x.device)
     signs = []
     with torch.no_grad():
         first, second = logits_of(model, x), logits_of(model, x)
@@ -120,22 +125,23 @@ def evaluate_robustness(model: nn.Module, data: Data, eps: float, norm: str = "l
     """
     check_eval(model)
     check_eps(eps)
+    check_norm(norm)
+    batch_size = check_count(batch_size, "batch_size")
+    named = [_named_attack(a, i, norm, steps, square_queries, bounds, seed) for i, a in enumerate(attacks)]
+    if not named:
+        raise SafetylabError("attacks is empty: robust accuracy without an attack would read as clean accuracy")
     x, y = gather(data)
-    check_range(x, bounds)
+    classes = classes_of(model, x, "data inputs")
+    check_range(x, bounds, "data inputs")
     device = model_device(model)
-    x, y = x.to(device), y.to(device)
-    with torch.no_grad():
-        classes = logits_of(model, x[:1]).shape[1]
-    y = check_labels(y, classes, len(x))
-    named = [(a, attack_by_name(a, norm, steps, square_queries, bounds, seed)) if isinstance(a, str) else a
-             for a in attacks]
+    x, y = x.to(device), check_labels(y, classes, len(x), "data labels").to(device)
     warnings = gradient_masking(model, x[:batch_size], y[:batch_size])
     if any(w.startswith("no gradient") for w in warnings):
         named = [(n, a) for n, a in named if n not in WHITE_BOX]
     with torch.no_grad():
         robust = torch.cat([logits_of(model, xb).argmax(1) == yb for xb, yb in
                             zip(x.split(batch_size), y.split(batch_size))])
-    clean = robust.float().mean().item()
+    clean = robust.double().mean().item()
     x_adv, by_attack, white_box_ran = x.clone(), {}, False
     for name, attack in named:
         broken = 0
@@ -149,17 +155,30 @@ def evaluate_robustness(model: nn.Module, data: Data, eps: float, norm: str = "l
             robust[idx[fooled]] = False
             x_adv[idx[fooled]] = x_try[fooled]
             broken += int(fooled.sum())
-        by_attack[name] = robust.float().mean().item()
+        by_attack[name] = robust.double().mean().item()
         if name not in WHITE_BOX and white_box_ran and broken > max(1, 0.01 * len(x)):
             warnings.append(f"{name} (black box) broke {broken} points that the gradient attacks before it "
                             "could not: gradients may be masked")
         white_box_ran |= name in WHITE_BOX
-    return RobustnessResult(eps, norm, clean, robust.float().mean().item(), by_attack, robust.cpu(), x_adv.cpu(),
+    return RobustnessResult(eps, norm, clean, robust.double().mean().item(), by_attack, robust.cpu(), x_adv.cpu(),
                             warnings)
+
+
+def _named_attack(attack: str | tuple[str, Attack], i: int, norm: str, steps: int, square_queries: int,
+                  bounds: Bounds, seed: int) -> tuple[str, Attack]:
+    """Entry ``i`` of ``attacks`` as a (name, function) pair."""
+    if isinstance(attack, str):
+        return attack, attack_by_name(attack, norm, steps, square_queries, bounds, seed)
+    if not (isinstance(attack, tuple) and len(attack) == 2 and isinstance(attack[0], str) and callable(attack[1])):
+        raise SafetylabError(f"attacks[{i}] must be an attack name or a (name, function) pair, got {attack!r}")
+    return attack
 
 
 def _check_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, bounds: Bounds,
                         name: str) -> None:
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+        raise SafetylabError(f"attack {name} must return x′ of shape {tuple(x.shape)} (that of its inputs), got {got}")
     dist = (x_adv - x).flatten(1).abs().amax(1) if norm == "linf" else (x_adv - x).flatten(1).norm(dim=1)
     if dist.max() > eps * (1 + 1e-5) + 1e-6 or x_adv.min() < bounds[0] or x_adv.max() > bounds[1]:
         raise SafetylabError(f"attack {name} left the threat model: distance {dist.max().item():.4g} > eps {eps} "
@@ -175,6 +194,7 @@ def robustness_curve(model: nn.Module, data: Data, eps_values: Sequence[float], 
     worst case and never above any single attack. A single stronger attack (later in ``single``) that
     reports higher robust accuracy than a weaker one is flagged in ``warnings``."""
     rows = []
+    eps_values = [check_eps(eps, "eps_values") for eps in eps_values]
     for eps in eps_values:
         row: dict = {"eps": eps}
         for name in single:

@@ -9,6 +9,11 @@ distribution). Every detector returns such scores, and every metric reads them s
   training data (returns the detector), ``score(x)`` (N,) on CPU, and ``score_features(z)`` which skips
   the forward pass (z: logits for MSP, ODIN and Energy; penultimate features for Mahalanobis and KNN,
   which also have ``fit_features(z, y)``; probability samples (S, N, C) for ``Uncertainty``).
+
+Inputs are checked before any batch runs (:func:`~safetylab.robust.checks.check_inputs`: a torch tensor
+batch in the model's dtype, finite), and logits and features must be finite: a NaN score would be
+silently accepted as in-distribution, since no threshold is below it. Scores are float32, or float64 for a
+float64 model.
 """
 
 from __future__ import annotations
@@ -21,7 +26,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import Bounds, Data, batches, check_eps, check_eval, check_range, logits_of, model_device
+from safetylab.robust.checks import (
+    Bounds,
+    Data,
+    as_float,
+    batches,
+    check_count,
+    check_eps,
+    check_eval,
+    check_logits,
+    check_positive,
+    check_range,
+    classes_of,
+    logits_of,
+    model_device,
+    probe,
+)
 from safetylab.robust.uncertainty import ensemble_probs, mc_dropout_probs, uncertainty_split
 
 Features = Callable[[torch.Tensor], torch.Tensor]
@@ -55,11 +75,12 @@ def _average_precision(scores: torch.Tensor, positive: torch.Tensor) -> float:
         AP = Σ_k (R_k − R_{k−1}) · P_k
 
     over the distinct scores t_k in decreasing order, P_k and R_k the precision and recall of
-    "positive when score ≥ t_k" (Zhu 2004, "Recall, Precision and Average Precision").
+    "positive when score ≥ t_k" (Zhu 2004, "Recall, Precision and Average Precision"). The counts are
+    taken in float64, where they are exact, so that the ratios are float64 whatever the scores' dtype.
     """
     values, group = torch.unique(scores, return_inverse=True)
-    tp = torch.bincount(group[positive], minlength=len(values)).flip(0)  # per threshold, highest first
-    fp = torch.bincount(group[~positive], minlength=len(values)).flip(0)
+    tp = torch.bincount(group[positive], minlength=len(values)).flip(0).double()  # per threshold, highest first
+    fp = torch.bincount(group[~positive], minlength=len(values)).flip(0).double()
     precision = tp.cumsum(0) / (tp.cumsum(0) + fp.cumsum(0))
     return ((tp * precision).sum() / tp.sum()).item()
 
@@ -172,7 +193,7 @@ class Detector:
         if not isinstance(model, nn.Module):
             raise SafetylabError(f"model must be an nn.Module, got {type(model).__name__}")
         self.model = model
-        self.batch_size = batch_size
+        self.batch_size = check_count(batch_size, "batch_size")
 
     def fit(self, data: Data) -> Detector:
         """Nothing to learn from the in-distribution data: returns the detector unchanged."""
@@ -182,15 +203,26 @@ class Detector:
         """Anomaly scores (N,) of the inputs ``x``, on CPU; higher = more anomalous."""
         self._check_fitted()
         check_eval(self.model)
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
-            raise SafetylabError("x must be a non-empty batch of inputs (N, ...)")
+        self._check_inputs(x)
         device = model_device(self.model)
-        scores = [self._score_batch(x[i:i + self.batch_size].to(device)).float().cpu()
+        scores = [as_float(self._score_batch(x[i:i + self.batch_size].to(device))).cpu()
                   for i in range(0, len(x), self.batch_size)]
         return scores[0] if len(scores) == 1 else torch.cat(scores)
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _check_inputs(self, x: torch.Tensor, name: str = "x") -> None:
+        """``x`` must be a batch the model takes and turns into logits (:func:`~safetylab.robust.checks.probe`)."""
+        classes_of(self.model, x, name)
+
+    @staticmethod
+    def _logits(z: torch.Tensor) -> torch.Tensor:
+        """``z`` checked to be finite logits (N, classes >= 2), in float32 or float64 (:func:`as_float`)."""
+        z = check_logits(z, name="z")
+        if not torch.isfinite(z).all():
+            raise SafetylabError("z holds NaN or infinite logits")
+        return as_float(z)
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -208,7 +240,7 @@ class MSP(Detector):
     Higher score = more anomalous. ``score_features`` takes logits."""
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
-        return -z.float().softmax(1).max(1).values
+        return -self._logits(z).softmax(1).max(1).values
 
 
 class ODIN(Detector):
@@ -225,12 +257,10 @@ class ODIN(Detector):
     def __init__(self, model: nn.Module, temperature: float = 1000.0, eps: float = 0.0014,
                  bounds: Bounds = (0.0, 1.0), batch_size: int = 1024):
         super().__init__(model, batch_size)
-        if not temperature > 0:
-            raise SafetylabError(f"temperature must be > 0, got {temperature}")
-        self.temperature, self.eps, self.bounds = float(temperature), check_eps(eps), bounds
+        self.temperature, self.eps, self.bounds = check_positive(temperature, "temperature"), check_eps(eps), bounds
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
-        return -(z.float() / self.temperature).softmax(1).max(1).values
+        return -(self._logits(z) / self.temperature).softmax(1).max(1).values
 
     def _score_batch(self, x: torch.Tensor) -> torch.Tensor:
         check_range(x, self.bounds)
@@ -247,12 +277,10 @@ class Energy(Detector):
 
     def __init__(self, model: nn.Module, temperature: float = 1.0, batch_size: int = 1024):
         super().__init__(model, batch_size)
-        if not temperature > 0:
-            raise SafetylabError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
+        self.temperature = check_positive(temperature, "temperature")
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
-        return -self.temperature * torch.logsumexp(z.float() / self.temperature, 1)
+        return -self.temperature * torch.logsumexp(self._logits(z) / self.temperature, 1)
 
 
 class _FeatureDetector(Detector):
@@ -270,14 +298,19 @@ class _FeatureDetector(Detector):
         check_eval(self.model)
         device = model_device(self.model)
         zs, ys = [], []
-        with torch.inference_mode():
-            for x, y in batches(data, self.batch_size):
-                zs.append(self._features(x.to(device)).float())
-                ys.append(y.to(device))
+        for x, y in batches(data, self.batch_size):
+            self._check_inputs(x, "data inputs")
+            with torch.inference_mode():
+                zs.append(as_float(self._features(x.to(device))))
+            ys.append(y.to(device))
         return self.fit_features(torch.cat(zs), torch.cat(ys))
 
     def fit_features(self, z: torch.Tensor, y: torch.Tensor | None = None) -> _FeatureDetector:
         raise NotImplementedError
+
+    def _check_inputs(self, x: torch.Tensor, name: str = "x") -> None:
+        """``x`` must be a batch the model (or ``features``) takes (:func:`~safetylab.robust.checks.probe`)."""
+        probe(self.model, x, name, self._features)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.features is None:
@@ -324,7 +357,8 @@ class Mahalanobis(_FeatureDetector):
         self.ridge, self.eps, self.bounds = check_eps(ridge, "ridge"), check_eps(eps), bounds
 
     def fit_features(self, z: torch.Tensor, y: torch.Tensor | None = None) -> Mahalanobis:
-        """Fit class means and the shared covariance on in-distribution features ``z`` (N, d), labels ``y``."""
+        """Fit class means and the shared covariance on in-distribution features ``z`` (N, d), labels ``y``;
+        scores are then computed in z's precision (float32, or float64 for float64 features)."""
         z = self._check_features(z)
         if y is None or not isinstance(y, torch.Tensor) or y.shape != (len(z),) or y.is_floating_point():
             raise SafetylabError(f"y must be a 1-D integer tensor with one class label per feature row "
@@ -333,7 +367,8 @@ class Mahalanobis(_FeatureDetector):
         counts = torch.bincount(group)
         means = torch.zeros(len(counts), z.shape[1], dtype=torch.float64, device=z.device)
         means = means.index_add_(0, group, z.double()) / counts[:, None]
-        centred = z.float() - means.float()[group]  # the big product in float32, the factorisation in float64
+        dtype = as_float(z).dtype
+        centred = z.to(dtype) - means.to(dtype)[group]  # the big product in z's precision, the factorisation in float64
         cov = (centred.T @ centred).double() / len(z)
         scale = cov.diagonal().mean()
         if scale == 0:
@@ -346,9 +381,9 @@ class Mahalanobis(_FeatureDetector):
         whiten = torch.linalg.solve_triangular(chol, torch.eye(len(cov), dtype=cov.dtype, device=cov.device),
                                                upper=False).T  # z ↦ z @ whiten = (L⁻¹ z)ᵀ
         centre = z.double().mean(0)  # subtracted first so the expanded distances keep their precision
-        self._whiten = whiten.float()
-        self._offset = (centre @ whiten).float()  # (z − c) W = z W − c W
-        self._means = ((means - centre) @ whiten).float()
+        self._whiten = whiten.to(dtype)
+        self._offset = (centre @ whiten).to(dtype)  # (z − c) W = z W − c W
+        self._means = ((means - centre) @ whiten).to(dtype)
         self._means_sq = self._means.square().sum(1)
         self.fitted = True
         return self
@@ -357,7 +392,7 @@ class Mahalanobis(_FeatureDetector):
         """min_c ‖w − m_c‖² = ‖w‖² + min_c (‖m_c‖² − 2 wᵀm_c), w = (z − c) W the whitened feature and m_c
         the whitened class means: two matrix products for the whole batch."""
         self._check_fitted()
-        z = self._check_features(z, len(self._whiten), finite=False).to(self._whiten.device, torch.float32)
+        z = self._check_features(z, len(self._whiten), finite=False).to(self._whiten.device, self._whiten.dtype)
         w = torch.addmm(-self._offset, z, self._whiten)
         cross = torch.addmm(self._means_sq, w, self._means.T, alpha=-2)
         scores = (w.square().sum(1) + cross.min(1).values).clamp_min(0)
@@ -382,19 +417,18 @@ class KNN(_FeatureDetector):
 
     def __init__(self, model: nn.Module, k: int = 50, features: Features | None = None, batch_size: int = 1024):
         super().__init__(model, features, batch_size)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise SafetylabError(f"k must be an integer >= 1, got {k!r}")
-        self.k = k
+        self.k = check_count(k, "k")
 
     def fit_features(self, z: torch.Tensor, y: torch.Tensor | None = None) -> KNN:
-        """Store the normalised in-distribution features ``z`` (N, d); the labels ``y`` are not used."""
-        self._bank = F.normalize(self._check_features(z).float(), dim=1)
+        """Store the normalised in-distribution features ``z`` (N, d), in z's precision (float32, or float64);
+        the labels ``y`` are not used."""
+        self._bank = F.normalize(as_float(self._check_features(z)), dim=1)
         self.fitted = True
         return self
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
-        z = F.normalize(self._check_features(z, self._bank.shape[1]).to(self._bank.device, torch.float32), dim=1)
+        z = F.normalize(self._check_features(z, self._bank.shape[1]).to(self._bank.device, self._bank.dtype), dim=1)
         k = min(self.k, len(self._bank))
         sims = [(chunk @ self._bank.T).topk(k, 1).values[:, -1] for chunk in z.split(self.batch_size)]
         return (2 - 2 * torch.cat(sims)).clamp_min(0).sqrt()
@@ -415,11 +449,12 @@ class Uncertainty:
         if measure not in self.MEASURES:
             raise SafetylabError(f"measure must be one of {', '.join(self.MEASURES)}, got {measure!r}")
         if not isinstance(model_or_models, nn.Module) and not (
-                isinstance(model_or_models, Sequence) and all(isinstance(m, nn.Module) for m in model_or_models)):
-            raise SafetylabError("model_or_models must be a model (MC dropout) or a list of models (deep ensemble), "
-                                 f"got {type(model_or_models).__name__}")
-        self.model_or_models, self.measure, self.samples, self.batch_size = (model_or_models, measure, samples,
-                                                                             batch_size)
+                isinstance(model_or_models, Sequence) and len(model_or_models) > 0
+                and all(isinstance(m, nn.Module) for m in model_or_models)):
+            raise SafetylabError("model_or_models must be a model (MC dropout) or a non-empty list of models (deep "
+                                 f"ensemble), got {type(model_or_models).__name__}")
+        self.model_or_models, self.measure = model_or_models, measure
+        self.samples, self.batch_size = check_count(samples, "samples"), check_count(batch_size, "batch_size")
 
     def fit(self, data: Data) -> Uncertainty:
         """Nothing to learn from the in-distribution data: returns the detector unchanged."""

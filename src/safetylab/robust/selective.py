@@ -26,7 +26,7 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
-from safetylab.robust.checks import check_labels, predict_logits
+from safetylab.robust.checks import check_fraction, check_labels, predict_logits
 
 Score = Callable[[torch.Tensor], torch.Tensor]
 
@@ -55,12 +55,6 @@ def _check_correct(correct: object, n: int) -> torch.Tensor:
     if correct.dtype != torch.bool and (correct.is_floating_point() or ((correct != 0) & (correct != 1)).any()):
         raise SafetylabError(f"correct must hold booleans (or 0/1 integers), got {correct.dtype}")
     return correct.bool()
-
-
-def _check_fraction(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise SafetylabError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------- risk–coverage
@@ -136,7 +130,7 @@ def threshold_for_coverage(scores: torch.Tensor, coverage: float) -> float:
     target). ``coverage`` 0 returns −∞: abstain on everything.
     """
     s = _check_scores(scores, "scores")
-    coverage = _check_fraction(coverage, "coverage")
+    coverage = check_fraction(coverage, "coverage")
     k = math.ceil(coverage * len(s) - 1e-9)  # tolerate rounding error in coverage · N (0.7 · 10 = 7.000…01)
     return -math.inf if k <= 0 else torch.sort(s).values[k - 1].item()
 
@@ -169,7 +163,7 @@ def threshold_for_risk(scores: torch.Tensor, correct: torch.Tensor, risk: float,
     """
     s = _check_scores(scores, "scores")
     correct = _check_correct(correct, len(s))
-    risk = _check_fraction(risk, "risk")
+    risk = check_fraction(risk, "risk")
     if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 < delta < 1):
         raise SafetylabError(f"delta must be a number in (0, 1) or None, got {delta!r}")
     thresholds, accepted, errors = _acceptance_points(s, correct)
@@ -298,10 +292,8 @@ def criterion_for_risk(name: str, score: Score, model: nn.Module, x_val: torch.T
     The risk is that of this criterion alone: other criteria of the same classifier only abstain more, and
     their abstentions may raise or lower the risk among what remains.
     """
-    if not isinstance(y_val, torch.Tensor):
-        raise SafetylabError(f"y_val must be a tensor of class indices, got {type(y_val).__name__}")
     logits = predict_logits(model, x_val)
-    correct = logits.argmax(1) == check_labels(y_val.cpu(), logits.shape[1], len(logits), "y_val")
+    correct = logits.argmax(1) == check_labels(y_val, logits.shape[1], len(logits), "y_val").cpu()
     scores = _check_scores(score(x_val), f"{name} score", len(x_val))
     return Criterion(name, score, threshold_for_risk(scores, correct, risk, delta))
 

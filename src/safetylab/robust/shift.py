@@ -28,7 +28,7 @@ from torch import nn
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
 from safetylab.robust.calibration import calibration_metrics
-from safetylab.robust.checks import Bounds, check_eval, check_labels, check_range, predict_logits
+from safetylab.robust.checks import Bounds, as_float, check_eval, check_labels, check_range, predict_logits
 from safetylab.robust.ood import auroc
 
 Shift = Callable[[torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
@@ -90,11 +90,11 @@ def _per_image(v: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- image primitives
 def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """The normalised 1-D Gaussian kernel k_i ∝ exp(−i² / 2σ²), i = −r..r with r = ⌈3σ⌉."""
+    """The normalised 1-D Gaussian kernel k_i ∝ exp(−i² / 2σ²), i = −r..r with r = ⌈3σ⌉, in float64."""
     radius = max(1, math.ceil(3 * sigma))
     i = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-(i**2) / (2 * sigma**2))
-    return (k / k.sum()).float()
+    return k / k.sum()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -340,7 +340,7 @@ def _detector_scores(detector: Scorer, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.shape != (len(x),):
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise SafetylabError(f"detector.score(x) must return one score per input, shape ({len(x)},), got {shape}")
-    return scores.detach().float().cpu()
+    return as_float(scores.detach()).cpu()
 
 
 def shift_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shifts: Mapping[str, Shift] = IMAGE_SHIFTS,
@@ -364,7 +364,7 @@ def shift_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, shifts: Map
 
     def row(name: str, severity: int, xs: torch.Tensor) -> dict[str, Any]:
         logits = predict_logits(model, xs, batch_size)
-        labels = check_labels(y.cpu(), logits.shape[1], len(xs))
+        labels = check_labels(y, logits.shape[1], len(xs)).cpu()
         out = {"shift": name, "severity": severity,
                **{k: float(v) for k, v in calibration_metrics(logits.softmax(1), labels).items()}}
         if detector is not None:

@@ -17,6 +17,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_text, save_figure
 from safetylab.core.runs import RunDir
@@ -28,8 +29,8 @@ from safetylab.robust.calibration import (
     plot_reliability,
     reliability_bins,
 )
-from safetylab.robust.checks import predict_logits
-from safetylab.robust.data import Digits, build_classifier, load_classifier, load_digits, save_classifier
+from safetylab.robust.checks import is_count, predict_logits
+from safetylab.robust.data import ARCHS, Digits, build_classifier, load_classifier, load_digits, save_classifier
 from safetylab.robust.evaluate import ENSEMBLE, robustness_curve
 from safetylab.robust.ood import DETECTORS, Uncertainty, ood_metrics
 from safetylab.robust.selective import (
@@ -47,6 +48,7 @@ from safetylab.robust.uncertainty import ensemble_probs, mc_dropout_probs, train
 
 Section = dict[str, Any]
 SECTIONS = ("attack", "calibrate", "ood", "shift", "selective")
+DETECTOR_NAMES = (*DETECTORS, "ensemble")  # "ensemble": the deep ensemble's mutual information
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,18 @@ class RobustSuiteConfig:
     detectors: tuple[str, ...] = ("msp", "odin", "energy", "mahalanobis", "knn", "mc-dropout", "ensemble")
     coverage: float = 0.9  # target coverage of the abstaining classifier on validation data
     ood_tpr: float = 0.95  # share of in-distribution validation inputs the OOD criterion lets through
+
+    def __post_init__(self):
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        require_choice(self.arch, "arch", ARCHS)
+        require(len(self.eps) > 0 and all(0 <= e < math.inf for e in self.eps), "eps",
+                "one or more finite radii >= 0", self.eps)
+        for name in ("attack_steps", "square_queries", "ensemble_members", "mc_samples"):
+            require(is_count(getattr(self, name)), name, "an integer >= 1", getattr(self, name))
+        require(len(self.detectors) > 0 and set(self.detectors) <= set(DETECTOR_NAMES), "detectors",
+                f"one or more of {', '.join(DETECTOR_NAMES)}", self.detectors)
+        for name in ("coverage", "ood_tpr"):
+            require(0 <= getattr(self, name) <= 1, name, "a number in [0, 1]", getattr(self, name))
 
 
 QUICK = RobustSuiteConfig(
@@ -121,7 +135,7 @@ def deep_ensemble(config: RobustSuiteConfig, digits: Digits, run: RunDir) -> lis
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (predict_logits(model, x).argmax(1) == y).float().mean().item()
+    return (predict_logits(model, x).argmax(1) == y).double().mean().item()
 
 
 # ----------------------------------------------------------------------------- attacks
@@ -225,7 +239,7 @@ def build_detectors(model: nn.Module, ensemble: list[nn.Module], digits: Digits,
         elif name in DETECTORS:
             detector = DETECTORS[name](model)
         else:
-            raise SafetylabError(f"detector {name!r}: expected one of {', '.join([*DETECTORS, 'ensemble'])}")
+            raise SafetylabError(f"detector {name!r}: expected one of {', '.join(DETECTOR_NAMES)}")
         detectors[name] = detector.fit((digits.x_train, digits.y_train))
     return detectors
 
@@ -318,9 +332,9 @@ def selective_section(model: nn.Module, detectors: dict, digits: Digits, config:
         decided = selective.predict(x)
         fired = {c.name: sum(a.criterion == c.name for a in decided.abstentions()) / len(x) for c in criteria}
         accepted = ~decided.abstained
-        risk = None if y is None or not accepted.any() else (decided.labels[accepted] != y[accepted]).float().mean()
+        risk = None if y is None or not accepted.any() else (decided.labels[accepted] != y[accepted]).double().mean()
         rows.append([name, decided.coverage, None if risk is None else risk.item(),
-                     None if y is None else 1 - correct[name].float().mean().item(), *fired.values()])
+                     None if y is None else 1 - correct[name].double().mean().item(), *fired.values()])
         examples += [r for r in decided.reasons if r][:2]
     test, shifted = rows[0], rows[1]
     return {"title": "Selective prediction (abstain and escalate)",

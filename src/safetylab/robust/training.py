@@ -15,26 +15,30 @@ model's own mode is restored for the update. ε can ramp up linearly over ``eps_
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
-from safetylab.robust.attacks import pgd, trades_adversary
+from safetylab.robust.attacks import NORMS, pgd, trades_adversary
 from safetylab.robust.checks import (
     Bounds,
     Data,
     batches,
-    check_eps,
     check_labels,
+    check_pair,
     check_range,
+    is_count,
     is_tensor_pair,
     logits_of,
     model_device,
+    probe,
 )
 
 METHODS = ("standard", "pgd", "trades", "noise")
@@ -57,13 +61,21 @@ class RobustTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise SafetylabError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        check_eps(self.eps)
-        if not self.sigma > 0:
-            raise SafetylabError(f"sigma must be > 0 (the training noise's standard deviation), got {self.sigma}")
-        if self.epochs < 1 or self.batch_size < 1 or self.steps < 1:
-            raise SafetylabError("epochs, batch_size and steps must be >= 1")
+        require_choice(self.method, "method", METHODS)
+        require_choice(self.norm, "norm", NORMS)
+        for name in ("epochs", "batch_size", "steps"):
+            require(is_count(getattr(self, name)), name, "an integer >= 1", getattr(self, name))
+        require(0 < self.lr < math.inf, "lr", "a finite number > 0", self.lr)
+        require(0 <= self.weight_decay < math.inf, "weight_decay", "a finite number >= 0", self.weight_decay)
+        require(0 <= self.eps < math.inf, "eps", "a finite number >= 0 (the adversary's radius)", self.eps)
+        require(self.step_size is None or 0 < self.step_size < math.inf, "step_size",
+                "a finite number > 0, or None for 2.5·eps/steps", self.step_size)
+        require(0 <= self.trades_beta < math.inf, "trades_beta", "a finite number >= 0", self.trades_beta)
+        require(0 < self.sigma < math.inf, "sigma", "a finite number > 0 (the training noise's standard deviation)",
+                self.sigma)
+        require(isinstance(self.eps_warmup_epochs, int) and self.eps_warmup_epochs >= 0, "eps_warmup_epochs",
+                "an integer >= 0", self.eps_warmup_epochs)
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
 
 
 def epoch_eps(config: RobustTrainConfig, epoch: int) -> float:
@@ -110,7 +122,9 @@ def train_classifier(model: nn.Module, data: Data, config: RobustTrainConfig = R
         for epoch in range(config.epochs):
             eps, total, count = epoch_eps(config, epoch), 0.0, 0
             for x, y in batches(_shuffled(data, generator), config.batch_size):
-                x, y = check_range(x.to(device), bounds, "data"), y.to(device)
+                if epoch == count == 0:  # the first batch: inputs the model can take (shape, dtype)
+                    probe(model, x, "data inputs")
+                x, y = check_range(x.to(device), bounds, "data inputs"), y.to(device)
                 loss = adversarial_loss(model, x, y, config, eps, bounds, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -129,8 +143,9 @@ def train_classifier(model: nn.Module, data: Data, config: RobustTrainConfig = R
 
 def _shuffled(data: Data, generator: torch.Generator) -> Data:
     if is_tensor_pair(data):
-        order = torch.randperm(len(data[0]), generator=generator)
-        return data[0][order], data[1][order]
+        x, y = check_pair(*data)
+        order = torch.randperm(len(x), generator=generator)
+        return x[order], y[order]
     return data
 
 

@@ -19,7 +19,18 @@ import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import Bounds, Data, check_eval, check_probs, logits_of, model_device, predict_logits
+from safetylab.robust.checks import (
+    Bounds,
+    Data,
+    as_float,
+    check_count,
+    check_eval,
+    check_probs,
+    logits_of,
+    model_device,
+    predict_logits,
+    probe,
+)
 from safetylab.robust.training import RobustTrainConfig, train_classifier
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -28,7 +39,8 @@ DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaD
 # ----------------------------------------------------------------------------- samples
 @torch.no_grad()
 def mc_dropout_probs(model: nn.Module, x: torch.Tensor, samples: int = 20, batch_size: int = 1024) -> torch.Tensor:
-    """Class probabilities ``(samples, N, C)`` with the dropout layers sampling, on CPU.
+    """Class probabilities ``(samples, N, C)`` with the dropout layers sampling, on CPU (float32, or float64
+    for a float64 model).
 
     Gal & Ghahramani 2016, "Dropout as a Bayesian Approximation: Representing Model Uncertainty in Deep
     Learning": p(y | x) ≈ (1/S) Σ_s softmax(f(x; θ ⊙ m_s)), m_s a fresh dropout mask per pass.
@@ -41,14 +53,14 @@ def mc_dropout_probs(model: nn.Module, x: torch.Tensor, samples: int = 20, batch
     if not dropouts:
         raise SafetylabError("model has no dropout module (nn.Dropout, Dropout1d/2d/3d, AlphaDropout): "
                              "MC dropout needs one; use a deep ensemble instead")
-    _check_count(samples, "samples")
-    _check_inputs(x)
+    samples, batch_size = check_count(samples, "samples"), check_count(batch_size, "batch_size")
+    probe(model, x)
     device = model_device(model)
     flags = [(m, m.training) for m in dropouts]
     try:
         for m in dropouts:
             m.train()
-        out = [torch.stack([logits_of(model, xb).float().softmax(1).cpu() for _ in range(samples)])
+        out = [torch.stack([as_float(logits_of(model, xb)).softmax(1).cpu() for _ in range(samples)])
                for xb in (x[i:i + batch_size].to(device) for i in range(0, len(x), batch_size))]
     finally:
         for m, training in flags:
@@ -57,7 +69,8 @@ def mc_dropout_probs(model: nn.Module, x: torch.Tensor, samples: int = 20, batch
 
 
 def ensemble_probs(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Class probabilities ``(members, N, C)``, one row per member, on CPU.
+    """Class probabilities ``(members, N, C)``, one row per member, on CPU (float32, or float64 for float64
+    members).
 
     Lakshminarayanan et al. 2017, "Simple and Scalable Predictive Uncertainty Estimation using Deep
     Ensembles": p(y | x) ≈ (1/M) Σ_m softmax(f_m(x)). Each member must be in eval mode and all must
@@ -65,7 +78,6 @@ def ensemble_probs(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int
     """
     if isinstance(models, nn.Module) or len(models) == 0:
         raise SafetylabError("models must be a non-empty list of models (the ensemble members)")
-    _check_inputs(x)
     probs = []
     for i, model in enumerate(models):
         check_eval(model, f"models[{i}]")
@@ -81,7 +93,7 @@ def train_ensemble(build: Callable[[], nn.Module], data: Data, config: RobustTra
     """Train ``members`` fresh models from ``build()`` on ``data``; member i is initialised after seeding
     torch with ``config.seed + i`` and trained with that seed (Lakshminarayanan et al. 2017: random
     initialisation and data order alone make the members diverse). Returns the members in eval mode."""
-    _check_count(members, "members")
+    check_count(members, "members")
     ensemble = []
     for i in range(members):
         torch.manual_seed(config.seed + i)
@@ -128,15 +140,3 @@ def uncertainty_split(probs_samples: torch.Tensor) -> UncertaintySplit:
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(probs, probs).sum(-1)
-
-
-def _check_count(n: int, name: str) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise SafetylabError(f"{name} must be an integer >= 1, got {n!r}")
-    return n
-
-
-def _check_inputs(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() == 0 or len(x) == 0:
-        raise SafetylabError("x must be a non-empty batch of inputs (N, ...)")
-    return x
