@@ -108,7 +108,7 @@ def test_unsupported_networks_are_named():
     pool = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2)).eval()
     with pytest.raises(SafetylabError, match=r"layer '2' \(MaxPool2d\) is not supported; supported: Linear"):
         trace(pool, (1, 6, 6))
-    with pytest.raises(SafetylabError, match="training mode: call model.eval"):
+    with pytest.raises(SafetylabError, match=r"training mode \(model, model.0\): call model.eval\(\)"):
         trace(nn.Sequential(nn.Linear(2, 2)), (2,))
 
     class Residual(nn.Module):
@@ -125,6 +125,21 @@ def test_unsupported_networks_are_named():
         trace(nn.Sequential(nn.Flatten(0)).eval(), (3,))
 
 
+@pytest.mark.parametrize("inner", [nn.Dropout(0.5), nn.BatchNorm1d(4)])
+def test_a_submodule_left_in_training_mode_is_refused(inner):
+    """The top module is in eval mode, one layer inside is not: its outputs are not the function the bounds
+    describe (Dropout drops, BatchNorm uses the batch's statistics), so the model is refused by name."""
+    model = nn.Sequential(nn.Linear(3, 4), inner, nn.ReLU(), nn.Linear(4, 2)).eval()
+    model[1].train()
+    region = linf_ball(torch.rand(2, 3), 0.1)
+    with pytest.raises(SafetylabError, match=r"model is in training mode \(model.1\): call model.eval\(\) before "
+                                             "verifying it"):
+        trace(model, (3,))
+    for method in ("ibp", "crown", "alpha-crown"):
+        with pytest.raises(SafetylabError, match=r"training mode \(model.1\)"):
+            compute_bounds(model, region, method=method)
+
+
 def test_regions_and_specs_refuse_bad_input():
     x = torch.rand(2, 3)
     with pytest.raises(SafetylabError, match="eps must be >= 0"):
@@ -135,7 +150,7 @@ def test_regions_and_specs_refuse_bad_input():
         box(x, x - 1)
     with pytest.raises(SafetylabError, match=r"spec must have shape \(batch=2, rows, outputs=4\)"):
         check_spec(torch.ones(2, 3, 5), 2, 4, x)
-    with pytest.raises(SafetylabError, match="labels must lie in 0..3"):
+    with pytest.raises(SafetylabError, match=r"labels must hold class indices in \[0, 3\]"):
         margin_spec(torch.tensor([0, 4]), 4)
     spec = margin_spec(torch.tensor([2, 0]), 3)
     assert torch.equal(spec[0], torch.tensor([[-1.0, 0, 1], [0, -1, 1]]))  # e_2 − e_0, e_2 − e_1
@@ -153,6 +168,72 @@ def test_relaxation_lines_bound_the_activation():
         assert (below * z <= sigma + 1e-6).all() and (sigma <= chord * z + intercept + 1e-6).all()
         assert torch.allclose(chord * upper + intercept, torch.maximum(upper, slope * upper))  # the chord's ends
         assert below.tolist()[:2] == pytest.approx([slope, 1.0])  # u < −l → slope s; u ≥ −l → 1
+
+
+def test_leaky_relu_relaxation_keeps_the_bounds_dtype():
+    """In float64 the slope of a stable negative neuron is the float64 0.1, not 0.1 rounded to float32."""
+    lower = torch.tensor([-2.0, -3.0, 0.5, -1.0], dtype=torch.float64)
+    upper = torch.tensor([-1.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    below, chord, intercept = relaxation(lower, upper, 0.1)
+    assert below.dtype == chord.dtype == intercept.dtype == torch.float64
+    assert below.tolist() == [0.1, 0.1, 1.0, 1.0] and chord[:1].tolist() == [0.1]  # u < −l: the slope s
+    alpha = torch.full((4,), 0.5, dtype=torch.float64)
+    assert relaxation(lower, upper, 0.1, alpha)[0].tolist() == [0.1, 0.5, 1.0, 0.5]
+
+
+def issue_network() -> nn.Sequential:
+    """``f(x) = −σ(x − 2) − 0.1 − 1e-10`` with ``σ`` = LeakyReLU(0.1), float64: on [0, 1] the neuron is
+    inactive, ``f(x) = 0.1 − 0.1 x − 1e-10``, and ``f(1) = −1e-10``: "f > 0" is false there."""
+    net = nn.Sequential(nn.Linear(1, 1), nn.LeakyReLU(0.1), nn.Linear(1, 1)).double().eval()
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[0].bias.fill_(-2.0)
+        net[2].weight.fill_(-1.0)
+        net[2].bias.fill_(-0.1 - 1e-10)
+    return net.requires_grad_(False)
+
+
+def test_float64_leaky_relu_property_that_fails_at_a_corner_is_not_verified():
+    net, region = issue_network(), box(torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
+    value = net(region.upper).item()
+    assert value < 0
+    for method in ("ibp", "crown", "alpha-crown"):
+        b = compute_bounds(net, region, method=method)
+        assert b.lower.dtype == torch.float64
+        assert b.lower.item() <= value + 1e-15 and not b.verified().item(), method  # up to float64 rounding
+
+
+def leaky_net64(seed: int, widths: tuple[int, ...], slope: float) -> nn.Sequential:
+    """A LeakyReLU MLP with float64 weights that float32 cannot hold."""
+    generator = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        linear = nn.Linear(a, b).double()
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(b, a, generator=generator, dtype=torch.float64) / a ** 0.5)
+            linear.bias.copy_(0.5 * torch.randn(b, generator=generator, dtype=torch.float64))
+        layers += [linear, nn.LeakyReLU(slope)]
+    return nn.Sequential(*layers[:-1]).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_float64_leaky_relu_bounds_hold_at_every_sampled_point(seed):
+    """10,000 points per region (a quarter of them corners) on random float64 LeakyReLU networks: every
+    output lies within every method's bounds, up to float64 rounding (1e-12). Small regions leave every
+    neuron stable, where CROWN is exact and a slope off by 1.5e-9 shows at the corners."""
+    slope = (0.1, 0.01, 0.3)[seed % 3]
+    model = leaky_net64(seed, (3, 6, 5, 4), slope)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 3, generator=generator, dtype=torch.float64)
+    spec = torch.randn(3, 2, 4, generator=generator, dtype=torch.float64)
+    regions = [linf_ball(x, 1e-3), linf_ball(x, 0.2), l2_ball(x, 0.3), box(x - 0.05, x + 0.1)]
+    for region in regions:
+        values = spec_values(model, spec, samples(region, 10_000, generator))
+        low, high = values.min(1).values, values.max(1).values
+        for method in ("ibp", "crown", "alpha-crown"):
+            b = compute_bounds(model, region, spec, method, **({"iterations": 5} if method == "alpha-crown" else {}))
+            assert b.lower.dtype == torch.float64
+            assert (b.lower <= low + 1e-12).all() and (b.upper >= high - 1e-12).all(), (method, region.input_shape)
 
 
 # ----------------------------------------------------------------------------- soundness

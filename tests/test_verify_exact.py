@@ -4,6 +4,7 @@ are real, time limits give "unknown", and a wrong solver answer never becomes a 
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_verify_bounds import issue_network
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
@@ -152,6 +154,20 @@ def test_linear_network_minimum_is_at_a_corner():
     corner = torch.where(w[0] > 0, -1.0, 2.0).double()
     assert found.optimal and found.value == pytest.approx(float(w[0] @ corner + b[0]), abs=1e-6)
     assert torch.allclose(found.x, corner)
+
+
+@pytest.mark.parametrize("attack", [True, False])
+def test_float64_leaky_relu_property_false_by_1e_10_is_falsified(attack):
+    """``f(x) = 0.1 − 0.1 x − 1e-10`` on [0, 1] (LeakyReLU(0.1) inactive, float64): f(1) = −1e-10, so
+    "f > 0" is false, found by the attack or by the program, and the counterexample really violates it."""
+    net = issue_network()
+    region = box(torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
+    (result,) = verify_exact(net, region, torch.ones(1, 1), attack=attack)
+    assert result.status == "falsified" and result.method == ("attack" if attack else "milp")
+    x = result.counterexample
+    assert x.dtype == torch.float64 and in_box(x, region, 0.0)
+    assert net(x.unsqueeze(0)).item() <= 0
+    assert result.minimum[0] <= 0
 
 
 # ----------------------------------------------------------------------------- the exact minimum
@@ -301,6 +317,10 @@ def test_bad_input():
         verify_exact(net, l2_ball(x, 0.1), spec)
     with pytest.raises(SafetylabError, match="training mode"):
         verify_exact(mlp([4, 8, 3]).train(), region, spec)
+    partly = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.ReLU(), nn.Linear(8, 3)).eval()
+    partly[1].train()  # the top module in eval mode, one layer not: its outputs are random
+    with pytest.raises(SafetylabError, match=r"training mode \(model.1\): call model.eval\(\) before verifying it"):
+        verify_exact(partly, region, spec)
     with pytest.raises(SafetylabError, match="spec must have shape"):
         verify_exact(net, region, torch.ones(3, 2, 4))
     for bad in (0, -1.0, float("nan"), True):
@@ -308,7 +328,7 @@ def test_bad_input():
             verify_exact(net, region, spec, time_limit=bad)
     with pytest.raises(SafetylabError, match="bounds must be one of"):
         verify_exact(net, region, spec, bounds="lp")
-    with pytest.raises(SafetylabError, match="input shape"):
+    with pytest.raises(SafetylabError, match=r"region holds inputs of shape \(5,\) but the network takes \(4,\)"):
         verify_exact(trace(net, (4,)), linf_ball(torch.rand(2, 5), 0.1), spec)
     layers = trace(net, (4,))
     with pytest.raises(SafetylabError, match="one example"):
@@ -317,3 +337,42 @@ def test_bad_input():
         minimize_output(layers, linf_ball(x[:1], 0.1), torch.ones(2))
     with pytest.raises(SafetylabError, match="list of Layer"):
         minimize_output([], linf_ball(x[:1], 0.1), torch.ones(3))
+
+
+# ----------------------------------------------------------------------------- nothing on stdout
+def flushed_output(capfd) -> tuple[str, str]:
+    """What reached file descriptors 1 and 2, C's buffered stdout included (libc holds a line written by
+    ``printf`` until it flushes, at exit when stdout is not a terminal)."""
+    ctypes.CDLL(None).fflush(None)
+    return capfd.readouterr()
+
+
+def test_the_solver_writes_nothing_to_stdout_from_c(monkeypatch, capfd):
+    """HiGHS prints a developer line with C's ``printf`` when it repairs a solution, whatever its options
+    say; a solver doing the same on every call must leave stdout and stderr empty."""
+    import safetylab.verify.exact as exact
+
+    real = exact.milp
+
+    def chatty(*args, **kwargs):
+        ctypes.CDLL(None).printf(b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(exact, "milp", chatty)
+    print("before", flush=True)  # what the caller wrote before is kept, in order
+    region, spec = box(torch.tensor([[-1.0]]), torch.tensor([[2.0]])), margin_spec(torch.tensor([0]), 2)
+    (result,) = verify_exact(abs_net(-0.5), region, spec, attack=False)
+    print("after", flush=True)
+    assert result.status == "verified" and result.method == "milp"
+    assert flushed_output(capfd) == ("before\nafter\n", "")
+
+
+def test_verify_exact_writes_nothing_to_stdout(capfd):
+    """On this network HiGHS repairs a solution (and printed its line) on every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8)).eval()
+        x = torch.rand(4, 64)[2:3]
+    results = verify_exact(net, linf_ball(x, 0.03), margin_spec(net(x).argmax(1), 8), attack=False)
+    assert results[0].status == "falsified" and results[0].method == "milp"
+    assert flushed_output(capfd) == ("", "")

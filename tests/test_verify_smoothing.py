@@ -78,6 +78,24 @@ def test_sample_counts_match_the_closed_form_probability():
     assert counts[0] / 20_000 == pytest.approx(p0, abs=4 * math.sqrt(p0 * (1 - p0) / 20_000))
 
 
+@pytest.mark.parametrize("x_dtype, model_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                  (torch.int64, torch.float64), (torch.float16, torch.float32)])
+def test_inputs_and_models_of_different_dtypes(x_dtype, model_dtype):
+    """The noise is drawn and added in the wider of the two dtypes and the noisy copies reach the model in
+    its own: the base classifier is the model after that cast, and the certificate (Cohen et al.'s
+    theorem holds for any base classifier) is for the smoothed version of it. The counts follow the
+    closed form, P(class 0) = Φ(w·x / (σ‖w‖))."""
+    sigma, x = 0.5, torch.tensor([1.0, 0.0])  # w·x = 3: Φ(1.2)
+    model = HalfPlane(W).to(model_dtype).eval()
+    counts = SmoothedClassifier(model, sigma, batch_size=4096).sample_counts(x.to(x_dtype), 20_000, seeded(0))
+    assert counts.sum() == 20_000
+    assert counts[0].item() / 20_000 == pytest.approx(PHI.cdf(3 / (sigma * 5)), abs=0.01)
+    batch = torch.stack([x, -x]).to(x_dtype)
+    cert = SmoothedClassifier(model, sigma).certify_batch(batch, torch.tensor([0, 1]), n0=50, n=2000,
+                                                          generator=seeded(1))
+    assert cert.prediction.tolist() == [0, 1] and cert.correct.all() and (cert.radius > 0).all()
+
+
 def test_certified_radius_is_a_lower_bound_that_tightens_with_n():
     sigma = 0.5
     true_radius = sigma * PHI.inv_cdf(0.9)  # p_A = 0.9 exactly; the smoothed classifier's radius

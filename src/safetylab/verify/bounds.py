@@ -16,18 +16,25 @@ the region:
   Rapid and Massively Parallel Incomplete Verifiers"): CROWN with the lower lines' slopes α, one per
   output row and neuron, chosen by projected gradient ascent on the bound; never looser than CROWN,
   whose slopes start it.
+
+The network, the region and the specification are brought to one dtype, the widest of theirs: a float32
+network over a float64 region is bounded in float64 with its weights widened, which is exact, whereas
+rounding the region to float32 could move its edges inward and leave part of it unbounded. Every constant
+is made in that dtype (a Python number alone would make a float32 tensor, and a float64 bound that uses
+LeakyReLU's slope 0.1 rounded to float32 is unsound).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial, reduce
 
 import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.verify.network import FlattenOp, Layer, LinearOp, trace
-from safetylab.verify.regions import Region, check_spec, concretize
+from safetylab.verify.network import FlattenOp, Layer, LinearOp, check_layers, map_tensors, trace
+from safetylab.verify.regions import Region, check_region, check_spec, concretize
 
 METHODS = ("ibp", "crown", "alpha-crown")
 Interval = tuple[torch.Tensor, torch.Tensor]
@@ -61,11 +68,12 @@ def relaxation(lower: torch.Tensor, upper: torch.Tensor, slope: float,
     active, inactive = lower >= 0, upper <= 0
     unstable = ~(active | inactive)
     width = (upper - lower).clamp(min=1e-12)
-    stable = torch.where(active, 1.0, slope)  # the exact slope of a stable neuron
+    s = lower.new_tensor(slope)  # in the bounds' dtype: where(cond, 1.0, slope) would be float32
+    stable = torch.where(active, 1.0, s)  # the exact slope of a stable neuron
     chord = torch.where(unstable, (upper - slope * lower) / width, stable)
     intercept = torch.where(unstable, upper * (1 - chord), 0.0)
     if alpha is None:
-        return torch.where(unstable, torch.where(upper >= -lower, 1.0, slope), stable), chord, intercept
+        return torch.where(unstable, torch.where(upper >= -lower, 1.0, s), stable), chord, intercept
     # one fused product on the (many-row) slopes: stable neurons keep their slope, unstable ones take α
     return torch.addcmul(torch.where(unstable, 0.0, stable), alpha.clamp(slope, 1.0), unstable), chord, intercept
 
@@ -165,17 +173,26 @@ def activation_bounds(layers: list[Layer], region: Region, method: str = "crown"
     return pre_activation, (lower, upper)
 
 
-def _spec(layers: list[Layer], region: Region, spec: torch.Tensor | None) -> torch.Tensor:
-    """The specification checked against the network's outputs, ``(B, S, K)``."""
-    out_shape = layers[-1].out_shape
-    if len(out_shape) != 1:
-        raise SafetylabError(f"the network's output must be a vector of scores per example, got shape {out_shape}")
-    return check_spec(spec, region.batch, out_shape[0], region.lower)
+def _prepare(layers: list[Layer], region: Region, spec: torch.Tensor | None,
+             ) -> tuple[list[Layer], Region, torch.Tensor]:
+    """The layers, the region and the specification ``(B, S, K)``, checked to fit together and cast to the
+    widest of their dtypes (widening is exact; see the module's docstring)."""
+    layers = check_layers(layers)
+    region = check_region(region, layers[0].in_shape)
+    spec = check_spec(spec, region.batch, layers[-1].out_shape[0], region.lower)
+    tensors = [t for layer in layers for t in (*vars(layer.op).values(), layer.matrix) if isinstance(t, torch.Tensor)]
+    dtype = reduce(torch.promote_types, (t.dtype for t in tensors), spec.dtype)
+    cast = partial(torch.Tensor.to, dtype=dtype)
+    if any(t.dtype != dtype for t in tensors):
+        layers = [map_tensors(layer, cast) for layer in layers]
+    if region.lower.dtype != dtype:
+        region = map_tensors(region, cast)
+    return layers, region, spec.to(dtype)
 
 
 def ibp(layers: list[Layer], region: Region, spec: torch.Tensor | None = None) -> Bounds:
     """Interval bound propagation; the specification is folded into a final Linear layer."""
-    spec = _spec(layers, region, spec)
+    layers, region, spec = _prepare(layers, region, spec)
     pre_activation, (lower, upper) = activation_bounds(layers, region, "ibp")
     last = layers[-1]
     if isinstance(last.op, LinearOp):
@@ -188,9 +205,8 @@ def ibp(layers: list[Layer], region: Region, spec: torch.Tensor | None = None) -
     return Bounds(center - spread, center + spread, pre_activation, "ibp")
 
 
-def _output_rows(layers: list[Layer], region: Region, spec: torch.Tensor | None) -> torch.Tensor:
+def _output_rows(spec: torch.Tensor) -> torch.Tensor:
     """``[C; −C]``: lower bounds of these rows are the lower and (negated) upper bounds of ``C f``."""
-    spec = _spec(layers, region, spec)
     return torch.cat([spec, -spec], 1)
 
 
@@ -200,7 +216,8 @@ def crown(layers: list[Layer], region: Region, spec: torch.Tensor | None = None,
     Verifiably Robust Neural Networks"), one backward pass in all, as certified training uses it."""
     if intermediate not in ("crown", "ibp"):
         raise SafetylabError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
-    rows = _output_rows(layers, region, spec)
+    layers, region, spec = _prepare(layers, region, spec)
+    rows = _output_rows(spec)
     pre_activation, _ = activation_bounds(layers, region, intermediate)
     a_in, const = backward_pass(layers, rows, pre_activation)
     found = concretize(a_in, const, region)
@@ -215,7 +232,8 @@ def alpha_crown(layers: list[Layer], region: Region, spec: torch.Tensor | None =
     row keeps the best bound any iterate gave (the first iterate is CROWN)."""
     if iterations < 0 or not lr > 0:
         raise SafetylabError(f"iterations must be >= 0 and lr > 0, got {iterations} and {lr}")
-    rows = _output_rows(layers, region, spec)
+    layers, region, spec = _prepare(layers, region, spec)
+    rows = _output_rows(spec)
     with torch.no_grad():
         pre_activation, _ = activation_bounds(layers, region, "crown")
     activations = [layer for layer in layers if layer.is_activation]
@@ -223,14 +241,14 @@ def alpha_crown(layers: list[Layer], region: Region, spec: torch.Tensor | None =
     for (lower, upper), layer in zip(pre_activation, activations):
         below, _, _ = relaxation(lower, upper, layer.op.slope)
         alphas.append(below.unsqueeze(1).expand(-1, rows.shape[1], *below.shape[1:]).clone().requires_grad_(True))
-    optimizer = torch.optim.Adam(alphas, lr=lr)
+    optimizer = torch.optim.Adam(alphas, lr=lr) if alphas else None  # no activation: CROWN is exact
     best = None
     with torch.enable_grad():
         for step in range(iterations + 1):
             a_in, const = backward_pass(layers, rows, pre_activation, alphas)
             found = concretize(a_in, const, region)
             best = found.detach() if best is None else torch.maximum(best, found.detach())
-            if step == iterations:
+            if step == iterations or optimizer is None:
                 break
             optimizer.zero_grad()
             (-found.sum()).backward()
@@ -245,10 +263,11 @@ def alpha_crown(layers: list[Layer], region: Region, spec: torch.Tensor | None =
 def compute_bounds(model: nn.Module, region: Region, spec: torch.Tensor | None = None, method: str = "crown",
                    **options) -> Bounds:
     """Bounds of ``C f(x)`` (``f`` itself without ``spec``) over ``region`` by ``method`` (``"ibp"``,
-    ``"crown"`` or ``"alpha-crown"``, whose ``iterations`` and ``lr`` may be given)."""
+    ``"crown"`` or ``"alpha-crown"``, whose ``iterations`` and ``lr`` may be given), in the widest dtype of
+    the model's, the region's and the specification's."""
     if method not in METHODS:
         raise SafetylabError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    layers = trace(model, region.input_shape)
+    layers = trace(model, check_region(region).input_shape)
     with torch.no_grad():
         if method == "ibp":
             return ibp(layers, region, spec)

@@ -22,10 +22,15 @@ with a wrong verdict.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import os
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from numbers import Real
@@ -39,13 +44,15 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.verify.bounds import METHODS, alpha_crown, crown, ibp
-from safetylab.verify.network import Layer, map_tensors, trace
-from safetylab.verify.regions import Region, check_spec
+from safetylab.verify.network import Layer, check_layers, map_tensors, trace
+from safetylab.verify.regions import Region, check_region, check_spec
 
 MIP_REL_GAP = 1e-6  # HiGHS stops when (best − bound) / |best| falls below this
 BOX_TOLERANCE = 1e-6  # how far outside the box a solver's input may lie before it is clipped back
 BOUND_METHODS = {"ibp": ibp, "crown": crown, "alpha-crown": alpha_crown}
 Affine = tuple[torch.Tensor, torch.Tensor]
+_LIBC = ctypes.CDLL(None) if os.name == "posix" else None  # C's stdio, to flush what the solver printed
+_STDOUT_LOCK = threading.Lock()  # one redirection at a time: two would restore each other's descriptor
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,8 @@ def _dense(segment: list[Layer], shape: tuple[int, ...], like: torch.Tensor) -> 
 def dense_layers(layers: list[Layer]) -> tuple[list[Affine], list[float]]:
     """The chain as ``f = A_L ∘ σ_L ∘ … ∘ σ_1 ∘ A_0``: the affine maps ``A_k = (W_k, b_k)`` between
     activations (``L + 1`` of them, on flattened vectors, in the layers' dtype) and the activations'
-    negative slopes ``s_k`` (``σ(z) = max(z, s z)``; 0 for ReLU)."""
-    like = _first_tensor(layers, torch.zeros((), dtype=torch.get_default_dtype()))
+    negative slopes ``s_k`` (``σ(z) = max(z, s z)``; 0 for ReLU); float64 when no layer holds a tensor."""
+    like = _first_tensor(layers, torch.zeros((), dtype=torch.float64))
     maps: list[Affine] = []
     slopes: list[float] = []
     segment: list[Layer] = []
@@ -218,14 +225,36 @@ def _encode(maps: list[Affine], slopes: list[float], pre_activation: list[tuple[
                     previous, weight.cpu().numpy(), bias.cpu().numpy(), region.input_shape)
 
 
+@contextmanager
+def _c_stdout_discarded() -> Iterator[None]:
+    """Discard what is written to file descriptor 1 meanwhile. HiGHS prints a developer line with C's
+    ``printf`` when it repairs a solution ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+    tmpSolver.run();"), whatever its options say (scipy's default ``disp=False`` silences its log), and
+    library code writes nothing to stdout. Python's buffer is flushed before and C's before the descriptor
+    is restored (C holds the line until it flushes), so what others write before or after keeps its place."""
+    with _STDOUT_LOCK:
+        sys.stdout.flush()
+        saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.close(null)
+        try:
+            yield
+        finally:
+            if _LIBC is not None:
+                _LIBC.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def _solve(program: _Program, c: np.ndarray, time_limit: float) -> Minimum:
     """Minimise ``c · f(x)`` over the program with HiGHS within ``time_limit`` seconds."""
     objective = np.zeros(len(program.integrality))
     objective[program.last] = c @ program.weight
     const = float(c @ program.bias)
     constraints = [program.constraints] if program.constraints.A.shape[0] else []
-    result = milp(objective, integrality=program.integrality, bounds=program.bounds, constraints=constraints,
-                  options={"time_limit": time_limit, "mip_rel_gap": MIP_REL_GAP})
+    with _c_stdout_discarded():
+        result = milp(objective, integrality=program.integrality, bounds=program.bounds, constraints=constraints,
+                      options={"time_limit": time_limit, "mip_rel_gap": MIP_REL_GAP})
     optimal, dual = result.status == 0, result.mip_dual_bound
     value = None if result.x is None else float(result.fun) + const
     if dual is not None and np.isfinite(dual):
@@ -244,23 +273,11 @@ def _check_time_limit(time_limit: object) -> float:
 
 
 def _check_region(region: object, input_shape: tuple[int, ...] | None = None) -> Region:
-    if not isinstance(region, Region):
-        raise SafetylabError(f"region must be a Region (box, linf_ball), got {type(region).__name__}")
+    region = check_region(region, input_shape)
     if region.center is not None:
         raise SafetylabError("exact verification supports boxes and L∞ balls, got a region with an L2 ball "
                              "(l2_ball); use linf_ball or box")
-    if input_shape is not None and region.input_shape != input_shape:
-        raise SafetylabError(f"region has input shape {region.input_shape} but the network takes {input_shape}")
     return region
-
-
-def _check_layers(layers: object) -> list[Layer]:
-    if not isinstance(layers, list) or not layers or not all(isinstance(layer, Layer) for layer in layers):
-        raise SafetylabError("layers must be a non-empty list of Layer (from safetylab.verify.network.trace)")
-    if len(layers[-1].out_shape) != 1:
-        raise SafetylabError(f"the network's output must be a vector of scores per example, "
-                             f"got shape {layers[-1].out_shape}")
-    return layers
 
 
 def _check_bounds(bounds: object) -> str:
@@ -279,14 +296,14 @@ def minimize_output(layers: list[Layer], region: Region, c: torch.Tensor, time_l
     """The exact minimum of ``c · f(x)`` over the box of a one-example ``region`` (``c``: ``(K,)`` over
     the network's outputs) and an input attaining it, by the MILP of Tjeng et al. 2019 with the
     activations' input intervals from ``bounds``. Negate ``c`` for the maximum."""
-    layers = _check_layers(layers)
+    layers = check_layers(layers)
     region = _check_region(region, layers[0].in_shape)
     time_limit, bounds = _check_time_limit(time_limit), _check_bounds(bounds)
     if region.batch != 1:
         raise SafetylabError(f"region must hold one example, got a batch of {region.batch}")
     outputs = layers[-1].out_shape[0]
-    if not isinstance(c, torch.Tensor) or c.shape != (outputs,):
-        raise SafetylabError(f"c must be a tensor of shape ({outputs},) (one weight per output), "
+    if not isinstance(c, torch.Tensor) or c.shape != (outputs,) or c.is_complex() or not torch.isfinite(c).all():
+        raise SafetylabError(f"c must be a tensor of shape ({outputs},) (one finite weight per output), "
                              f"got {tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__}")
     layers64, one = [_float64(layer) for layer in layers], _one(region, 0)
     with torch.no_grad():
@@ -313,10 +330,10 @@ def verify_exact(model_or_layers: nn.Module | list[Layer], region: Region, spec:
     time_limit, bounds = _check_time_limit(time_limit), _check_bounds(bounds)
     region = _check_region(region)
     if isinstance(model_or_layers, nn.Module):
-        layers = _check_layers(trace(model_or_layers, region.input_shape))
+        layers = check_layers(trace(model_or_layers, region.input_shape))
         network: Callable[[torch.Tensor], torch.Tensor] = model_or_layers
     else:
-        layers = _check_layers(model_or_layers)
+        layers = check_layers(model_or_layers)
         network = partial(_run, layers)
     _check_region(region, layers[0].in_shape)
     layers64 = [_float64(layer) for layer in layers]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from safetylab.core.errors import SafetylabError
+from safetylab.robust.checks import check_eval, model_device, model_dtype
 
 SUPPORTED = "Linear, Conv2d, ReLU, LeakyReLU, Flatten, BatchNorm1d/2d (eval), AvgPool2d, Dropout, Identity"
 
@@ -232,22 +233,23 @@ _IDENTITIES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 def trace(model: nn.Module, input_shape: tuple[int, ...], detach: bool = True) -> list[Layer]:
     """The model as a chain of :class:`Layer` for inputs of per-example shape ``input_shape``.
 
-    The model must be in eval mode (training-mode BatchNorm and Dropout are not fixed functions), a
-    chain (each operation takes the one before it as its only input) and built from supported layers;
-    anything else is refused with the layer's name. With ``detach=False`` the layers hold the module's
-    own tensors, so a loss on the bounds trains the parameters (certified training traces anew each
-    step)."""
-    if model.training:
-        raise SafetylabError("the model is in training mode: call model.eval() before verifying it "
-                             "(Dropout and BatchNorm must be fixed functions)")
+    The model and every submodule must be in eval mode (training-mode BatchNorm and Dropout are not fixed
+    functions), a chain (each operation takes the one before it as its only input) and built from
+    supported layers; anything else is refused with the layer's name, as is a layer that cannot take
+    inputs of ``input_shape``. The layers are in the model's dtype; a model without a floating-point
+    parameter or buffer is traced in float64, so that no constant (average pooling's ``1 / (kh · kw)``)
+    is rounded. With ``detach=False`` the layers hold the module's own tensors, so a loss on the bounds
+    trains the parameters (certified training traces anew each step)."""
+    if not isinstance(model, nn.Module):
+        raise SafetylabError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_eval(model, "model", "verifying it")
     try:
         graph = fx.symbolic_trace(model).graph
     except Exception as e:  # noqa: BLE001  (fx raises many types for untraceable code)
         raise SafetylabError(f"the model could not be traced as a chain of layers ({type(e).__name__}: {e}); "
                              f"write it as an nn.Sequential of: {SUPPORTED}") from None
     modules = dict(model.named_modules())
-    parameter = next(model.parameters(), torch.zeros(()))
-    probe = parameter.new_zeros(1, *input_shape)
+    probe = torch.zeros(1, *input_shape, dtype=model_dtype(model) or torch.float64, device=model_device(model))
     layers: list[Layer] = []
     previous = None
     with torch.no_grad():
@@ -261,7 +263,13 @@ def trace(model: nn.Module, input_shape: tuple[int, ...], detach: bool = True) -
                 op = _node_op(node, modules, probe)
                 if op is not None:
                     op = map_tensors(op, torch.Tensor.detach) if detach else op
-                    out = op.forward(probe)
+                    try:
+                        out = op.forward(probe)
+                    except RuntimeError as e:
+                        where = (f"layer {node.target!r} ({type(modules[node.target]).__name__})"
+                                 if node.op == "call_module" else f"operation {node.name!r}")
+                        raise SafetylabError(f"{where} cannot take inputs of shape {tuple(probe.shape[1:])} (the "
+                                             f"network's input has shape {tuple(input_shape)}): {e}") from None
                     layers.append(Layer(op, str(node.target), tuple(probe.shape[1:]), tuple(out.shape[1:]),
                                         _dense(op, probe[0].numel(), out[0].numel(), tuple(probe.shape[1:]))))
                     probe = out
@@ -280,9 +288,19 @@ def _dense(op: Op, n_in: int, n_out: int, in_shape: tuple[int, ...], limit: int 
     return (op.forward(basis) - op.forward(torch.zeros_like(basis[:1]))).reshape(n_in, n_out).T.contiguous()
 
 
+def check_layers(layers: object) -> list[Layer]:
+    """``layers`` must be a non-empty chain from :func:`trace` whose output is a vector of scores per example."""
+    if not isinstance(layers, list) or not layers or not all(isinstance(layer, Layer) for layer in layers):
+        raise SafetylabError("layers must be a non-empty list of Layer (from safetylab.verify.network.trace)")
+    if len(layers[-1].out_shape) != 1:
+        raise SafetylabError(f"the network's output must be a vector of scores per example, "
+                             f"got shape {layers[-1].out_shape}")
+    return layers
+
+
 def map_tensors(item, fn):
-    """A copy of a frozen dataclass (an operation, or a :class:`Layer` with its operation) with ``fn``
-    applied to each of its tensors: cut from autograd, or cast to another dtype."""
+    """A copy of a frozen dataclass (an operation, a :class:`Layer` with its operation, or a region) with
+    ``fn`` applied to each of its tensors: cut from autograd, or cast to another dtype."""
     fields = {k: fn(v) if isinstance(v, torch.Tensor) else map_tensors(v, fn) if k == "op" else v
               for k, v in vars(item).items()}
     return type(item)(**fields)

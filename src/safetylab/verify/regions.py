@@ -9,22 +9,55 @@ the true class and each other class.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 
 from safetylab.core.errors import SafetylabError
+from safetylab.robust.checks import check_labels
+
+
+def _check_batch(x: object, name: str) -> torch.Tensor:
+    """``x`` must be a floating-point tensor ``(batch, *input_shape)`` holding at least one example."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise SafetylabError(f"{name} must be a floating-point tensor (batch, *input_shape), got {got}")
+    if x.dim() < 2 or len(x) == 0:
+        raise SafetylabError(f"{name} must be a floating-point tensor (batch, *input_shape) with at least one "
+                             f"example, got shape {tuple(x.shape)}")
+    return x
 
 
 @dataclass(frozen=True)
 class Region:
     """Per example, the box ``[lower, upper]`` (``(B, *input_shape)`` each), intersected with the L2 ball
-    of ``radius`` around ``center`` when those are given."""
+    of ``radius`` around ``center`` when those are given. Checked when built: floating-point tensors of
+    one shape, dtype and device, finite, ``lower <= upper``."""
 
     lower: torch.Tensor
     upper: torch.Tensor
     center: torch.Tensor | None = None
     radius: float | None = None
+
+    def __post_init__(self) -> None:
+        lower = _check_batch(self.lower, "lower")
+        others = {"upper": self.upper} if self.center is None else {"upper": self.upper, "center": self.center}
+        for name, t in others.items():
+            if not (isinstance(t, torch.Tensor) and (t.shape, t.dtype, t.device) == (lower.shape, lower.dtype,
+                                                                                     lower.device)):
+                got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise SafetylabError(f"{name} must have lower's shape {tuple(lower.shape)} and dtype {lower.dtype} "
+                                     f"on {lower.device}, got {got}")
+        if (self.center is None) != (self.radius is None):
+            raise SafetylabError("center and radius come together (an L2 ball) or not at all, got only one")
+        if self.radius is not None and not (isinstance(self.radius, Real) and 0 <= self.radius < math.inf):
+            raise SafetylabError(f"radius must be a finite number >= 0, got {self.radius!r}")
+        if not all(torch.isfinite(t).all() for t in (lower, *others.values())):
+            raise SafetylabError(f"{', '.join(['lower', *others])} must hold finite numbers")
+        if (lower > self.upper).any():
+            raise SafetylabError("lower must be <= upper everywhere")
 
     @property
     def batch(self) -> int:
@@ -37,14 +70,16 @@ class Region:
 
 def box(lower: torch.Tensor, upper: torch.Tensor) -> Region:
     """The box ``[lower, upper]``, both ``(B, *input_shape)``, ``lower <= upper``."""
-    if lower.shape != upper.shape or lower.dim() < 2:
-        raise SafetylabError(f"box: lower and upper must have the same shape (batch, *input_shape), "
-                             f"got {tuple(lower.shape)} and {tuple(upper.shape)}")
-    if not (torch.isfinite(lower).all() and torch.isfinite(upper).all()):
-        raise SafetylabError("box: lower and upper must be finite")
-    if (lower > upper).any():
-        raise SafetylabError("box: lower must be <= upper everywhere")
     return Region(lower, upper)
+
+
+def check_region(region: object, input_shape: tuple[int, ...] | None = None) -> Region:
+    """``region`` must be a :class:`Region`, of inputs of the network's per-example ``input_shape`` when given."""
+    if not isinstance(region, Region):
+        raise SafetylabError(f"region must be a Region (box, linf_ball, l2_ball), got {type(region).__name__}")
+    if input_shape is not None and region.input_shape != tuple(input_shape):
+        raise SafetylabError(f"region holds inputs of shape {region.input_shape} but the network takes {input_shape}")
+    return region
 
 
 def _ball_box(x: torch.Tensor, eps: float, domain: tuple[float, float], norm: str) -> tuple[torch.Tensor, ...]:
@@ -53,8 +88,7 @@ def _ball_box(x: torch.Tensor, eps: float, domain: tuple[float, float], norm: st
     lo, hi = domain
     if not lo < hi:
         raise SafetylabError(f"domain must be (low, high) with low < high, got {domain}")
-    if x.dim() < 2:
-        raise SafetylabError(f"x must be a batch (batch, *input_shape), got shape {tuple(x.shape)}")
+    _check_batch(x, "x")
     if not torch.isfinite(x).all() or x.min() < lo or x.max() > hi:
         raise SafetylabError(f"x must lie in the input domain [{lo}, {hi}]: the region would lie outside it")
     return (x - eps).clamp(min=lo), (x + eps).clamp(max=hi)
@@ -91,11 +125,11 @@ def concretize(a: torch.Tensor, const: torch.Tensor, region: Region) -> torch.Te
 def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``C`` of shape ``(B, K − 1, K)`` whose rows are ``e_y − e_j`` for every class ``j ≠ y``: ``C f(x)``
     are the margins of the true class, and the prediction is certified when all are positive."""
-    if labels.dim() != 1 or labels.numel() == 0:
-        raise SafetylabError(f"labels must be a non-empty 1-D tensor of class indices, got shape {tuple(labels.shape)}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise SafetylabError(f"labels must lie in 0..{num_classes - 1}, "
-                             f"got {labels.min().item()}..{labels.max().item()}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, Integral) or num_classes < 2:
+        raise SafetylabError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    labels = check_labels(labels, num_classes, name="labels")
+    if len(labels) == 0:
+        raise SafetylabError("labels must be non-empty: one class index per example, got none")
     eye = torch.eye(num_classes, device=labels.device)
     others = ~torch.eye(num_classes, dtype=torch.bool, device=labels.device)[labels]  # (B, K)
     rows = eye[labels].unsqueeze(1) - eye.unsqueeze(0)  # (B, K, K): e_y − e_j for every j
@@ -103,12 +137,20 @@ def margin_spec(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def check_spec(spec: torch.Tensor | None, batch: int, outputs: int, like: torch.Tensor) -> torch.Tensor:
-    """The specification as ``(B, S, K)`` in ``like``'s dtype and device (the identity when None)."""
+    """The specification as ``(B, S, K)`` on ``like``'s device, in the wider of its dtype and ``like``'s (a
+    float64 specification is never rounded to float32); the identity in ``like``'s dtype when None."""
     if spec is None:
         return torch.eye(outputs, dtype=like.dtype, device=like.device).expand(batch, outputs, outputs)
+    if not isinstance(spec, torch.Tensor) or spec.is_complex():
+        got = spec.dtype if isinstance(spec, torch.Tensor) else type(spec).__name__
+        raise SafetylabError(f"spec must be a tensor (batch, rows, outputs) or (rows, outputs), got {got}")
     if spec.dim() == 2:
         spec = spec.expand(batch, *spec.shape)
     if spec.dim() != 3 or spec.shape[0] != batch or spec.shape[2] != outputs:
         raise SafetylabError(f"spec must have shape (batch={batch}, rows, outputs={outputs}) or (rows, {outputs}), "
                              f"got {tuple(spec.shape)}")
-    return spec.to(dtype=like.dtype, device=like.device)
+    if spec.shape[1] == 0:
+        raise SafetylabError(f"spec must have at least one row (a property to verify), got shape {tuple(spec.shape)}")
+    if not torch.isfinite(spec).all():
+        raise SafetylabError("spec must hold finite numbers")
+    return spec.to(dtype=torch.promote_types(spec.dtype, like.dtype), device=like.device)

@@ -24,7 +24,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import check_eval, check_labels, model_device, predict_logits
+from safetylab.robust.checks import check_eval, check_labels, model_device, model_dtype
 
 
 # ----------------------------------------------------------------------------- checks
@@ -74,10 +74,13 @@ class SmoothedClassifier:
     logits ``(N, K)``), with noise level ``sigma`` (Cohen, Rosenfeld & Kolter 2019).
 
     The noisy inputs x + ε are not clipped to any input range: the certificate is for the smoothed
-    classifier on all of R^d. Noise is drawn in batches of ``batch_size`` from ``generator`` (on its
-    device) when given, else from torch's global generator on the model's device; the same generator
-    seed gives the same answers. ``abstain`` (negative) is returned when the smoothed classifier cannot
-    decide at the requested confidence.
+    classifier on all of R^d. The noise is drawn and added in the wider of x's dtype and the model's, and
+    the noisy copies reach the model in its own dtype: that cast is part of the base classifier, for which
+    the certificate holds whatever it is (a float64 x is not rounded before the noise is added, nor is
+    float16 noise drawn for a float32 model). Noise is drawn in batches of ``batch_size`` from
+    ``generator`` (on its device) when given, else from torch's global generator on the model's device;
+    the same generator seed gives the same answers. ``abstain`` (negative) is returned when the smoothed
+    classifier cannot decide at the requested confidence.
     """
 
     def __init__(self, model: nn.Module, sigma: float, num_classes: int | None = None, batch_size: int = 1000,
@@ -113,6 +116,20 @@ class SmoothedClassifier:
             raise SafetylabError(f"num_classes is {self.num_classes} but the model returns {logits.shape[1]} logits")
         return logits
 
+    def _inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        """``x`` on the model's device in the dtype the noise is drawn and added in (the wider of its own and
+        the model's), and the dtype the model takes (its own; for a model without parameters, that one)."""
+        own = model_dtype(self.model)
+        x = x.to(model_device(self.model), torch.promote_types(x.dtype, own or torch.get_default_dtype()))
+        return x, own or x.dtype
+
+    @torch.no_grad()
+    def _count_classes(self, x: torch.Tensor) -> int:
+        """The number of classes: the width of the model's logits on the one input ``x`` itself."""
+        check_eval(self.model)
+        x, fed = self._inputs(x)
+        return self._logits(x.unsqueeze(0).to(fed), tuple(x.shape)).shape[1]
+
     @torch.no_grad()
     def sample_counts(self, x: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """How often the base model predicts each class on ``n`` noisy copies x + ε, ε ~ N(0, σ²I), of ONE
@@ -122,14 +139,13 @@ class SmoothedClassifier:
         if not isinstance(x, torch.Tensor) or x.numel() == 0 or not torch.isfinite(x).all():
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise SafetylabError(f"x must be one non-empty input tensor with finite values, got {got}")
-        device = model_device(self.model)
-        noise_device = generator.device if generator is not None else device
-        x = (x if x.is_floating_point() else x.float()).to(device)
+        x, fed = self._inputs(x)
+        noise_device = generator.device if generator is not None else x.device
         counts = None
         for start in range(0, n, self.batch_size):
             size = min(self.batch_size, n - start)
             noise = torch.randn((size, *x.shape), generator=generator, device=noise_device, dtype=x.dtype)
-            logits = self._logits(x + self.sigma * noise.to(device), tuple(x.shape))
+            logits = self._logits((x + self.sigma * noise.to(x.device)).to(fed), tuple(x.shape))
             batch_counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
             counts = batch_counts if counts is None else counts + batch_counts
         return counts.cpu()
@@ -168,7 +184,7 @@ class SmoothedClassifier:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise SafetylabError(f"x must be a batch of inputs (N, ...) with N >= 1, got {got}")
         if labels is not None:
-            classes = self.num_classes or predict_logits(self.model, x[:1]).shape[1]
+            classes = self.num_classes or self._count_classes(x[0])
             labels = check_labels(labels, classes, len(x), "labels")
         results = [self.certify(xi, n0, n, alpha, generator) for xi in x]
         prediction = torch.tensor([c for c, _ in results], dtype=torch.long)

@@ -17,6 +17,7 @@ The network is the digits MLP (64 → 64 → 64 → 8), small enough for exact v
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
 from safetylab.core.runs import RunDir
@@ -79,13 +81,28 @@ class VerifySuiteConfig:
     radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
     def __post_init__(self):
-        unknown = [name for name in self.trainings if name not in TRAININGS]
-        if unknown or not self.trainings:
-            raise SafetylabError(f"trainings must be some of {', '.join(TRAININGS)}, got {list(self.trainings)}")
+        require(len(self.trainings) > 0 and set(self.trainings) <= set(TRAININGS), "trainings",
+                f"one or more of {', '.join(TRAININGS)}", self.trainings)
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        for name in ("hidden", "examples", "attack_steps", "alpha_iterations", "smooth_epochs", "smooth_examples",
+                     "smooth_n0", "smooth_n"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("eps", "radii"):
+            require(_radii(getattr(self, name)), name, "one or more finite numbers >= 0", getattr(self, name))
+        require(_radii(self.sigmas) and min(self.sigmas) > 0, "sigmas", "one or more finite noise levels > 0",
+                self.sigmas)
+        require(0 <= self.bounds_eps < math.inf, "bounds_eps", "a finite number >= 0", self.bounds_eps)
+        require(0 < self.exact_time_limit < math.inf, "exact_time_limit", "a finite number of seconds > 0",
+                self.exact_time_limit)
+        require(0 < self.smooth_alpha < 1, "smooth_alpha", "a probability in (0, 1)", self.smooth_alpha)
 
     def training(self, name: str) -> RobustTrainConfig | CertifiedTrainConfig:
         """The config that trains the network ``name``."""
         return {"standard": self.standard, "pgd": self.pgd, "ibp": self.ibp, "crown-ibp": self.crown_ibp}[name]
+
+
+def _radii(values: tuple[float, ...]) -> bool:
+    return len(values) > 0 and all(0 <= v < math.inf for v in values)
 
 
 QUICK = VerifySuiteConfig(

@@ -17,12 +17,14 @@ The schedule is per optimizer step (:func:`schedule`), :func:`train_certified` i
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
@@ -63,18 +65,17 @@ class CertifiedTrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise SafetylabError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        check_eps(self.eps)
-        if self.epochs < 1 or self.batch_size < 1:
-            raise SafetylabError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if self.warmup_epochs < 0 or self.ramp_epochs < 0:
-            raise SafetylabError(f"warmup_epochs and ramp_epochs must be >= 0, "
-                                 f"got {self.warmup_epochs} and {self.ramp_epochs}")
-        if not self.lr > 0 or not self.eps_train_factor > 0:
-            raise SafetylabError(f"lr and eps_train_factor must be > 0, got {self.lr} and {self.eps_train_factor}")
-        if not 0 <= self.kappa_end <= 1:
-            raise SafetylabError(f"kappa_end must be in [0, 1] (the clean loss's final weight), got {self.kappa_end}")
+        require_choice(self.method, "method", METHODS)
+        require(0 <= self.eps < math.inf, "eps", "a finite number >= 0 (the radius)", self.eps)
+        for name in ("epochs", "batch_size"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("warmup_epochs", "ramp_epochs"):
+            require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+        for name in ("lr", "eps_train_factor"):
+            require(0 < getattr(self, name) < math.inf, name, "a finite number > 0", getattr(self, name))
+        require(0 <= self.kappa_end <= 1, "kappa_end", "a number in [0, 1] (the clean loss's final weight)",
+                self.kappa_end)
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
 
 
 def schedule(config: CertifiedTrainConfig, step: int, steps_per_epoch: int) -> tuple[float, float, float]:
