@@ -8,7 +8,6 @@ commands need (a model, a reward model) do not exist: a bad value must be report
 from __future__ import annotations
 
 import pytest
-
 from test_cli import run_main
 
 MODEL = ["--base", "no-model"]
@@ -82,6 +81,36 @@ TABLE = [
     ("agents suite", ["--env", "Pong"], "environment must be one of"),
     ("agents suite", ["--episodes", "0"], "--episodes: expected an integer >= 1"),
     ("agents suite", ["--seeds", ","], "--seeds: expected at least one seed"),
+    # robustness
+    ("robust train", ["--method", "fgsm"], "--method: expected one of standard, pgd, trades, noise, got 'fgsm'"),
+    ("robust train", ["--eps", "-0.1"], "--eps: expected a finite number >= 0"),
+    ("robust train", ["--epochs", "0"], "--epochs: expected an integer >= 1"),
+    ("robust train", ["--arch", "vit"], "--arch: expected one of cnn, mlp, got 'vit'"),
+    ("robust train", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    ("robust attack", ["--eps", "0,-0.1"], "--eps: expected one or more finite radii >= 0"),
+    ("robust attack", ["--eps", "nan"], "--eps: expected one or more finite radii >= 0"),
+    ("robust attack", ["--eps", "a"], "--eps: expected comma-separated numbers"),
+    ("robust attack", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),
+    ("robust attack", ["--queries", "0"], "--queries: expected an integer >= 1, got 0"),
+    ("robust calibrate", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    ("robust ood", ["--model", "no/such/run"], "not a saved classifier"),
+    ("robust shift", ["--seed", "-2"], "--seed: expected an integer >= 0"),
+    ("robust report", ["--model", "no/such/run"], "not a saved classifier"),
+    # verification
+    ("verify train", ["--method", "fgsm"], "--method: expected one of standard, pgd, trades, noise, ibp, crown-ibp"),
+    ("verify train", ["--eps", "-1"], "--eps: expected a finite number >= 0"),
+    ("verify train", ["--method", "noise", "--sigma", "0"], "--sigma: expected a finite number > 0"),
+    ("verify train", ["--epochs", "0"], "--epochs: expected an integer >= 1"),
+    ("verify train", ["--hidden", "0"], "--hidden: expected an integer >= 1"),
+    ("verify bounds", ["--eps", "-0.02"], "--eps: expected a finite number >= 0"),
+    ("verify bounds", ["--model", "no/such/run"], "not a saved classifier"),
+    ("verify certify", ["--eps", "0,x"], "--eps: expected comma-separated numbers"),
+    ("verify certify", ["--eps", "-0.1"], "--eps: expected one or more finite numbers >= 0"),
+    ("verify certify", ["--time-limit", "0"], "--time-limit: expected a finite number of seconds > 0"),
+    ("verify smooth", ["--sigma", "0"], "--sigma: expected one or more finite noise levels > 0"),
+    ("verify smooth", ["--sigma", ""], "--sigma: expected one or more finite numbers >= 0"),
+    ("verify smooth", ["--samples", "0"], "--samples: expected an integer >= 1"),
+    ("verify report", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     # values of the wrong type, caught by the command line itself
     ("train dpo", [*MODEL, "--steps", "abc"], "Invalid value for '--steps'"),
     ("world sample", ["--bogus", "1"], "No such option: --bogus"),

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from safetylab.cli_study import numbers, run_study
+from safetylab.cli_study import numbers, options, run_study
 
 robust_app = typer.Typer(help="Robustness of a classifier on the built-in digits: attacks, adversarial training, "
                               "calibration, OOD detection, distribution shift, abstention.", no_args_is_help=True)
@@ -30,7 +30,8 @@ def _run(out: Path, seed: int, sections: tuple[str, ...], model: Path | None = N
          **changes) -> None:
     from safetylab.robust import suite
 
-    run_study(suite, out, seed, sections, model, quick, **changes)
+    names = {"eps": "--eps", "attack_steps": "--steps", "square_queries": "--queries"}
+    run_study(suite, out, seed, sections, model, quick, names, **changes)
 
 
 @robust_app.command("train")
@@ -43,12 +44,15 @@ def train(
     seed: Seed = 0,
 ) -> None:
     """Train a digits classifier (standard, PGD or TRADES) and report its clean test accuracy."""
+    from safetylab.core.config import require_choice
     from safetylab.core.runs import RunDir
-    from safetylab.robust.data import load_digits
+    from safetylab.robust.data import ARCHS, load_digits
     from safetylab.robust.suite import accuracy, train_or_load
     from safetylab.robust.training import RobustTrainConfig
 
-    config = RobustTrainConfig(method=method, eps=eps, epochs=epochs, seed=seed)
+    with options("method", "eps", "epochs", "arch", "seed"):
+        config = RobustTrainConfig(method=method, eps=eps, epochs=epochs, seed=seed)
+        require_choice(arch, "arch", ARCHS)
     run = RunDir(out, {"arch": arch, **asdict(config)})
     digits = load_digits(seed)
     model = train_or_load(config, arch, digits, run.path, run=run)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from safetylab.cli_study import numbers, run_study
+from safetylab.cli_study import numbers, options, run_study
 
 verify_app = typer.Typer(help="Verification of a classifier on the built-in digits: IBP, CROWN, α-CROWN and exact "
                               "bounds, randomized smoothing, certified training.", no_args_is_help=True)
@@ -29,7 +29,9 @@ def _run(out: Path, seed: int, sections: tuple[str, ...], model: Path | None = N
          **changes) -> None:
     from safetylab.verify import suite
 
-    run_study(suite, out, seed, sections, model, quick, **changes)
+    names = {"eps": "--eps", "bounds_eps": "--eps", "exact_time_limit": "--time-limit", "sigmas": "--sigma",
+             "smooth_n": "--samples"}
+    run_study(suite, out, seed, sections, model, quick, names, **changes)
 
 
 @verify_app.command("train")
@@ -44,20 +46,26 @@ def train(
 ) -> None:
     """Train a digits MLP, plainly, adversarially, certifiably (IBP, CROWN-IBP) or under Gaussian noise, and
     report its clean and IBP/CROWN-certified test accuracy at ``--eps``."""
+    from safetylab.core.config import require_choice
     from safetylab.core.runs import RunDir
     from safetylab.robust.data import load_digits
     from safetylab.robust.suite import accuracy
+    from safetylab.robust.training import METHODS as ROBUST_METHODS
     from safetylab.robust.training import RobustTrainConfig
     from safetylab.verify.suite import VerifySuiteConfig, train_or_load
+    from safetylab.verify.training import METHODS as CERTIFIED_METHODS
     from safetylab.verify.training import CertifiedTrainConfig, certified_accuracy
 
-    if method in ("ibp", "crown-ibp"):
-        config = CertifiedTrainConfig(method=method, eps=eps, epochs=epochs, ramp_epochs=epochs // 2, seed=seed)
-    else:
-        config = RobustTrainConfig(method=method, eps=eps, sigma=sigma, epochs=epochs, seed=seed)
+    with options("method", "eps", "sigma", "epochs", "hidden", "seed"):
+        require_choice(method, "method", (*ROBUST_METHODS, *CERTIFIED_METHODS))
+        if method in CERTIFIED_METHODS:
+            config = CertifiedTrainConfig(method=method, eps=eps, epochs=epochs, ramp_epochs=epochs // 2, seed=seed)
+        else:
+            config = RobustTrainConfig(method=method, eps=eps, sigma=sigma, epochs=epochs, seed=seed)
+        study = VerifySuiteConfig(seed=seed, hidden=hidden)
     run = RunDir(out, {"hidden": hidden, **asdict(config)})
     digits = load_digits(seed)
-    model = train_or_load(method, config, VerifySuiteConfig(seed=seed, hidden=hidden), digits, run.path)
+    model = train_or_load(method, config, study, digits, run.path)
     x, y = digits.x_test, digits.y_test
     print(f"clean test accuracy {accuracy(model, x, y):.4f}; certified at eps {eps:g}: "
           f"IBP {certified_accuracy(model, x, y, eps, 'ibp'):.4f}, "
