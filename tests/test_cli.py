@@ -308,3 +308,14 @@ def test_reinforcement_learning_commands(tmp_path, tok, command, options):
     metrics = [json.loads(line) for line in (tmp_path / command / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0 and "gold/utility" in metrics[0]  # the gold tracker's starting point
     assert metrics[-1]["step"] == 4 and "objective/kl" in metrics[-1]
+
+
+def test_an_interrupted_command_says_how_to_resume(monkeypatch, capsys):
+    from safetylab.world import World
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(World, "sample", interrupted)
+    code, _, err = run_main(monkeypatch, capsys, "world", "sample", "--n", "3")
+    assert code == 130 and "interrupted: finished checkpoints and stages are kept" in err
