@@ -55,6 +55,7 @@ class TrainConfig:
         require(self.checkpoint_every % self.log_every == 0, "checkpoint_every",
                 f"a multiple of log_every ({self.log_every}), so that a resumed run logs the same windows",
                 self.checkpoint_every)
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
 
 
