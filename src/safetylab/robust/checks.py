@@ -64,6 +64,13 @@ def check_fraction(value: float, name: str) -> float:
 
 
 # ----------------------------------------------------------------------------- tensors
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite: one float64 sum, non-finite if any value is NaN or ±∞ (a
+    fifth of the time of the elementwise check, which runs only when the sum is not finite: a sum of
+    huge finite float64 values can overflow)."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float64))) or bool(torch.isfinite(t).all())
+
+
 def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The dtype the model computes in: that of its first floating-point parameter (or buffer); None for
     a model that holds neither."""
@@ -93,25 +100,35 @@ def check_inputs(model: nn.Module, x: object, name: str = "x") -> torch.Tensor:
     if dtype is not None and x.dtype != dtype:
         raise SafetylabError(f"{name} is {x.dtype} but the model computes in {dtype}: convert one to the other "
                              f"({name}.to({dtype}) or model.to({x.dtype}))")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise SafetylabError(f"{name} holds NaN or infinite values")
     return x
+
+
+@contextmanager
+def model_takes(x: torch.Tensor, name: str = "x") -> Iterator[None]:
+    """Run the model on the batch ``x`` inside: an error it raises on the way (a layer that cannot take the
+    inputs' shape) becomes one that names the shape, most often a single input without its batch
+    dimension, rather than a shape error from deep inside the model. Running out of memory is no shape
+    error and passes through."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as e:
+        raise SafetylabError(f"the model cannot take {name} of shape {tuple(x.shape)} as a batch of {len(x)} "
+                             f"inputs of shape {tuple(x.shape[1:])} ({type(e).__name__}: {e}); a single input "
+                             f"needs its batch dimension: {name}.unsqueeze(0)") from e
 
 
 def probe(model: nn.Module, x: object, name: str = "x",
           forward: Callable[[torch.Tensor], object] | None = None) -> object:
     """Check ``x`` with :func:`check_inputs`, then return ``forward(x[:1])`` (the model by default), run
-    once in eval mode without gradients on the model's device. A model that cannot take inputs shaped
-    like ``x`` fails here with the shape named (most often a single input without its batch dimension)
-    rather than with a shape error from deep inside it."""
+    once in eval mode without gradients on the model's device (:func:`model_takes`): for callers that
+    need the model's output before their own pass (the number of classes, to check labels)."""
     x = check_inputs(model, x, name)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            return (forward or model)(x[:1].to(model_device(model)))
-    except (RuntimeError, ValueError, IndexError) as e:
-        raise SafetylabError(f"the model cannot take {name} of shape {tuple(x.shape)} as a batch of {len(x)} "
-                             f"inputs of shape {tuple(x.shape[1:])} ({type(e).__name__}: {e}); a single input "
-                             f"needs its batch dimension: {name}.unsqueeze(0)") from e
+    with model_takes(x, name), torch.no_grad(), eval_mode(model):
+        return (forward or model)(x[:1].to(model_device(model)))
 
 
 def classes_of(model: nn.Module, x: object, name: str = "x") -> int:
@@ -133,9 +150,9 @@ def check_range(x: torch.Tensor, bounds: Bounds = (0.0, 1.0), name: str = "x") -
     lo, hi = bounds
     if x.numel() == 0:
         raise SafetylabError(f"{name} is empty: expected a batch of at least one input")
-    if not torch.isfinite(x).all():
+    if not all_finite(x):
         raise SafetylabError(f"{name} holds NaN or infinite values")
-    x_min, x_max = x.min().item(), x.max().item()
+    x_min, x_max = (v.item() for v in torch.aminmax(x))
     if x_min < lo or x_max > hi:
         raise SafetylabError(f"{name} must lie in [{lo}, {hi}] (the input range; normalise inside the model), "
                              f"got values in [{x_min:.4g}, {x_max:.4g}]")
@@ -183,12 +200,12 @@ def check_eval(model: nn.Module, name: str = "model", task: str = "evaluating it
     """The deployed model, fixed: raise if the model or any submodule is in training mode (a Dropout or
     BatchNorm left in training mode inside an eval-mode model changes its outputs too). The one check
     that evaluation, attacks, detectors and verification share; ``task`` completes the error message."""
+    if not any(m.training for m in model.modules()):  # the common case, without building names
+        return model
     training = [f"{name}.{path}" if path else name for path, m in model.named_modules() if m.training]
-    if training:
-        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
-        raise SafetylabError(f"{name} is in training mode ({shown}): call {name}.eval() before {task} "
-                             "(dropout and batch-norm statistics would change its outputs)")
-    return model
+    shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+    raise SafetylabError(f"{name} is in training mode ({shown}): call {name}.eval() before {task} "
+                         "(dropout and batch-norm statistics would change its outputs)")
 
 
 @contextmanager
@@ -263,11 +280,13 @@ def gather(data: Data, name: str = "data") -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Logits of an evaluation-mode model on the batch ``x`` (:func:`probe`), ``batch_size`` inputs at a time
-    on the model's device, returned on CPU in float32, or float64 for a float64 model (:func:`as_float`)."""
+    """Logits of an evaluation-mode model on the batch ``x`` (:func:`check_inputs`, :func:`model_takes`),
+    ``batch_size`` inputs at a time on the model's device, returned on CPU in float32, or float64 for a
+    float64 model (:func:`as_float`)."""
     check_eval(model)
     batch_size = check_count(batch_size, "batch_size")
-    probe(model, x)
+    check_inputs(model, x)
     device = model_device(model)
-    out = [as_float(logits_of(model, x[i:i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
+    with model_takes(x):
+        out = [as_float(logits_of(model, x[i:i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out)

@@ -29,18 +29,19 @@ from safetylab.core.errors import SafetylabError
 from safetylab.robust.checks import (
     Bounds,
     Data,
+    all_finite,
     as_float,
     batches,
     check_count,
     check_eps,
     check_eval,
+    check_inputs,
     check_logits,
     check_positive,
     check_range,
-    classes_of,
     logits_of,
     model_device,
-    probe,
+    model_takes,
 )
 from safetylab.robust.uncertainty import ensemble_probs, mc_dropout_probs, uncertainty_split
 
@@ -203,24 +204,21 @@ class Detector:
         """Anomaly scores (N,) of the inputs ``x``, on CPU; higher = more anomalous."""
         self._check_fitted()
         check_eval(self.model)
-        self._check_inputs(x)
+        check_inputs(self.model, x)
         device = model_device(self.model)
-        scores = [as_float(self._score_batch(x[i:i + self.batch_size].to(device))).cpu()
-                  for i in range(0, len(x), self.batch_size)]
+        with model_takes(x):
+            scores = [as_float(self._score_batch(x[i:i + self.batch_size].to(device))).cpu()
+                      for i in range(0, len(x), self.batch_size)]
         return scores[0] if len(scores) == 1 else torch.cat(scores)
 
     def score_features(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _check_inputs(self, x: torch.Tensor, name: str = "x") -> None:
-        """``x`` must be a batch the model takes and turns into logits (:func:`~safetylab.robust.checks.probe`)."""
-        classes_of(self.model, x, name)
-
     @staticmethod
     def _logits(z: torch.Tensor) -> torch.Tensor:
         """``z`` checked to be finite logits (N, classes >= 2), in float32 or float64 (:func:`as_float`)."""
         z = check_logits(z, name="z")
-        if not torch.isfinite(z).all():
+        if not all_finite(z):
             raise SafetylabError("z holds NaN or infinite logits")
         return as_float(z)
 
@@ -299,18 +297,14 @@ class _FeatureDetector(Detector):
         device = model_device(self.model)
         zs, ys = [], []
         for x, y in batches(data, self.batch_size):
-            self._check_inputs(x, "data inputs")
-            with torch.inference_mode():
+            check_inputs(self.model, x, "data inputs")
+            with model_takes(x, "data inputs"), torch.inference_mode():
                 zs.append(as_float(self._features(x.to(device))))
             ys.append(y.to(device))
         return self.fit_features(torch.cat(zs), torch.cat(ys))
 
     def fit_features(self, z: torch.Tensor, y: torch.Tensor | None = None) -> _FeatureDetector:
         raise NotImplementedError
-
-    def _check_inputs(self, x: torch.Tensor, name: str = "x") -> None:
-        """``x`` must be a batch the model (or ``features``) takes (:func:`~safetylab.robust.checks.probe`)."""
-        probe(self.model, x, name, self._features)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if self.features is None:
