@@ -51,11 +51,6 @@ class PackedBatch:
                 "position_ids": self.position_ids, "use_cache": False}
 
 
-def check_layout(layout: str) -> None:
-    if layout not in LAYOUTS:
-        raise SafetylabError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-
-
 def first_fit(sizes: list[int], width: int) -> list[list[int]]:
     """Bins of total size ≤ ``width``, largest items first (first-fit decreasing); each bin lists the
     indices of its items."""
