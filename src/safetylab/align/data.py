@@ -15,7 +15,7 @@ from typing import Any
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import read_jsonl
-from safetylab.models.logprobs import Template, encode_pairs
+from safetylab.models.logprobs import Batch, Template, conversation_ids, pack_pairs
 from safetylab.world.world import chat
 
 
@@ -74,9 +74,27 @@ def read_preferences(path: str | os.PathLike) -> Preferences:
     return preferences_from_records(read_jsonl(path), where=str(path))
 
 
-def encode_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
-                       max_length: int | None = None):
+PairIds = tuple[list[int], list[int], list[int]]  # a preference's prompt, chosen and rejected token ids
+
+
+def tokenize_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
+                         max_length: int | None = None) -> list[PairIds]:
+    """Each row's prompt, chosen and rejected token ids (responses with eos, cut to ``max_length``), as
+    :func:`~safetylab.models.logprobs.encode_pairs` encodes a conversation: tokenized once, before training."""
+    out = []
+    for row in rows:
+        prompt, (chosen, rejected) = conversation_ids(tokenizer, row.prompt, [row.chosen, row.rejected], template,
+                                                      max_length)
+        out.append((prompt, chosen, rejected))
+    return out
+
+
+def preference_batch(pairs: Sequence[PairIds], pad: int) -> Batch:
     """Chosen rows then rejected rows of one batch, so a single forward pass scores both."""
-    prompts = [r.prompt for r in rows] * 2
-    responses = [r.chosen for r in rows] + [r.rejected for r in rows]
-    return encode_pairs(tokenizer, prompts, responses, template, max_length)
+    return pack_pairs([p for p, _, _ in pairs] * 2, [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad)
+
+
+def encode_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
+                       max_length: int | None = None) -> Batch:
+    """Chosen rows then rejected rows of one batch, so a single forward pass scores both."""
+    return preference_batch(tokenize_preferences(tokenizer, rows, template, max_length), tokenizer.pad_token_id)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safetylab.align.data import Preference, encode_preferences
+from safetylab.align.data import PairIds, Preference, encode_preferences, preference_batch, tokenize_preferences
 from safetylab.align.losses import (
     PreferenceLoss,
     dpo_loss,
@@ -28,7 +28,7 @@ from safetylab.align.losses import (
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
-from safetylab.models.logprobs import Template, batch_logprobs
+from safetylab.models.logprobs import Batch, Template, batch_logprobs
 from safetylab.models.packing import LAYOUTS
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
@@ -113,7 +113,11 @@ def sequence_logps(model, tokenizer, rows: Sequence[Preference], template: Templ
     """Sum of log-probs of each chosen and rejected response, in one forward pass over both; with the
     ``"shared-prompt"`` or ``"packed"`` layout each pair's prompt is computed once for both."""
     device = device or next(model.parameters()).device
-    batch = encode_preferences(tokenizer, rows, template, max_length).to(device)
+    return batch_sequence_logps(model, encode_preferences(tokenizer, rows, template, max_length).to(device), layout)
+
+
+def batch_sequence_logps(model, batch: Batch, layout: str = "packed") -> SequenceLogps:
+    """:func:`sequence_logps` of a batch already encoded (:func:`~safetylab.align.data.preference_batch`)."""
     logps, mask = batch_logprobs(model, batch, layout)
     sums, lengths = logps.sum(-1), mask.sum(-1)
     return SequenceLogps(*sums.chunk(2), *lengths.chunk(2))
@@ -121,10 +125,14 @@ def sequence_logps(model, tokenizer, rows: Sequence[Preference], template: Templ
 
 @torch.no_grad()
 def reference_logps(reference, tokenizer, rows: Sequence[Preference], template: Template = chat,
-                    max_length: int | None = None, batch_size: int = 64, layout: str = "packed") -> SequenceLogps:
-    """:func:`sequence_logps` of every row under the frozen reference, computed once."""
-    parts = [sequence_logps(reference, tokenizer, rows[i:i + batch_size], template, max_length, layout=layout)
-             for i in range(0, len(rows), batch_size)]
+                    max_length: int | None = None, batch_size: int = 64, layout: str = "packed",
+                    pairs: Sequence[PairIds] | None = None) -> SequenceLogps:
+    """:func:`sequence_logps` of every row under the frozen reference, computed once (from ``pairs``, the
+    rows' token ids, where the caller has them: :func:`~safetylab.align.data.tokenize_preferences`)."""
+    pairs = pairs if pairs is not None else tokenize_preferences(tokenizer, rows, template, max_length)
+    device = next(reference.parameters()).device
+    parts = [batch_sequence_logps(reference, preference_batch(pairs[i:i + batch_size], tokenizer.pad_token_id)
+                                  .to(device), layout) for i in range(0, len(pairs), batch_size)]
     return SequenceLogps(*(torch.cat([getattr(p, f) for p in parts]).cpu()
                            for f in ("chosen", "rejected", "chosen_lengths", "rejected_lengths")))
 
@@ -132,17 +140,17 @@ def reference_logps(reference, tokenizer, rows: Sequence[Preference], template: 
 def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, run: RunDir, reference=None,
               template: Template = chat, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` on ``rows`` with ``config.loss``; ``reference`` is needed except for
-    reference-free losses (SimPO). Returns the trained policy."""
-    max_length = config.train.max_length
-    ref = None
-    if config.loss not in REFERENCE_FREE:
-        if reference is None:
-            raise SafetylabError(f"loss {config.loss!r} needs a reference model")
-        ref = reference_logps(reference, tokenizer, rows, template, max_length, layout=config.layout)
+    reference-free losses (SimPO). Returns the trained policy. Rows are tokenized once, before the first
+    step; each step only lays them out."""
+    if config.loss not in REFERENCE_FREE and reference is None:
+        raise SafetylabError(f"loss {config.loss!r} needs a reference model")
+    pairs = tokenize_preferences(tokenizer, rows, template, config.train.max_length)
+    ref = None if reference is None or config.loss in REFERENCE_FREE else reference_logps(
+        reference, tokenizer, rows, template, layout=config.layout, pairs=pairs)
 
     def step_loss(model, step: Step):
-        local = [rows[i] for i in step.local]
-        logps = sequence_logps(model, tokenizer, local, template, max_length, step.device, config.layout)
+        batch = preference_batch([pairs[i] for i in step.local], tokenizer.pad_token_id).to(step.device)
+        logps = batch_sequence_logps(model, batch, config.layout)
         index = torch.tensor(step.local)
         ref_logps = logps if ref is None else SequenceLogps(
             *(getattr(ref, f)[index].to(step.device) for f in ("chosen", "rejected", "chosen_lengths",

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel
 
 from safetylab.align.best_of_n import RewardFn
@@ -36,8 +35,8 @@ from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir, saved_inside
 from safetylab.core.seeding import seed_everything
-from safetylab.models.logprobs import Batch, Template, encode_pairs
-from safetylab.models.packing import pack_batch
+from safetylab.models.logprobs import Batch, Template, encode_pairs, pack_pairs
+from safetylab.models.packing import LAYOUTS, pack_batch
 from safetylab.models.sampling import Samples
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.world import chat
@@ -86,9 +85,15 @@ class RewardModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1.0 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(_POOLS[self.pooling](hidden, attention_mask)).squeeze(-1).float()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards of the rows of a padded batch, pooled as ``pooling`` says; or, given the ``position_ids``,
+        4D ``attention_mask`` and ``last`` flat indices of a packed layout (:func:`batch_rewards`), of the
+        sequences whose last tokens sit there."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state
+        pooled = _POOLS[self.pooling](hidden, attention_mask) if last is None else hidden.flatten(0, 1)[last]
+        return self.head(pooled).squeeze(-1).float()
 
     @torch.no_grad()
     def score_tokens(self, batch: Batch, layout: str = "packed") -> torch.Tensor:
@@ -98,11 +103,19 @@ class RewardModel(nn.Module):
         last token where :func:`score` would append one. With last-token pooling and a
         ``"shared-prompt"`` or ``"packed"`` layout (:mod:`safetylab.models.packing`), each prompt is
         computed once for all its responses."""
-        if layout == "padded" or self.pooling != "last":
-            return self(batch.input_ids, batch.attention_mask)
-        packed = pack_batch(batch, layout)
-        hidden = self.backbone(**packed.model_inputs()).last_hidden_state
-        return self.head(hidden.flatten(0, 1)[packed.last]).squeeze(-1).float()
+        return batch_rewards(self, batch, layout if self.pooling == "last" else "padded")
+
+
+def batch_rewards(model: nn.Module, batch: Batch, layout: str = "packed") -> torch.Tensor:
+    """The rewards of a batch of ``prompt + response`` rows (one per sequence) from ``model``, a
+    :class:`RewardModel` or its distributed wrapper. In a ``"shared-prompt"`` or ``"packed"`` layout
+    (:func:`~safetylab.models.packing.pack_batch`), rows that share a prompt compute it once, and each
+    sequence is read at its last token: for a causal backbone with last-token pooling only (the layout's
+    mask is causal), where it gives the padded batch's rewards up to float rounding."""
+    if layout == "padded":
+        return model(batch.input_ids, batch.attention_mask)
+    packed = pack_batch(batch, layout)
+    return model(packed.input_ids, packed.attention_mask, packed.position_ids, packed.last)
 
 
 Reward = RewardFn | RewardModel  # scored through text, or on the policy's token ids
@@ -137,6 +150,9 @@ class RewardConfig:
     pooling: str = "auto"  # auto: "mean" for text-pair (encoder) tokenizers, else "last"; see resolve_pooling
     members: int = 1  # an ensemble of this many reward models, seeds seed, seed+1, …
     disable_dropout: bool = True  # train in eval mode, as the model will score (TRL's default)
+    # a causal LM with last-token pooling reads each pair's prompt once, chosen and rejected after it
+    # (safetylab.models.packing); other backbones and poolings run padded rows
+    layout: str = "packed"
 
     def __post_init__(self):
         require(self.margin >= 0 and math.isfinite(self.margin), "margin", "a finite number >= 0", self.margin)
@@ -144,6 +160,7 @@ class RewardConfig:
                 self.center_coef)
         require_choice(self.pooling, "pooling", ("auto", *POOLINGS))
         require(self.members >= 1, "members", "an integer >= 1", self.members)
+        require_choice(self.layout, "layout", LAYOUTS)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -328,7 +345,9 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
     Rows are cut to ``config.train.max_length`` tokens or the backbone's context
     (:func:`reward_context`), whichever is smaller, on the response side; a prompt that leaves no
     room for a response is an error naming its row, raised before training starts. Rows are
-    tokenized once, before the first step; each step only pads."""
+    tokenized once, before the first step; each step only lays them out: with ``config.layout``
+    ``"packed"`` (a causal backbone with last-token pooling) each pair's prompt is computed once, its
+    chosen and rejected responses after it (:func:`batch_rewards`); else in padded rows."""
     context = reward_context(model, tokenizer)
     max_length = min(config.train.max_length, context) if context else config.train.max_length
     for number, row in enumerate(rows, start=1):
@@ -339,18 +358,20 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
             raise SafetylabError(f"preference {number}: the prompt has {length} tokens, more than the "
                                  f"{max_length - 1} that leave room for a response ({limits})")
 
-    sequences = []  # each row's (chosen, rejected) token ids, tokenized once, unpadded
+    causal = model.pooling == "last" and reward_encoding(tokenizer) == "eos"
+    layout = config.layout if causal else "padded"
+    sequences = []  # each row's chosen and rejected (prompt ids, response ids), tokenized once, unpadded
     for number, row in enumerate(rows, start=1):
         pair = encode_rewards(tokenizer, [row.prompt] * 2, [row.chosen, row.rejected], template, max_length,
                               first=number, what="preference")
-        sequences.append([ids[mask.bool()] for ids, mask in zip(pair.input_ids, pair.attention_mask)])
+        sequences.append([_split(ids[keep.bool()], response[keep.bool()])
+                          for ids, keep, response in zip(pair.input_ids, pair.attention_mask, pair.response_mask)])
 
     def step_loss(model, step: Step):
-        # chosen rows then rejected rows, right-padded: one forward pass scores both
-        ids = [sequences[i][0] for i in step.local] + [sequences[i][1] for i in step.local]
-        input_ids = pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_token_id).to(step.device)
-        attention = pad_sequence([torch.ones_like(x) for x in ids], batch_first=True).to(step.device)
-        rewards = model(input_ids, attention)
+        # chosen rows then rejected rows: one forward pass scores both
+        pairs = [sequences[i][0] for i in step.local] + [sequences[i][1] for i in step.local]
+        batch = pack_pairs(*zip(*pairs), tokenizer.pad_token_id).to(step.device)
+        rewards = batch_rewards(model, batch, layout)
         chosen, rejected = rewards.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, margin=config.margin or None, center_coef=config.center_coef)
         diff = (chosen - rejected).detach()
@@ -358,6 +379,12 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
 
     return train_loop(model, len(rows), step_loss, config.train, run, "reward model",
                       disable_dropout=config.disable_dropout)
+
+
+def _split(ids: torch.Tensor, response: torch.Tensor) -> tuple[list[int], list[int]]:
+    """A row's token ids as (prompt, response): before and from its first response token."""
+    start = int(response.argmax())
+    return ids[:start].tolist(), ids[start:].tolist()
 
 
 @torch.no_grad()

@@ -38,17 +38,21 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], te
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    prompt_ids, response_ids = [], []
-    for prompt, response in zip(prompts, responses):
-        p = tokenizer(template(prompt))["input_ids"]
-        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if max_length is not None:
-            if len(p) >= max_length:
-                raise ValueError(f"prompt of {len(p)} tokens does not fit max_length={max_length}: {prompt!r}")
-            r = r[: max_length - len(p)]
-        prompt_ids.append(p)
-        response_ids.append(r)
-    return pack_pairs(prompt_ids, response_ids, tokenizer.pad_token_id)
+    pairs = [conversation_ids(tokenizer, prompt, [response], template, max_length)
+             for prompt, response in zip(prompts, responses)]
+    return pack_pairs([p for p, _ in pairs], [r for _, (r,) in pairs], tokenizer.pad_token_id)
+
+
+def conversation_ids(tokenizer, prompt: str, responses: Sequence[str], template: Template = chat,
+                     max_length: int | None = None) -> tuple[list[int], list[list[int]]]:
+    """The token ids of ``template(prompt)`` and of each of its ``responses`` followed by eos, each
+    response cut so that prompt and response fit ``max_length``; a prompt longer than it is an error."""
+    p = tokenizer(template(prompt))["input_ids"]
+    if max_length is not None and len(p) >= max_length:
+        raise ValueError(f"prompt of {len(p)} tokens does not fit max_length={max_length}: {prompt!r}")
+    room = None if max_length is None else max_length - len(p)
+    return p, [(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:room]
+               for r in responses]
 
 
 def pack_pairs(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad: int) -> Batch:

@@ -87,33 +87,37 @@ def pack_batch(batch, layout: str = "packed") -> PackedBatch:
     width = max(sizes)
     rows = first_fit(sizes, width) if layout == "packed" else [[g] for g in range(len(prompts))]
 
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)  # padding: any id, never attended to
-    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    group = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
-    member = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: a prompt token, else the sequence
+    columns: dict[str, list[list[int]]] = {"ids": [], "position": [], "group": [], "member": []}
     source, out_row, out_column, last = [], [], [], [0] * len(ids)
     for r, members in enumerate(rows):
-        offset = 0
+        # one row, built as lists and made a tensor once: token ids (padding: any id, never attended to),
+        # positions, group (-1: padding) and member (-1: a prompt token or padding, else the sequence)
+        row_ids, position, row_group, member = [], [], [], []
         for g in members:
             prompt = prompts[g]
             P = len(prompt)
-            input_ids[r, offset:offset + P] = torch.tensor(prompt)
-            position_ids[r, offset:offset + P] = torch.arange(P)
-            group[r, offset:offset + P] = g
-            predictor = r * width + offset + P - 1  # the prompt's last token predicts each first response token
-            offset += P
+            predictor = r * width + len(row_ids) + P - 1  # the prompt's last token predicts each first response token
+            row_ids += prompt
+            position += range(P)
+            row_group += [g] * P
+            member += [-1] * P
             for n in groups[prompt]:
-                response = ids[n][starts[n]:lengths[n]]
+                response, offset = ids[n][starts[n]:lengths[n]], r * width + len(row_ids)
                 R = len(response)
-                input_ids[r, offset:offset + R] = torch.tensor(response)
-                position_ids[r, offset:offset + R] = torch.arange(P, P + R)
-                group[r, offset:offset + R] = g
-                member[r, offset:offset + R] = n
-                source += [predictor, *range(r * width + offset, r * width + offset + R - 1)]
+                row_ids += response
+                position += range(P, P + R)
+                row_group += [g] * R
+                member += [n] * R
+                source += [predictor, *range(offset, offset + R - 1)]
                 out_row += [n] * R
                 out_column += range(starts[n] - 1, lengths[n] - 1)
-                last[n] = r * width + offset + R - 1
-                offset += R
+                last[n] = offset + R - 1
+        pad = width - len(row_ids)
+        for name, values, fill in (("ids", row_ids, 0), ("position", position, 0), ("group", row_group, -1),
+                                   ("member", member, -1)):
+            columns[name].append(values + [fill] * pad)
+    input_ids, position_ids, group, member = (torch.tensor(columns[k], dtype=torch.long)
+                                              for k in ("ids", "position", "group", "member"))
     query, key = (group[:, :, None], member[:, :, None]), (group[:, None, :], member[:, None, :])
     mask = (torch.ones(width, width, dtype=torch.bool).tril() & (key[0] == query[0]) & (key[0] >= 0)
             & ((key[1] == -1) | (key[1] == query[1])))
