@@ -3,15 +3,18 @@
 Reward modelling, DPO and RLOO (TRL no longer ships PPO), each trained three ways on the same tiny
 model, the same data in the same order and the same batch size:
 
-- *safetylab*: the real trainers with their defaults — ``train_reward_model``, ``train_dpo`` (reference
-  log-probs precomputed, as it always does; each pair's prompt computed once for its chosen and
-  rejected responses and pairs packed, ``layout="packed"``) and ``train_rloo`` (the sampler prefills each
-  prompt once for its k samples; the policy, the reference and the reward model read the sampled token
-  ids in the packed layout, the reward model chosen by ``policy_reward`` as ``safetylab train rloo``
-  does). Per-step times are the
+- *safetylab*: the real trainers with their defaults — ``train_reward_model`` and ``train_dpo`` (reference
+  log-probs precomputed, as DPO always does; each pair's prompt computed once for its chosen and
+  rejected responses and pairs packed, ``layout="packed"``: less work than TRL's) and ``train_rloo``
+  (the sampler prefills each prompt once for its k samples; the policy, the reference and the reward
+  model read the sampled token ids in the packed layout, the reward model chosen by ``policy_reward``
+  as ``safetylab train rloo`` does). Per-step times are the
   intervals between successive ``Progress.advance`` calls of ``train_loop`` (a thin subclass patched
   into ``safetylab.models.train``, as in ``train_step.py``): one whole loop body each, tokenization,
   batch building, sampling and logging statistics included.
+- *safetylab, padded*: the reward model and DPO with ``layout="padded"``: TRL's work, one right-padded
+  row per sequence, each prompt twice. The speed ratios to TRL are printed for both: equal work and
+  less work.
 - *TRL*: ``RewardTrainer``, ``DPOTrainer`` with ``precompute_ref_log_probs`` on (the work safetylab
   does) and off (TRL's default: a reference forward every step), ``RLOOTrainer``, timed between
   successive ``on_step_end`` callbacks (one whole loop body of ``Trainer._inner_training_loop``). TRL's
@@ -20,8 +23,8 @@ model, the same data in the same order and the same batch size:
   its own optimizer (fused AdamW), collators, fused log-prob head and metrics. The sampler is
   sequential over the rows in safetylab's batch order, so both train on the same batches (checked on
   the first batch: the padded token ids must be equal).
-- *floor*: the work of safetylab's step in plain PyTorch on the same model: pre-built batches (the
-  very tensors safetylab builds: padded for the reward model, ``pack_batch``'s packed layout for DPO),
+- *floor*: the work of safetylab's default step in plain PyTorch on the same model: pre-built batches
+  (the very tensors safetylab builds: ``pack_batch``'s packed layout for the reward model and DPO),
   forward with ``use_cache=False`` (a key/value cache is no part of the work), loss, ``backward``,
   ``clip_grad_norm_``, fused ``AdamW.step`` (as safetylab's), ``zero_grad``. For RLOO the floor samples
   with a plain KV-cached loop (each prompt prefilled once, ``model(...)`` per token and
@@ -50,6 +53,7 @@ environment together with safetylab (see ``benchmarks/README.md``) and run this 
 
     python benchmarks/align_vs_trl.py                      # all three, 1 thread, 3 rounds x 12 steps
     python benchmarks/align_vs_trl.py --only dpo --rounds 5
+    python benchmarks/align_vs_trl.py --trl-option torch_compile=true   # a TRL setting, where its configs take it
 """
 
 from __future__ import annotations
