@@ -87,12 +87,19 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, nor
     for L2 the radial projection onto the ball, then the box. Clipping to the box moves every coordinate
     towards x's (which is inside it), so the result stays in the ball."""
     check_norm(norm)
-    delta = x_adv - x
     if norm == "linf":
-        delta = torch.maximum(torch.minimum(delta, eps * torch.ones_like(delta)), -eps * torch.ones_like(delta))
-    else:
-        delta = delta * torch.clamp(eps / (_norms(delta) + 1e-12), max=1.0)
+        return torch.clamp(x_adv, *linf_box(x, eps, bounds))
+    delta = x_adv - x
+    delta = delta * torch.clamp(eps / (_norms(delta) + 1e-12), max=1.0)
     return torch.clamp(x + delta, *bounds)
+
+
+def linf_box(x: torch.Tensor, eps: float | torch.Tensor, bounds: Bounds = (0.0, 1.0),
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The L∞ ball around x intersected with the box ``bounds``, per coordinate: (max(x − ε, low),
+    min(x + ε, high)); clamping to it is the L∞ projection."""
+    low, high = bounds
+    return (x - eps).clamp_min(low), (x + eps).clamp_max(high)
 
 
 def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
@@ -196,21 +203,27 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
         for _ in range(restarts):
             xs, ys = x[todo], y[todo]
             x_adv = random_start(xs, eps, norm, bounds, generator) if rand_init else xs.clone()
-            active = torch.arange(len(xs), device=x.device)
-            done, x_found = torch.zeros_like(ys, dtype=torch.bool), xs.clone()
+            x_found, done = xs.clone(), torch.zeros(len(xs), dtype=torch.bool, device=x.device)
+            # the points still attacked, compacted only when an eighth of them is done: each step works on
+            # whole tensors, with no indexing (``ids``: their rows in xs; ``box``: the L∞ projection)
+            ids, cur, cur_x, cur_y = torch.arange(len(xs), device=x.device), x_adv, xs, ys
+            box = linf_box(xs, eps, bounds) if norm == "linf" else None
             for _ in range(steps):
-                logits, _, grad = input_gradient(model, x_adv[active], ys[active], loss_fn, targeted)
+                logits, _, grad = input_gradient(model, cur, cur_y, loss_fn, targeted)
                 if early_stop:
-                    newly = active[_fooled(logits, ys[active], targeted) & ~done[active]]
-                    x_found[newly], done[newly] = x_adv[newly], True
-                    keep = ~done[active]
-                    if keep.sum() <= 0.875 * len(active):  # leave in eighths: few batch shapes, few kernels
-                        active, grad = active[keep], grad[keep]
-                    if len(active) == 0:
+                    newly = _fooled(logits, cur_y, targeted) & ~done[ids]
+                    x_found[ids[newly]], done[ids[newly]] = cur[newly], True
+                    keep = ~done[ids]
+                    if keep.sum() <= 0.875 * len(ids):  # leave in eighths: few batch shapes, few kernels
+                        ids, cur, cur_x, cur_y, grad = ids[keep], cur[keep], cur_x[keep], cur_y[keep], grad[keep]
+                        box = None if box is None else (box[0][keep], box[1][keep])
+                    if len(ids) == 0:
                         break
-                x_adv[active] = project(x_adv[active] + alpha * _direction(grad, norm), xs[active], eps, norm, bounds)
+                moved = cur + alpha * _direction(grad, norm)
+                cur = torch.clamp(moved, *box) if box is not None else project(moved, cur_x, eps, norm, bounds)
             if not early_stop:
-                return x_adv.detach()
+                return cur.detach()
+            x_adv[ids] = cur
             x_best[todo] = torch.where(done.view(-1, *[1] * (x.dim() - 1)), x_found, x_adv)
             with torch.no_grad():
                 todo = todo[~_fooled(logits_of(model, x_best[todo]), y[todo], targeted)]
