@@ -19,9 +19,10 @@ attacks the whole batch and is timed from the call to the returned adversarial b
   ``CrossEntropyLoss``, ``input_shape``, ``nb_classes``, ``clip_values=(0, 1)``, CPU), ``norm=inf``,
   ``eps``, ``eps_step=α``, ``max_iter=20``, ``num_random_init=1``, ``batch_size`` = the batch,
   ``verbose=False``; ``generate(x, y)`` on numpy arrays (ART's interface: the batch is converted to numpy
-  once, outside the timing; the conversion is zero-copy). ART's own per-call work is included: its
-  labels are made one-hot, its ``loss.backward()`` also fills the parameters' gradients, and it
-  predicts the clean and the adversarial batch once more to log the success rate;
+  once, outside the timing; the conversion is zero-copy), on a copy of the model with frozen parameters
+  (``requires_grad_(False)``: its ``loss.backward()`` would otherwise fill the parameters' gradients too).
+  ART's own per-call work is included: its labels are made one-hot, and it predicts the clean and the
+  adversarial batch once more to log the success rate;
 - *floor*: the same 20 steps in plain PyTorch: uniform random start, clamp to [0, 1], then per step a
   forward, mean cross-entropy, ``torch.autograd.grad`` with respect to x, a signed step, the projection
   onto the ball and the clamp.
@@ -214,7 +215,9 @@ def pgd_sides(model, x, y, sides) -> dict[str, Callable]:
         from art.attacks.evasion import ProjectedGradientDescent
         from art.estimators.classification import PyTorchClassifier
 
-        classifier = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+        # ART's loss.backward() would also fill the parameters' gradients: a frozen copy spares it that work
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        classifier = PyTorchClassifier(model=frozen, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
                                        nb_classes=int(model[-1].out_features), clip_values=(0.0, 1.0),
                                        device_type="cpu")
         art_attack = ProjectedGradientDescent(classifier, norm=np.inf, eps=EPS, eps_step=ALPHA, max_iter=STEPS,
@@ -510,6 +513,9 @@ def report(args, pgd_result, ood_result, memory) -> None:
         for side in PGD_SIDES:
             print(f"{SIDE_NAMES[side]:<30} {statistics.median(rounds[side]) * 1e3:>8.1f} "
                   f"{paired_ratio(rounds, side, 'floor'):>8.3f}  {pgd_result['accuracy'][side]:>10.4f}")
+        print("  (early_stop=True returns, per point, the first x′ that fools the model and stops attacking it: the "
+              "same robust accuracy, but not the highest-loss x′, which transfer and confidence metrics want; "
+              "early_stop=False does the peers' work, every point every step)")
         for ours in ("safetylab", "safetylab-full"):
             for peer in ("torchattacks", "art", "floor"):
                 speed = paired_ratio(rounds, peer, ours)
