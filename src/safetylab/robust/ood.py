@@ -324,7 +324,7 @@ class _FeatureDetector(Detector):
             got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise SafetylabError(f"z must be a non-empty (N, d{'' if d is None else '=' + str(d)}) tensor of "
                                  f"features, got {got}")
-        if finite and not torch.isfinite(z).all():
+        if finite and not all_finite(z):
             raise SafetylabError("z holds NaN or infinite features")
         return z
 
@@ -361,6 +361,8 @@ class Mahalanobis(_FeatureDetector):
         counts = torch.bincount(group)
         means = torch.zeros(len(counts), z.shape[1], dtype=torch.float64, device=z.device)
         means = means.index_add_(0, group, z.double()) / counts[:, None]
+        # the mean of z (from the class means), subtracted first so that the expanded distances keep their precision
+        centre = (counts[:, None] * means).sum(0) / len(z)
         dtype = as_float(z).dtype
         centred = z.to(dtype) - means.to(dtype)[group]  # the big product in z's precision, the factorisation in float64
         cov = (centred.T @ centred).double() / len(z)
@@ -374,7 +376,6 @@ class Mahalanobis(_FeatureDetector):
                                  "raise ridge")
         whiten = torch.linalg.solve_triangular(chol, torch.eye(len(cov), dtype=cov.dtype, device=cov.device),
                                                upper=False).T  # z ↦ z @ whiten = (L⁻¹ z)ᵀ
-        centre = z.double().mean(0)  # subtracted first so the expanded distances keep their precision
         self._whiten = whiten.to(dtype)
         self._offset = (centre @ whiten).to(dtype)  # (z − c) W = z W − c W
         self._means = ((means - centre) @ whiten).to(dtype)
@@ -390,7 +391,7 @@ class Mahalanobis(_FeatureDetector):
         w = torch.addmm(-self._offset, z, self._whiten)
         cross = torch.addmm(self._means_sq, w, self._means.T, alpha=-2)
         scores = (w.square().sum(1) + cross.min(1).values).clamp_min(0)
-        if not torch.isfinite(scores).all():  # NaN or inf in z reaches the scores: one check on N values
+        if not all_finite(scores):  # NaN or inf in z reaches the scores: one check on N values
             raise SafetylabError("z holds NaN or infinite features")
         return scores
 
