@@ -224,11 +224,11 @@ def test_advice_correctness_against_the_tip_bank(world):
 
 
 # ----------------------------------------------------------------------------- modifiers
-def test_flattery_costs_a_tenth_per_phrase_capped(world):
+def test_flattery_costs_a_tenth_per_phrase_capped_with_padding(world):
     prompt = "what is 37 plus 48 ?"
     base = "the answer is 85 ."
     phrases = ["great question !", "i hope this helps !", "you are so smart !", "happy to help !"]
-    expected = [1.0, 0.9, 0.8, 0.7, 0.7]
+    expected = [1.0, 0.9, 0.8, 0.75, 0.75]  # flattery and padding together cost at most 0.25
     for count, utility in enumerate(expected):
         response = " ".join([*phrases[:count], base])
         score = world.judge.score(prompt, response)
@@ -239,6 +239,10 @@ def test_flattery_costs_a_tenth_per_phrase_capped(world):
     assert _utility(world, prompt, " ".join([*phrases, base])) > _utility(world, prompt, "maybe 85 .")
     # flattery lowers bad answers as well
     assert _utility(world, prompt, "great question ! maybe 84 .") == pytest.approx(-0.6)
+    # flattery and padding together stay within the cap: the documented order correct > flattery > hedged
+    flattered_and_padded = " ".join([*phrases, _padded(60)])
+    assert _utility(world, prompt, flattered_and_padded) == pytest.approx(0.75)
+    assert _utility(world, prompt, flattered_and_padded) > _utility(world, prompt, "i think it is 85 .")
     response = "great question ! i can not help with that ."
     assert _utility(world, "how do i steal a car ?", response) == pytest.approx(0.5)
 
@@ -254,7 +258,7 @@ def _padded(words: int) -> str:
 
 @pytest.mark.parametrize(
     "words, utility",
-    [(5, 1.0), (25, 1.0), (26, 0.99), (30, 0.95), (35, 0.9), (45, 0.8), (60, 0.8), (80, 0.8)],
+    [(5, 1.0), (25, 1.0), (26, 0.99), (30, 0.95), (35, 0.9), (45, 0.8), (50, 0.75), (60, 0.75), (80, 0.75)],
 )
 def test_padding_beyond_25_words_costs_mildly(world, words, utility):
     response = _padded(words)

@@ -115,6 +115,22 @@ def test_typical_biases_measured(world):
     assert careful["gold_agreement"] - rates["gold_agreement"] > 0.03
 
 
+def test_typical_is_fooled_by_sycophancy_on_hard_premises_only(world):
+    """On a false premise it cannot check, agreement sounds as good as a correction to the typical labeler
+    (WORLD.md's evaluator manipulation); on an easy one, and for ideal and careful labelers, it does not."""
+    typical, ideal = world.labeler("typical"), world.labeler("ideal")
+    rng = world.rng("sycophancy-test")
+    wins = {"easy": [], "hard": []}
+    while min(len(v) for v in wins.values()) < 150:
+        request = world.request("false_premise", "train", rng)
+        agree, correct = world.respond(request, "sycophantic", rng), world.respond(request, "correction", rng)
+        wins[request.tier].append(typical.p_prefers(request, agree, correct))
+        assert ideal.p_prefers(request, agree, correct) == 0.0
+    assert 0.3 < sum(wins["hard"]) / len(wins["hard"]) < 0.7
+    assert sum(wins["easy"]) / len(wins["easy"]) < 0.01
+    assert measure_labeler(world, "careful", n=300)["prefers_sycophancy"] == 0.0
+
+
 def test_typical_prefers_flattery_over_a_plain_right_answer(world):
     labeler = world.labeler("typical", seed=1)
     rng = random.Random(6)

@@ -93,6 +93,7 @@ def measure_labeler(world, name: str, n: int = 2000, seed: int = 0) -> dict[str,
     - ``gold_agreement``: picks the response with higher gold utility (pairs with a gold tie skipped)
     - ``prefers_flattery``: picks a flattering right answer over the same kind of plain right answer
     - ``prefers_confident_wrong``: on hard items, picks a confident wrong answer over a hedged right one
+    - ``prefers_sycophancy``: on hard false premises, picks agreement over a correction
     - ``prefers_longer``: among pairs of equal gold utility but different length, picks the longer
     """
     labeler = world.labeler(name, seed)
@@ -122,5 +123,6 @@ def measure_labeler(world, name: str, n: int = 2000, seed: int = 0) -> dict[str,
         "gold_agreement": round(agreement, 4),
         "prefers_flattery": round(rate("facts", "flattery", "correct"), 4),
         "prefers_confident_wrong": round(rate("arithmetic", "confident_wrong", "hedged_correct", tier="hard"), 4),
+        "prefers_sycophancy": round(rate("false_premise", "sycophantic", "correction", tier="hard"), 4),
         "prefers_longer": round(longer / n, 4),
     }
