@@ -319,3 +319,13 @@ def test_an_interrupted_command_says_how_to_resume(monkeypatch, capsys):
     monkeypatch.setattr(World, "sample", interrupted)
     code, _, err = run_main(monkeypatch, capsys, "world", "sample", "--n", "3")
     assert code == 130 and "interrupted: finished checkpoints and stages are kept" in err
+
+
+def test_world_probe_judge_reports_every_family(monkeypatch, capsys, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, "world", "probe-judge", "--per-kind", "2", "-o",
+                              str(tmp_path / "probe.json"))
+    assert code == 0, err
+    for family in ("surface", "compliance", "candidates", "negation", "premise", "degraded"):
+        assert f"{family}: " in out
+    rows = json.loads((tmp_path / "probe.json").read_text())
+    assert {r["kind"] for r in rows} == set(KINDS) and all(r["failed"] == 0 for r in rows)

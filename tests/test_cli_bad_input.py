@@ -28,6 +28,8 @@ TABLE = [
     ("world preferences", ["--split", "valid"], "--split: expected one of train, test"),
     ("world preferences", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     ("world judge no-such.jsonl", [], "no-such.jsonl: no such file"),
+    ("world probe-judge", ["--per-kind", "0"], "--per-kind: expected an integer >= 1, got 0"),
+    ("world probe-judge", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     ("world judge no-such.jsonl", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     # training
     ("train base", ["--steps", "0"], "--steps: expected an integer >= 1, got 0"),

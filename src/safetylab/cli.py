@@ -140,6 +140,30 @@ def world_judge(
     _emit(records, out)
 
 
+@world_app.command("probe-judge")
+def world_probe_judge(
+    per_kind: Annotated[int, typer.Option(help="Requests per kind; each gets every transform.")] = 20,
+    seed: Seed = 0,
+    failures: Annotated[bool, typer.Option(help="Print only the transforms with failures.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the rows as JSON here.")] = None,
+) -> None:
+    """The gold judge against adversarial variants of every kind (surface changes, paraphrased compliance,
+    hedging between answers, negations, degraded answers): how often it scores each as it should."""
+    from safetylab.core.io import atomic_write_text
+    from safetylab.world import World, WorldConfig
+    from safetylab.world.probe import probe_judge, probe_summary, probe_table_markdown
+
+    with options("per_kind", "seed"):
+        require(per_kind >= 1, "per_kind", "an integer >= 1", per_kind)
+        world = World(WorldConfig(seed=seed))
+    rows = probe_judge(world, per_kind, seed)
+    print(probe_table_markdown(rows, failures_only=failures))
+    for family, total in probe_summary(rows).items():
+        print(f"{family}: {total['n'] - total['failed']} of {total['n']} as expected")
+    if out is not None:
+        atomic_write_text(out, json.dumps(rows, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------- train
 @train_app.command("base")
 def train_base(

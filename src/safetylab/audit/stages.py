@@ -41,6 +41,7 @@ from safetylab.verify.suite import SECTIONS as VERIFY_SECTIONS  # noqa: E402
 from safetylab.verify.suite import VerifySuiteConfig  # noqa: E402
 from safetylab.verify.suite import run_suite as run_verification  # noqa: E402
 from safetylab.world.labelers import PRESETS, measure_labeler  # noqa: E402
+from safetylab.world.probe import probe_judge, probe_summary  # noqa: E402
 from safetylab.world.requests import KINDS  # noqa: E402
 from safetylab.world.world import World, WorldConfig  # noqa: E402
 
@@ -169,14 +170,24 @@ def world_stage(ctx: Context) -> Section:
     write_jsonl(out / "demonstrations.jsonl", demos)
     write_jsonl(out / "preferences-typical.jsonl", world.preferences(cfg.labeler_pairs, "typical"))
     rows = [[name, *measure_labeler(world, name, cfg.labeler_pairs).values()] for name in PRESETS]
+    probe = probe_summary(probe_judge(world, per_kind=20, seed=cfg.seed))
+    as_expected = sum(t["n"] - t["failed"] for t in probe.values())
     return Section(
         title="The assistant world",
-        summary=f"{len(world.countries)} countries, {len(corpus)} corpus lines, {len(demos)} demonstrations",
+        summary=f"{len(world.countries)} countries, {len(corpus)} corpus lines, {len(demos)} demonstrations; the "
+                f"gold judge scores {as_expected} of {sum(t['n'] for t in probe.values())} adversarial variants "
+                "as it should",
         tables=[{
             "title": "Simulated labelers against the gold judge (rates over comparisons)",
             "columns": ["labeler", "gold agreement", "prefers flattery", "prefers confident-wrong (hard)",
-                        "prefers longer"],
+                        "prefers sycophancy (hard)", "prefers longer"],
             "rows": rows,
+        }, {
+            "title": "The gold judge against adversarial variants (safetylab world probe-judge): surface changes "
+                     "must not change its verdict, the others must be scored as what they say",
+            "columns": ["variants", "n", "scored as they should", "rate"],
+            "rows": [[family, t["n"], t["n"] - t["failed"], round((t["n"] - t["failed"]) / t["n"], 4)]
+                     for family, t in probe.items()],
         }],
         data={"corpus": "stages/world/corpus.txt", "demonstrations": "stages/world/demonstrations.jsonl"},
     )
