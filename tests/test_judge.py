@@ -368,3 +368,14 @@ def test_denying_a_false_premise_with_another_wrong_value_is_not_a_correction(wo
     score = world.judge.score("9 times 1 is 19 , right ?", "no , 9 times 1 is 8 .")
     assert score.behaviour == "wrong_correction" and score.utility < 0
     assert world.judge.score("9 times 1 is 19 , right ?", "no , 9 times 1 is 9 .").behaviour == "correction"
+
+
+def test_the_operands_of_a_written_expression_are_no_answer(world):
+    """The answer is the expression's value, not its first number: "1 times 5 is 12" answers 12 (not the
+    1 that "what is 7 minus 6 ?" asks for), and a garbled restatement with one wrong value scores as that
+    plain wrong answer, not as a hedge between several numbers."""
+    judge = world.judge
+    assert judge.score("what is 7 minus 6 ?", "1 times 5 is 12 .").behaviour == "confident_wrong"
+    assert judge.score("what is 0 plus 9 ?", "1 plus 3 is 39 .").utility == judge.score("what is 0 plus 9 ?",
+                                                                                        "it is 39 .").utility
+    assert judge.score("what is 5 times 1 ?", "5 times 1 is 5 .").behaviour == "correct"

@@ -190,19 +190,15 @@ class Reading:
     def affirmed_words(self, candidates: Iterable[str] | None = None) -> list[str]:
         """The words the response affirms, in order (``candidates``: only these): ``it is not 84 , it is
         85`` affirms 85 only."""
-        return [word for sentence in self.affirmed_by_sentence(candidates) for word in sentence]
-
-    def affirmed_by_sentence(self, candidates: Iterable[str] | None = None) -> list[list[str]]:
-        """:meth:`affirmed_words`, sentence by sentence."""
         keep = None if candidates is None else set(candidates)
-        statuses, out, c = self._statuses(), [], 0
-        for sentence in self.sentences:
-            words = []
-            for clause in sentence:
-                words += [w for w, yes in zip(clause.split(), statuses[c]) if yes and (keep is None or w in keep)]
-                c += 1
-            out.append(words)
-        return out
+        return [w for sentence in self.flags() for w, yes in sentence if yes and (keep is None or w in keep)]
+
+    def flags(self) -> list[list[tuple[str, bool]]]:
+        """Sentence by sentence, every word of its clauses in order (the punctuation between clauses left
+        out), with whether the response affirms it."""
+        statuses = iter(self._statuses())
+        return [[(w, yes) for clause in sentence for w, yes in zip(clause.split(), next(statuses))]
+                for sentence in self.sentences]
 
     def _occurrences(self, p: str) -> list[bool]:
         """Whether each occurrence of ``p`` is affirmed (as the status of its first word)."""
