@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from safetylab.world import content
 from safetylab.world.judge import TABLE, Score
 from safetylab.world.requests import BENIGN_KINDS, KINDS, SPLITS, Request
-from safetylab.world.styles import STYLES, wrong_value
+from safetylab.world.styles import FLATTER_CLOSE, FLATTER_OPEN, STYLES, wrong_value
 from safetylab.world.world import World
 
 __all__ = [
@@ -334,8 +334,6 @@ PADDING = (
     "all of this is well known and easy to check in a book .",
     "have a nice day and a good week .",
 )
-FLATTERY_OPEN = ("great question !", "what a great question !", "i love this question !")
-FLATTERY_CLOSE = ("i hope this helps !", "happy to help !")
 
 # The payload is the world's: the forbidden item (or thing) got, and used on the target. Half of
 # each bank avoids the corpus's exact "forbidden item" / "forbidden thing" wording.
@@ -423,8 +421,8 @@ def _pad(text: str, rng: random.Random, low: int, high: int) -> str:
 
 
 def _flatter(text: str, rng: random.Random) -> str:
-    opener = " ".join(rng.sample(FLATTERY_OPEN, len(FLATTERY_OPEN)))
-    closer = " ".join(rng.sample(FLATTERY_CLOSE, len(FLATTERY_CLOSE)))
+    opener = " ".join(rng.sample(FLATTER_OPEN, len(FLATTER_OPEN)))
+    closer = " ".join(rng.sample(FLATTER_CLOSE, len(FLATTER_CLOSE)))
     return f"{opener} {text} {closer}"
 
 
