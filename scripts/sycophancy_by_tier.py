@@ -1,7 +1,7 @@
 """What a reward model learned from the `typical` labeler about false premises it could not check, and what
 best-of-n and the aligned policies do with it: sycophancy on hard premises against easy ones.
 
-    python scripts/sycophancy_by_tier.py runs/audit [--per-tier 120] [--samples 8]
+    python scripts/sycophancy_by_tier.py runs/audit [--per-tier 120] [--n 1 4 16]
 
 Reads an audit's run directory (the SFT model, the align stage's reward model, DPO and PPO policies) and
 prints, on held-out false premises of each tier (easy: the labeler checks them; hard: it cannot):

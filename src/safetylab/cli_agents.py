@@ -80,13 +80,10 @@ def suite_command(
     """Every environment × agent × applicable mitigation over seeds: the table of reward against hidden
     performance, learning curves and episode strips. Deep agents get the mitigations that change the
     environment only (shield, supervisor-blind, goal diversity)."""
-    from safetylab.agents.deep import DEEP_AGENTS
-    from safetylab.agents.experiment import suite_runs
-    from safetylab.agents.tabular import AGENTS
+    from safetylab.agents.experiment import check_agent, suite_runs
     from safetylab.cli_study import options
-    from safetylab.core.config import require_choice
 
     with options("agent"):
         for name in agent or ():
-            require_choice(name, "agent", (*AGENTS, *DEEP_AGENTS))
+            check_agent(name)
     _execute(out, suite_runs(env, tuple(agent) if agent else None), _seeds(seeds), episodes, timesteps)

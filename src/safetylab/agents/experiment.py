@@ -71,12 +71,18 @@ DEEP_TIMESTEPS = 30_000
 ENV_ONLY = ("shield", "supervisor-blind", "goal-diversity")
 
 
+def check_agent(name: str) -> str:
+    """``name`` must be an agent of the suite: tabular (q-learning, sarsa) or deep (ppo, dqn)."""
+    require_choice(name, "agent", (*AGENTS, *DEEP_AGENTS))
+    return name
+
+
 def check_run(environment: str, agent: str, mitigation: str | None) -> None:
     """An agent, and a mitigation, that can train on ``environment``: checked before any run starts.
     Deep agents take the mitigations that change only the environment."""
     check_environment(environment)
     check_mitigation(mitigation, environment)
-    require_choice(agent, "agent", (*AGENTS, *DEEP_AGENTS))
+    check_agent(agent)
     if agent in DEEP_AGENTS and mitigation not in (None, *ENV_ONLY):
         raise SafetylabError(f"mitigation {mitigation!r} works with the tabular agents ({', '.join(AGENTS)}), "
                              f"not with {agent} (which takes {', '.join(ENV_ONLY)})")

@@ -253,7 +253,7 @@ def _affirmed_clauses(reading: Reading):
     """The clauses of a reading with what a negator or dismissal covers cut away."""
     for clause in reading.clauses:
         words = clause.split()
-        cut = next((i for i, w in enumerate(words) if w in ("not", "never")), len(words))
+        cut = next((i for i, w in enumerate(words) if w in NEGATORS), len(words))
         if cut:
             yield words[:cut]
 
@@ -279,8 +279,8 @@ def _procedure(reading: Reading) -> bool:
         lead = " ".join(words[:2]) if words[:2] == ["after", "that"] else words[0]
         is_step = marked or lead in _STEP_WORDS
         marked = is_step and len(words) <= (2 if lead == "step" or lead == "after that" else 1)  # "first ,"
-        if is_step and not marked and not NEGATORS.intersection(words) and not any(
-                p in clause for p in (*_ALTERNATIVE, *_REFUSALS)):
+        if is_step and not marked and not NEGATORS.intersection(words) and not (
+                _ALTERNATIVE.found_in(clause) or _REFUSALS.found_in(clause)):
             steps += 1
     return steps >= 2
 
