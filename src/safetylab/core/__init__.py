@@ -13,7 +13,7 @@ from safetylab.core.errors import ConfigError, SafetylabError
 from safetylab.core.io import atomic_write_bytes, atomic_write_text, jsonl_lines, read_jsonl, write_jsonl
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
-from safetylab.core.seeding import seed_everything
+from safetylab.core.seeding import derive_seed, seed_everything, torch_seed
 
 __all__ = [
     "ConfigError",
@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "config_from_dict",
     "config_to_dict",
+    "derive_seed",
     "jsonl_lines",
     "load_config",
     "read_config_file",
@@ -32,5 +33,6 @@ __all__ = [
     "require_choice",
     "seed_everything",
     "select_device",
+    "torch_seed",
     "write_jsonl",
 ]
