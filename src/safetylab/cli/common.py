@@ -1,16 +1,17 @@
-"""What the commands share: naming a bad value by its option, reading comma-separated numbers, and (for
-``safetylab robust …`` and ``safetylab verify …``) running sections of a study into a run directory."""
+"""What the commands share: naming a bad value by its option, reading comma-separated numbers and seeds,
+and running a study (``safetylab <subsystem> report``) once or over seeds."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from safetylab.core.errors import ConfigError
+from safetylab.core.errors import ConfigError, SafetylabError
 
 
 @contextmanager
@@ -58,3 +59,36 @@ def numbers(text: str, option: str, what: str = "numbers") -> tuple[float, ...]:
     if not values or not all(math.isfinite(v) and v >= 0 for v in values):
         raise SafetylabError(f"{option}: expected one or more finite {what} >= 0, got {text!r}")
     return values
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """The comma-separated ``text`` of ``option`` as distinct integers >= 0."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise SafetylabError(f"{option}: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SafetylabError(f"{option}: expected one or more distinct integers >= 0, got {text!r}")
+    return seeds
+
+
+def study_report(stages: Sequence, make_config: Callable[[int], Any], out: Path, seed: int, seeds: str | None = None,
+                 only: Iterable[str] | None = None, inputs: dict[str, Any] | None = None,
+                 names: dict[str, str] | None = None) -> None:
+    """Run a study's ``stages`` (the ``only`` ones, default all) into ``out`` with ``make_config(seed)``;
+    with ``seeds`` ("0,1,2") once per seed into ``out/seed-N`` and the mean ± sd summary beside them.
+    Every config is built (and so checked) before any directory is made; ``names`` maps config fields to
+    the options that set them, for error messages."""
+    from safetylab.core.study import run_study, stage_names
+    from safetylab.core.summary import run_seeds
+
+    chosen = parse_seeds(seeds) if seeds is not None else [seed]
+    with options("seed", **(names or {})):
+        configs = {s: make_config(s) for s in chosen}
+    stage_names(stages, only)
+    if seeds is None:
+        run_study(stages, configs[seed], out, only, inputs)
+        print(f"tables: {out / 'tables.md'}")
+        return
+    run_seeds(lambda s, directory: run_study(stages, configs[s], directory, only, inputs), chosen, out)
+    print(f"summary over seeds {seeds}: {out / 'summary.md'}")

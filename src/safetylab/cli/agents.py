@@ -36,7 +36,7 @@ def _seeds(text: str) -> list[int]:
 def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int], episodes: int | None,
              timesteps: int) -> None:
     from safetylab.agents.experiment import check_training, run_suite, table_markdown
-    from safetylab.cli_study import options
+    from safetylab.cli.common import options
     from safetylab.core.runs import RunDir
 
     with options("seeds", "episodes", "timesteps"):
@@ -60,7 +60,7 @@ def run_command(
 ) -> None:
     """Train one agent on one environment (optionally mitigated) and report reward against performance."""
     from safetylab.agents.experiment import check_run
-    from safetylab.cli_study import options
+    from safetylab.cli.common import options
 
     with options("agent"):
         check_run(env, agent, mitigation)
@@ -81,7 +81,7 @@ def suite_command(
     performance, learning curves and episode strips. Deep agents get the mitigations that change the
     environment only (shield, supervisor-blind, goal diversity)."""
     from safetylab.agents.experiment import check_agent, suite_runs
-    from safetylab.cli_study import options
+    from safetylab.cli.common import options
 
     with options("agent"):
         for name in agent or ():

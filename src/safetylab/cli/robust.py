@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from safetylab.cli_study import numbers, options, run_study
+from safetylab.cli.common import numbers, options, run_study
 
 robust_app = typer.Typer(help="Robustness of a classifier on the built-in digits: attacks, adversarial training, "
                               "calibration, OOD detection, distribution shift, abstention.", no_args_is_help=True)

@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from safetylab.cli_agents import agents_app
-from safetylab.cli_robust import robust_app
-from safetylab.cli_study import options
-from safetylab.cli_verify import verify_app
+from safetylab.cli.agents import agents_app
+from safetylab.cli.common import options
+from safetylab.cli.robust import robust_app
+from safetylab.cli.verify import verify_app
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 

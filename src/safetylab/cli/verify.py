@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from safetylab.cli_study import numbers, options, run_study
+from safetylab.cli.common import numbers, options, run_study
 
 verify_app = typer.Typer(help="Verification of a classifier on the built-in digits: IBP, CROWN, α-CROWN and exact "
                               "bounds, randomized smoothing, certified training.", no_args_is_help=True)
