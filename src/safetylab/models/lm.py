@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import saved_inside
+from safetylab.models.tokenizer import adopt_world_template
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     """Load ``(model, tokenizer)`` saved by :func:`save_model` or any HF causal LM directory.
 
     Fails with a clear error if the directory is missing, the weights are missing or corrupt, or
-    the tokenizer does not match the model's vocabulary.
+    the tokenizer does not match the model's vocabulary. A world tokenizer saved without a chat
+    template gets the world's (:func:`~safetylab.models.tokenizer.adopt_world_template`).
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -82,7 +84,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu"):
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise SafetylabError(f"{path}: no tokenizer files (expected tokenizer.json saved with the model)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = adopt_world_template(AutoTokenizer.from_pretrained(path, local_files_only=True))
     except Exception as e:  # noqa: BLE001 - any failure here means a missing or broken tokenizer
         raise SafetylabError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     try:

@@ -1,4 +1,4 @@
-"""The world's word-level tokenizer, trained with Hugging Face ``tokenizers``."""
+"""The world's word-level tokenizer, trained with Hugging Face ``tokenizers``, and its chat template."""
 
 from __future__ import annotations
 
@@ -9,9 +9,26 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<user>", "<assistant>", "<eos>")
 
+# The world's conversation format, ``<user> {prompt} <assistant> {response} <eos>`` (the text
+# ``safetylab.world.world.chat`` writes), as a Hugging Face chat template: a user turn, an assistant turn
+# ended by the eos token, and `` <assistant>`` as the generation prompt. Later turns follow with one space.
+WORLD_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- ('' if loop.first else ' ') + '<user> ' + message['content'] -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- ' <assistant> ' + message['content'] + ' <eos>' -}}"
+    "{%- else -%}"
+    "{{- raise_exception('the world chat format has user and assistant turns only, not ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' <assistant>' -}}{%- endif -%}"
+)
+
 
 def train_tokenizer(lines: Iterable[str], min_frequency: int = 1) -> PreTrainedTokenizerFast:
-    """A word-level vocabulary over whitespace-separated words; specials first (``<pad>`` is id 0).
+    """A word-level vocabulary over whitespace-separated words; specials first (``<pad>`` is id 0),
+    and the world's chat template (:data:`WORLD_CHAT_TEMPLATE`, saved with ``save_pretrained``).
 
     Every letter a–z is added too, so spaced-out words ("h u r t") always tokenize.
     """
@@ -30,4 +47,19 @@ def train_tokenizer(lines: Iterable[str], min_frequency: int = 1) -> PreTrainedT
         unk_token="<unk>",
         eos_token="<eos>",
         additional_special_tokens=["<user>", "<assistant>"],
+        chat_template=WORLD_CHAT_TEMPLATE,
     )
+
+
+def is_world_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` is one :func:`train_tokenizer` made: its special tokens are the world's."""
+    return tokenizer.eos_token == "<eos>" and set(SPECIAL_TOKENS) <= set(tokenizer.all_special_tokens)
+
+
+def adopt_world_template(tokenizer):
+    """Give a world tokenizer saved before tokenizers carried a chat template (no ``chat_template`` in
+    its ``tokenizer_config.json``) the world's, which encodes as those models were trained; any other
+    tokenizer is left as it is. Returns ``tokenizer``."""
+    if getattr(tokenizer, "chat_template", None) is None and is_world_tokenizer(tokenizer):
+        tokenizer.chat_template = WORLD_CHAT_TEMPLATE
+    return tokenizer
