@@ -15,8 +15,7 @@ from typing import Any
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import read_jsonl
-from safetylab.models.logprobs import Batch, Template, conversation_ids, pack_pairs
-from safetylab.world.world import chat
+from safetylab.models.logprobs import Batch, conversation_ids, pack_pairs
 
 
 @dataclass(frozen=True)
@@ -77,14 +76,12 @@ def read_preferences(path: str | os.PathLike) -> Preferences:
 PairIds = tuple[list[int], list[int], list[int]]  # a preference's prompt, chosen and rejected token ids
 
 
-def tokenize_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
-                         max_length: int | None = None) -> list[PairIds]:
+def tokenize_preferences(tokenizer, rows: Sequence[Preference], max_length: int | None = None) -> list[PairIds]:
     """Each row's prompt, chosen and rejected token ids (responses with eos, cut to ``max_length``), as
     :func:`~safetylab.models.logprobs.encode_pairs` encodes a conversation: tokenized once, before training."""
     out = []
     for row in rows:
-        prompt, (chosen, rejected) = conversation_ids(tokenizer, row.prompt, [row.chosen, row.rejected], template,
-                                                      max_length)
+        prompt, (chosen, rejected) = conversation_ids(tokenizer, row.prompt, [row.chosen, row.rejected], max_length)
         out.append((prompt, chosen, rejected))
     return out
 
@@ -94,7 +91,6 @@ def preference_batch(pairs: Sequence[PairIds], pad: int) -> Batch:
     return pack_pairs([p for p, _, _ in pairs] * 2, [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad)
 
 
-def encode_preferences(tokenizer, rows: Sequence[Preference], template: Template = chat,
-                       max_length: int | None = None) -> Batch:
+def encode_preferences(tokenizer, rows: Sequence[Preference], max_length: int | None = None) -> Batch:
     """Chosen rows then rejected rows of one batch, so a single forward pass scores both."""
-    return preference_batch(tokenize_preferences(tokenizer, rows, template, max_length), tokenizer.pad_token_id)
+    return preference_batch(tokenize_preferences(tokenizer, rows, max_length), tokenizer.pad_token_id)

@@ -28,12 +28,12 @@ from safetylab.align.losses import (
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
-from safetylab.models.logprobs import Batch, Template, batch_logprobs
+from safetylab.models.logprobs import Batch, batch_logprobs
 from safetylab.models.packing import LAYOUTS
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
 from safetylab.world.requests import Request
-from safetylab.world.world import World, chat
+from safetylab.world.world import World
 
 # β where a config leaves it unset: TRL's 0.1 for the losses on the reference log-ratio (Rafailov et al.
 # 2023 use 0.1 to 0.5), and the reward scale SimPO's paper recommends (β ∈ [2, 2.5], Meng et al. 2024).
@@ -107,13 +107,12 @@ def chosen_nll(logps: SequenceLogps) -> torch.Tensor:
     return (-logps.chosen / logps.chosen_lengths).mean()
 
 
-def sequence_logps(model, tokenizer, rows: Sequence[Preference], template: Template = chat,
-                   max_length: int | None = None, device: torch.device | str | None = None,
-                   layout: str = "packed") -> SequenceLogps:
+def sequence_logps(model, tokenizer, rows: Sequence[Preference], max_length: int | None = None,
+                   device: torch.device | str | None = None, layout: str = "packed") -> SequenceLogps:
     """Sum of log-probs of each chosen and rejected response, in one forward pass over both; with the
     ``"shared-prompt"`` or ``"packed"`` layout each pair's prompt is computed once for both."""
     device = device or next(model.parameters()).device
-    return batch_sequence_logps(model, encode_preferences(tokenizer, rows, template, max_length).to(device), layout)
+    return batch_sequence_logps(model, encode_preferences(tokenizer, rows, max_length).to(device), layout)
 
 
 def batch_sequence_logps(model, batch: Batch, layout: str = "packed") -> SequenceLogps:
@@ -124,12 +123,12 @@ def batch_sequence_logps(model, batch: Batch, layout: str = "packed") -> Sequenc
 
 
 @torch.no_grad()
-def reference_logps(reference, tokenizer, rows: Sequence[Preference], template: Template = chat,
-                    max_length: int | None = None, batch_size: int = 64, layout: str = "packed",
+def reference_logps(reference, tokenizer, rows: Sequence[Preference], max_length: int | None = None,
+                    batch_size: int = 64, layout: str = "packed",
                     pairs: Sequence[PairIds] | None = None) -> SequenceLogps:
     """:func:`sequence_logps` of every row under the frozen reference, computed once (from ``pairs``, the
     rows' token ids, where the caller has them: :func:`~safetylab.align.data.tokenize_preferences`)."""
-    pairs = pairs if pairs is not None else tokenize_preferences(tokenizer, rows, template, max_length)
+    pairs = pairs if pairs is not None else tokenize_preferences(tokenizer, rows, max_length)
     device = next(reference.parameters()).device
     parts = [batch_sequence_logps(reference, preference_batch(pairs[i:i + batch_size], tokenizer.pad_token_id)
                                   .to(device), layout) for i in range(0, len(pairs), batch_size)]
@@ -138,15 +137,15 @@ def reference_logps(reference, tokenizer, rows: Sequence[Preference], template: 
 
 
 def train_dpo(policy, tokenizer, rows: Sequence[Preference], config: DPOConfig, run: RunDir, reference=None,
-              template: Template = chat, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+              evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` on ``rows`` with ``config.loss``; ``reference`` is needed except for
     reference-free losses (SimPO). Returns the trained policy. Rows are tokenized once, before the first
     step; each step only lays them out."""
     if config.loss not in REFERENCE_FREE and reference is None:
         raise SafetylabError(f"loss {config.loss!r} needs a reference model")
-    pairs = tokenize_preferences(tokenizer, rows, template, config.train.max_length)
+    pairs = tokenize_preferences(tokenizer, rows, config.train.max_length)
     ref = None if reference is None or config.loss in REFERENCE_FREE else reference_logps(
-        reference, tokenizer, rows, template, layout=config.layout, pairs=pairs)
+        reference, tokenizer, rows, layout=config.layout, pairs=pairs)
 
     def step_loss(model, step: Step):
         batch = preference_batch([pairs[i] for i in step.local], tokenizer.pad_token_id).to(step.device)

@@ -48,10 +48,9 @@ from safetylab.align.utils import masked_mean, masked_whiten
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
-from safetylab.models.logprobs import Batch, Template, batch_logprobs, check_same_vocabulary, gather_logprobs
+from safetylab.models.logprobs import Batch, batch_logprobs, check_same_vocabulary, gather_logprobs
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, batch_indices, train_loop
-from safetylab.world.world import chat
 
 
 @dataclass(frozen=True)
@@ -154,13 +153,13 @@ def response_logprobs_and_values(model: nn.Module, batch: Batch) -> tuple[torch.
 
 @torch.no_grad()
 def collect_rollout(model: nn.Module, tokenizer, prompts: Sequence[str], reward: Reward, reference: nn.Module,
-                    kl_coef: float, config: PPOConfig, device: torch.device, template: Template = chat,
+                    kl_coef: float, config: PPOConfig, device: torch.device,
                     normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Rollout:
     """Sample, score and evaluate one response per prompt under the current actor–critic;
     ``normalize`` (a fitted :class:`ScoreNormalizer`) maps raw scores to the scale the rewards use."""
     actor = getattr(model, "module", model).policy  # generate on the bare model, not its DDP wrapper
-    samples = sample(actor, tokenizer, prompts, config.max_new_tokens, template=template)
-    batch = samples.to_batch(tokenizer, template).to(device)
+    samples = sample(actor, tokenizer, prompts, config.max_new_tokens)
+    batch = samples.to_batch(tokenizer).to(device)
     logprobs, values, mask, _ = response_logprobs_and_values(model, batch)
     ref_logprobs, _ = batch_logprobs(reference, batch)
     finished = samples.finished.to(device)
@@ -204,7 +203,7 @@ def ppo_loss(model: nn.Module, rollout: Rollout, config: PPOConfig) -> tuple[tor
 
 
 def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: Reward, reference, config: PPOConfig,
-              run: RunDir, template: Template = chat,
+              run: RunDir,
               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` against ``reward`` on ``prompts`` with PPO; returns the trained policy (the
     value head is only in the run's checkpoints). ``reference`` (frozen) must share the policy's
@@ -237,7 +236,7 @@ def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: Reward, referen
                 raise SafetylabError(f"ppo: {config.mini_batches} mini-batches do not fit this process's "
                                      f"{len(local)} prompts per rollout")
             rollout = collect_rollout(model, tokenizer, local, reward, reference, controller.value, config,
-                                      step.device, template, fitted_normalizer if config.normalize_scores else None)
+                                      step.device, fitted_normalizer if config.normalize_scores else None)
             kl = reduce(torch.tensor(rollout.stats["objective/kl"], device=step.device), "mean").item()
             controller.update(kl, config.train.batch_size)
             current.update(rollout=rollout, orders=[torch.randperm(len(local)) for _ in range(config.ppo_epochs)])

@@ -35,11 +35,12 @@ from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir, saved_inside
 from safetylab.core.seeding import seed_everything
-from safetylab.models.logprobs import Batch, Template, encode_pairs, pack_pairs
+from safetylab.models.conversation import chat_template, encode_conversation, render_conversation
+from safetylab.models.logprobs import Batch, encode_pairs, pack_pairs
 from safetylab.models.packing import LAYOUTS, pack_batch
 from safetylab.models.sampling import Samples
+from safetylab.models.tokenizer import WORLD_CHAT_TEMPLATE, adopt_world_template
 from safetylab.models.train import Step, TrainConfig, train_loop
-from safetylab.world.world import chat
 
 POOLINGS = ("last", "mean", "first")
 MINILM = "minilm"  # the name train rm and backbone_from accept for the packaged all-MiniLM-L6-v2
@@ -124,12 +125,19 @@ Reward = RewardFn | RewardModel  # scored through text, or on the policy's token
 def policy_reward(model: nn.Module, tokenizer, policy_tokenizer) -> Reward:
     """The reward a policy trainer should use: a :class:`RewardModel` itself, to score sampled token
     ids, when it reads conversations with the policy's own tokenizer and encoding (the same
-    vocabulary, and ``template(prompt) + response + eos``); else (an ensemble, another tokenizer) a
-    function that scores decoded text with ``tokenizer`` (:func:`score`)."""
+    vocabulary and chat template, :func:`~safetylab.models.conversation.encode_conversation`); else (an
+    ensemble, another tokenizer) a function that scores decoded text with ``tokenizer`` (:func:`score`)."""
     if (isinstance(model, RewardModel) and reward_encoding(tokenizer) == "eos"
-            and tokenizer.get_vocab() == policy_tokenizer.get_vocab()):
+            and tokenizer.get_vocab() == policy_tokenizer.get_vocab() and _same_template(tokenizer, policy_tokenizer)):
         return model
     return lambda prompts, responses: score(model, tokenizer, prompts, responses)
+
+
+def _same_template(a, b) -> bool:
+    try:
+        return chat_template(a) == chat_template(b)
+    except SafetylabError:
+        return False
 
 
 def sample_rewards(reward: Reward, samples: Samples, batch: Batch, layout: str = "packed") -> torch.Tensor:
@@ -168,11 +176,12 @@ def reward_encoding(tokenizer) -> str:
     """How a (prompt, response) pair becomes tokens for a reward model, decided by the tokenizer:
 
     - ``"pair"`` when the tokenizer has a separator token (BERT, RoBERTa, DeBERTa, ELECTRA, MPNet,
-      MiniLM: encoders): ``(template(prompt), response)`` is a text pair with the tokenizer's own
-      special tokens, ``[CLS] prompt [SEP] response [SEP]``; segment (token type) ids are not
-      passed, so they are all 0 and the separator marks the boundary;
-    - ``"eos"`` otherwise (causal LMs): ``template(prompt) + response + eos``, as every other
-      algorithm here encodes a conversation (:func:`~safetylab.models.logprobs.encode_pairs`).
+      MiniLM: encoders): ``(prompt text, response)`` is a text pair with the tokenizer's own
+      special tokens, ``[CLS] prompt [SEP] response [SEP]`` (the prompt text: :func:`pair_prompt`);
+      segment (token type) ids are not passed, so they are all 0 and the separator marks the boundary;
+    - ``"eos"`` otherwise (causal LMs): the conversation in the tokenizer's chat template, the
+      response through its eos, as every other algorithm here encodes it
+      (:func:`~safetylab.models.conversation.encode_conversation`).
 
     The rule reads the tokenizer, not the architecture (a config's ``is_decoder`` is False for
     GPT-2 too), and the tokenizer is saved with the reward model, so training and scoring agree.
@@ -214,38 +223,47 @@ def reward_context(model: nn.Module, tokenizer) -> int | None:
     return min(limits) if limits else None
 
 
-def prompt_tokens(tokenizer, prompt: str, template: Template = chat) -> int:
-    """Tokens a row spends before its response: ``template(prompt)`` and the special tokens of the
-    tokenizer's encoding (:func:`reward_encoding`). A row of ``max_length`` tokens has room for
+def pair_prompt(tokenizer, prompt: str) -> str:
+    """The first text of a ``"pair"`` encoding (:func:`reward_encoding`): the prompt in the tokenizer's
+    chat template with its generation prompt; an encoder has none (BERT, MiniLM), and then the
+    world's format, ``<user> {prompt} <assistant>``, marks the prompt as its text."""
+    template = getattr(tokenizer, "chat_template", None) or WORLD_CHAT_TEMPLATE
+    return render_conversation(tokenizer, prompt, template=template)
+
+
+def prompt_tokens(tokenizer, prompt: str) -> int:
+    """Tokens a row spends before its response: the prompt as the tokenizer's encoding writes it
+    (:func:`reward_encoding`) and its special tokens. A row of ``max_length`` tokens has room for
     ``max_length − prompt_tokens`` response tokens (eos included)."""
     if reward_encoding(tokenizer) == "pair":
-        return (len(tokenizer(template(prompt), add_special_tokens=False)["input_ids"])
+        return (len(tokenizer(pair_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"])
                 + tokenizer.num_special_tokens_to_add(pair=True))
-    return len(tokenizer(template(prompt))["input_ids"])
+    return len(encode_conversation(tokenizer, prompt)[0])
 
 
-def _check_prompt(tokenizer, prompt: str, template: Template, max_length: int | None, where: str) -> None:
+def _check_prompt(tokenizer, prompt: str, max_length: int | None, where: str) -> None:
     if max_length is None:
         return
-    length = prompt_tokens(tokenizer, prompt, template)
+    length = prompt_tokens(tokenizer, prompt)
     if length >= max_length:
         raise SafetylabError(f"{where}: the prompt has {length} tokens, more than the {max_length - 1} that leave "
                              f"room for a response (max_length {max_length})")
 
 
-def encode_rewards(tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
-                   max_length: int | None = None, first: int = 1, what: str = "pair") -> Batch:
+def encode_rewards(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int | None = None,
+                   first: int = 1, what: str = "pair") -> Batch:
     """A batch of (prompt, response) rows for a reward model, encoded as :func:`reward_encoding`
     says. ``max_length`` truncates the response side; a prompt that leaves no room for a response
     is an error naming its row (``what`` and number, counting from ``first``)."""
     if len(prompts) != len(responses):
         raise SafetylabError(f"{len(prompts)} prompts but {len(responses)} responses")
     for i, prompt in enumerate(prompts):
-        _check_prompt(tokenizer, prompt, template, max_length, f"{what} {first + i}")
+        _check_prompt(tokenizer, prompt, max_length, f"{what} {first + i}")
     if reward_encoding(tokenizer) == "eos":
-        return encode_pairs(tokenizer, prompts, responses, template, max_length)
-    encoded = tokenizer([template(p) for p in prompts], list(responses), padding=True, return_tensors="pt",
-                        truncation="only_second" if max_length is not None else False, max_length=max_length)
+        return encode_pairs(tokenizer, prompts, responses, max_length)
+    encoded = tokenizer([pair_prompt(tokenizer, p) for p in prompts], list(responses), padding=True,
+                        return_tensors="pt", truncation="only_second" if max_length is not None else False,
+                        max_length=max_length)
     attention = encoded["attention_mask"]
     response_mask = torch.zeros_like(attention)
     for row in range(len(prompts)):  # the response segment and the special tokens after it
@@ -288,12 +306,13 @@ def backbone_from(path: str | os.PathLike, device: torch.device | str = "cpu"):
     layer over [CLS], trained for next-sentence prediction, absent from many checkpoints) is
     removed: the reward head reads ``last_hidden_state``, so the pooler would only cost compute
     and leave parameters that get no gradient. The tokenizer must have a pad token and a separator
-    or end-of-sequence token (:func:`reward_encoding`)."""
+    or end-of-sequence token (:func:`reward_encoding`); a world tokenizer saved without a chat template
+    gets the world's (:func:`~safetylab.models.tokenizer.adopt_world_template`)."""
     path = backbone_path(path)
     if not (path / "config.json").is_file():
         raise SafetylabError(f"{path}: not a model directory (no config.json)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = adopt_world_template(AutoTokenizer.from_pretrained(path, local_files_only=True))
         backbone, info = AutoModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
     except Exception as e:  # noqa: BLE001 - any failure means missing or broken files
         raise SafetylabError(f"{path}: cannot load a backbone ({type(e).__name__}: {e})") from None
@@ -313,11 +332,11 @@ def backbone_from(path: str | os.PathLike, device: torch.device | str = "cpu"):
 
 @torch.no_grad()
 def score(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-          template: Template = chat, batch_size: int = 128, max_length: int | None = None) -> torch.Tensor:
+          batch_size: int = 128, max_length: int | None = None) -> torch.Tensor:
     """Rewards of (prompt, response) pairs, given as text.
 
     Scoring goes through text: ``tokenizer`` (the reward model's own, saved with it) re-tokenizes
-    ``template(prompt)`` and each response as :func:`reward_encoding` says. So a reward model may
+    each prompt and response as :func:`reward_encoding` says. So a reward model may
     score a policy with another tokenizer, or another model's outputs; it then sees the text as its
     own tokenizer reads it (an uncased encoder such as MiniLM lowercases it, and characters outside
     its vocabulary become [UNK]), not the policy's token ids. Decode a policy's samples to text
@@ -332,13 +351,13 @@ def score(model: nn.Module, tokenizer, prompts: Sequence[str], responses: Sequen
     out = [torch.zeros(0, device=device)]
     for start in range(0, len(prompts), batch_size):
         batch = encode_rewards(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
-                               template, max_length, first=start + 1).to(device)
+                               max_length, first=start + 1).to(device)
         out.append(model(batch.input_ids, batch.attention_mask))
     return torch.cat(out)
 
 
 def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference], config: RewardConfig,
-                       run: RunDir, template: Template = chat) -> RewardModel:
+                       run: RunDir) -> RewardModel:
     """Minimise the Bradley–Terry loss on ``rows``; logs ``loss``, ``accuracy`` (r⁺ > r⁻) and
     ``margin`` (mean r⁺ − r⁻) per window.
 
@@ -351,7 +370,7 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
     context = reward_context(model, tokenizer)
     max_length = min(config.train.max_length, context) if context else config.train.max_length
     for number, row in enumerate(rows, start=1):
-        length = prompt_tokens(tokenizer, row.prompt, template)
+        length = prompt_tokens(tokenizer, row.prompt)
         if length >= max_length:
             limits = f"max_length {config.train.max_length}"
             limits += f", the backbone's context {context}" if context else ""
@@ -362,8 +381,8 @@ def train_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]
     layout = config.layout if causal else "padded"
     sequences = []  # each row's chosen and rejected (prompt ids, response ids), tokenized once, unpadded
     for number, row in enumerate(rows, start=1):
-        pair = encode_rewards(tokenizer, [row.prompt] * 2, [row.chosen, row.rejected], template, max_length,
-                              first=number, what="preference")
+        pair = encode_rewards(tokenizer, [row.prompt] * 2, [row.chosen, row.rejected], max_length, first=number,
+                              what="preference")
         sequences.append([_split(ids[keep.bool()], response[keep.bool()])
                           for ids, keep, response in zip(pair.input_ids, pair.attention_mask, pair.response_mask)])
 
@@ -388,13 +407,12 @@ def _split(ids: torch.Tensor, response: torch.Tensor) -> tuple[list[int], list[i
 
 
 @torch.no_grad()
-def evaluate_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference],
-                          template: Template = chat) -> dict[str, float]:
+def evaluate_reward_model(model: RewardModel, tokenizer, rows: Sequence[Preference]) -> dict[str, float]:
     """``accuracy`` (r(chosen) > r(rejected)), mean ``margin``, and, where rows carry the world's
     gold utilities (``gold_chosen``, ``gold_rejected``), ``gold_agreement``: how often the reward
     ranks the pair as the gold judge does (ties in gold skipped)."""
-    chosen = score(model, tokenizer, [r.prompt for r in rows], [r.chosen for r in rows], template)
-    rejected = score(model, tokenizer, [r.prompt for r in rows], [r.rejected for r in rows], template)
+    chosen = score(model, tokenizer, [r.prompt for r in rows], [r.chosen for r in rows])
+    rejected = score(model, tokenizer, [r.prompt for r in rows], [r.rejected for r in rows])
     diff = chosen - rejected
     out = {"accuracy": round((diff > 0).float().mean().item(), 6), "margin": round(diff.mean().item(), 6)}
     gold = [(i, r.meta["gold_chosen"] - r.meta["gold_rejected"]) for i, r in enumerate(rows)

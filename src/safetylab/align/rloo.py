@@ -30,11 +30,10 @@ from safetylab.align.losses import policy_loss
 from safetylab.align.reward import Reward, RewardModel, sample_rewards
 from safetylab.core.config import require, require_choice
 from safetylab.core.runs import RunDir
-from safetylab.models.logprobs import Template, batch_logprobs, check_same_vocabulary, kl_per_token
+from safetylab.models.logprobs import batch_logprobs, check_same_vocabulary, kl_per_token
 from safetylab.models.packing import LAYOUTS
 from safetylab.models.sampling import sample
 from safetylab.models.train import Step, TrainConfig, train_loop
-from safetylab.world.world import chat
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class RLOOConfig:
 
 
 def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: Reward, reference, config: RLOOConfig,
-               run: RunDir, template: Template = chat,
+               run: RunDir,
                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` against ``reward`` on ``prompts`` with RLOO; returns the trained policy.
     ``reference`` (frozen) must share the policy's tokenizer, and so must ``reward`` when it is a
@@ -74,7 +73,7 @@ def train_rloo(policy, tokenizer, prompts: Sequence[str], reward: Reward, refere
         generator = getattr(model, "module", model)  # generate on the bare model, not its DDP wrapper
         repeated = [prompts[i] for i in step.local for _ in range(config.k)]  # prompt-major
         samples = sample(generator, tokenizer, repeated, config.max_new_tokens)
-        batch = samples.to_batch(tokenizer, template).to(step.device)
+        batch = samples.to_batch(tokenizer).to(step.device)
         logps, mask = batch_logprobs(model, batch, config.layout)
         with torch.no_grad():
             ref_logps, _ = batch_logprobs(reference, batch, config.layout)

@@ -6,16 +6,14 @@ Every algorithm that needs log-probs calls these; nobody writes them twice.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from safetylab.core.errors import SafetylabError
+from safetylab.models.conversation import encode_conversation
 from safetylab.models.packing import pack_batch
-from safetylab.world.world import chat
-
-Template = Callable[[str], str]
 
 
 @dataclass
@@ -30,29 +28,29 @@ class Batch:
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
-                 max_length: int | None = None) -> Batch:
-    """Tokenize prompt (through ``template``) and response separately, so the boundary is exact.
+def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_length: int | None = None) -> Batch:
+    """Conversations encoded by :func:`~safetylab.models.conversation.encode_conversation` (the
+    tokenizer's chat template), so the prompt/response boundary is exact.
 
     ``max_length`` truncates the response side; a prompt longer than it is an error.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    pairs = [conversation_ids(tokenizer, prompt, [response], template, max_length)
+    pairs = [conversation_ids(tokenizer, prompt, [response], max_length)
              for prompt, response in zip(prompts, responses)]
     return pack_pairs([p for p, _ in pairs], [r for _, (r,) in pairs], tokenizer.pad_token_id)
 
 
-def conversation_ids(tokenizer, prompt: str, responses: Sequence[str], template: Template = chat,
+def conversation_ids(tokenizer, prompt: str, responses: Sequence[str],
                      max_length: int | None = None) -> tuple[list[int], list[list[int]]]:
-    """The token ids of ``template(prompt)`` and of each of its ``responses`` followed by eos, each
-    response cut so that prompt and response fit ``max_length``; a prompt longer than it is an error."""
-    p = tokenizer(template(prompt))["input_ids"]
+    """The token ids of ``prompt`` and of each of its ``responses`` (through their eos), as
+    :func:`~safetylab.models.conversation.encode_conversation` encodes them, each response cut so that
+    prompt and response fit ``max_length``; a prompt longer than it is an error."""
+    p, _ = encode_conversation(tokenizer, prompt)
     if max_length is not None and len(p) >= max_length:
         raise ValueError(f"prompt of {len(p)} tokens does not fit max_length={max_length}: {prompt!r}")
     room = None if max_length is None else max_length - len(p)
-    return p, [(tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:room]
-               for r in responses]
+    return p, [encode_conversation(tokenizer, prompt, r)[1][:room] for r in responses]
 
 
 def pack_pairs(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad: int) -> Batch:
@@ -92,7 +90,7 @@ def batch_logprobs(model, batch: Batch, layout: str = "padded") -> tuple[torch.T
     return out, mask
 
 
-def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str], template: Template = chat,
+def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
              batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of ``responses`` (eos included) given ``prompts`` under ``model``.
 
@@ -104,8 +102,8 @@ def logprobs(model, tokenizer, prompts: Sequence[str], responses: Sequence[str],
         return torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device)
     rows: list[torch.Tensor] = []
     for start in range(0, len(prompts), batch_size):
-        batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
-                             template).to(device)
+        end = start + batch_size
+        batch = encode_pairs(tokenizer, prompts[start:end], responses[start:end]).to(device)
         lp, mask = batch_logprobs(model, batch)
         for row_lp, row_mask in zip(lp, mask.bool()):
             rows.append(row_lp[row_mask])
@@ -166,14 +164,14 @@ def full_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor) 
 
 @torch.no_grad()
 def policy_kl(policy, reference, tokenizer, prompts: Sequence[str], responses: Sequence[str],
-              template: Template = chat, batch_size: int = 64) -> torch.Tensor:
+              batch_size: int = 64) -> torch.Tensor:
     """Per-sequence KL(policy ‖ reference) along ``responses`` sampled from ``policy``
     (see :func:`full_kl`). Both models must share ``tokenizer``."""
     device = next(policy.parameters()).device
     out = [torch.zeros(0, device=device)]
     for start in range(0, len(prompts), batch_size):
-        batch = encode_pairs(tokenizer, prompts[start:start + batch_size], responses[start:start + batch_size],
-                             template).to(device)
+        end = start + batch_size
+        batch = encode_pairs(tokenizer, prompts[start:end], responses[start:end]).to(device)
         kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
         logits_p = policy(**kwargs).logits[:, :-1]
         logits_q = reference(**kwargs).logits[:, :-1]

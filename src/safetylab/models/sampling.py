@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from safetylab.core.errors import SafetylabError
-from safetylab.models.logprobs import Batch, Template, gather_logprobs, pack_pairs
-from safetylab.world.world import chat
+from safetylab.models.conversation import encode_conversation
+from safetylab.models.logprobs import Batch, gather_logprobs, pack_pairs
 
 
 @dataclass
@@ -25,19 +25,22 @@ class Samples:
     mask: torch.Tensor
     finished: torch.Tensor
 
-    def to_batch(self, tokenizer, template: Template = chat) -> Batch:
-        """The sampled token ids after their prompts, for scoring with any model that shares the
-        tokenizer: no decoding and re-tokenizing in between."""
-        prompts = [tokenizer(template(p))["input_ids"] for p in self.prompts]
+    def to_batch(self, tokenizer) -> Batch:
+        """The sampled token ids after their prompts (encoded as sampling encoded them,
+        :func:`~safetylab.models.conversation.encode_conversation`), for scoring with any model that
+        shares the tokenizer: no decoding and re-tokenizing in between."""
+        encoded = {p: encode_conversation(tokenizer, p)[0] for p in dict.fromkeys(self.prompts)}
+        prompts = [encoded[p] for p in self.prompts]
         responses = [row[mask.bool()].tolist() for row, mask in zip(self.tokens.cpu(), self.mask.cpu())]
         return pack_pairs(prompts, responses, tokenizer.pad_token_id)
 
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, temperature: float = 1.0,
-           greedy: bool = False, batch_size: int = 128, template: Template = chat) -> Samples:
+           greedy: bool = False, batch_size: int = 128) -> Samples:
     """Sample one response per prompt from the full distribution (no top-k or top-p) at
-    ``temperature``, or its argmax with ``greedy``.
+    ``temperature``, or its argmax with ``greedy``. Each prompt is encoded through the tokenizer's chat
+    template with its generation prompt (:func:`~safetylab.models.conversation.encode_conversation`).
 
     A plain key/value-cached loop, lean where ``model.generate`` is not: each distinct prompt of a
     batch is prefilled once and its cache shared by all its samples (RLOO's k samples of one prompt),
@@ -52,7 +55,7 @@ def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, t
         return Samples([], [], empty.long(), empty, empty, torch.zeros(0, dtype=torch.bool))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     parts = [_sample_batch(model, tokenizer, prompts[start:start + batch_size], start, max_new_tokens,
-                           1.0 if greedy else temperature, greedy, template)
+                           1.0 if greedy else temperature, greedy)
              for start in range(0, len(prompts), batch_size)]
     width = max(t.shape[1] for t, _ in parts)
     tokens = torch.cat([_pad(t, width, pad) for t, _ in parts])
@@ -66,20 +69,20 @@ def sample(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, t
 
 
 def _sample_batch(model, tokenizer, prompts: Sequence[str], start: int, max_new_tokens: int, temperature: float,
-                  greedy: bool, template: Template) -> tuple[torch.Tensor, torch.Tensor]:
+                  greedy: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokens ``[N, T]`` and their log-probs for one batch of prompts (T ≤ ``max_new_tokens``; rows
     that finished early hold pad tokens)."""
     device = next(model.parameters()).device
     distinct = list(dict.fromkeys(prompts))
     where = {p: i for i, p in enumerate(distinct)}
     index = torch.tensor([where[p] for p in prompts], device=device)
-    enc = tokenizer([template(p) for p in distinct], return_tensors="pt", padding=True, padding_side="left").to(device)
+    input_ids, mask = _left_padded([encode_conversation(tokenizer, p)[0] for p in distinct], tokenizer.pad_token_id,
+                                   device)
     context = getattr(model.config, "max_position_embeddings", None)
-    if context is not None and enc["input_ids"].shape[1] + max_new_tokens > context:
-        _context_error(enc["attention_mask"].sum(1), start, max_new_tokens, context)
-    mask = enc["attention_mask"]
+    if context is not None and input_ids.shape[1] + max_new_tokens > context:
+        _context_error(mask.sum(1), start, max_new_tokens, context)
     positions = (mask.cumsum(1) - 1).clamp_min(0)
-    out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
     cache = out.cache
     if len(distinct) < len(prompts):
@@ -101,6 +104,14 @@ def _sample_batch(model, tokenizer, prompts: Sequence[str], start: int, max_new_
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
         cache, logits = out.cache, out.logits[:, -1]
     return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def _left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids padded on the left to one width, and their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def _context_error(lengths: torch.Tensor, start: int, max_new_tokens: int, context: int):

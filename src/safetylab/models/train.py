@@ -23,9 +23,9 @@ from safetylab.core.errors import SafetylabError
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
+from safetylab.models.conversation import encode_conversation
 from safetylab.models.lm import ModelConfig, build_model, load_model, save_model
 from safetylab.models.tokenizer import train_tokenizer
-from safetylab.world.world import chat
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,12 @@ def text_examples(tokenizer, lines: Sequence[str], max_length: int) -> list[Exam
 
 
 def chat_examples(tokenizer, pairs: Sequence[tuple[str, str]], max_length: int) -> list[Example]:
-    """SFT examples: ``chat(prompt)`` then ``response <eos>``, the loss on the response side only."""
+    """SFT examples: the prompt then the response through its eos, in the tokenizer's chat template
+    (:func:`~safetylab.models.conversation.encode_conversation`), the loss on the response side only;
+    cut to ``max_length`` tokens."""
     out = []
     for prompt, response in pairs:
-        p = tokenizer(chat(prompt), add_special_tokens=False)["input_ids"]
-        r = tokenizer(f"{response} <eos>", add_special_tokens=False)["input_ids"]
+        p, r = encode_conversation(tokenizer, prompt, response)
         ids = (p + r)[:max_length]
         out.append(Example(ids, ([0] * len(p) + [1] * len(r))[:max_length]))
     return out
