@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -20,16 +21,18 @@ from safetylab.align.reward import (
     conservative_reward,
     encode_rewards,
     evaluate_reward_model,
+    fit_reward_models,
     last_token_pool,
     load_reward_model,
     mean_pool,
+    member_seed,
     policy_reward,
     sample_rewards,
     save_reward_model,
     score,
     train_reward_model,
 )
-from safetylab.core import RunDir, SafetylabError, write_jsonl
+from safetylab.core import RunDir, SafetylabError, derive_seed, write_jsonl
 from safetylab.models import ModelConfig, build_model, save_model
 from safetylab.models.sampling import Samples
 from safetylab.models.train import TrainConfig
@@ -220,6 +223,33 @@ def test_an_ensemble_of_seeds_differs_in_its_heads(tmp_path, tok):
     base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "lm")
     heads = [build_reward_model(base, replace(RewardConfig(), members=2), seed=s)[0].head.weight for s in (0, 1)]
     assert not torch.equal(heads[0], heads[1])
+
+
+def test_ensemble_members_get_seeds_by_purpose_and_member_0_keeps_the_root():
+    assert member_seed(7, 0) == 7  # a single reward model is the one a plain run of the seed trains
+    assert member_seed(7, 1) == derive_seed(7, "reward-member", 1)
+    members = {(root, i): member_seed(root, i) for root in range(4) for i in range(3)}
+    assert len(set(members.values())) == len(members)  # seed 0's member 1 is not seed 1's member 0
+
+
+def test_fit_reward_models_trains_member_i_on_its_seed_and_leaves_the_global_generator(tmp_path, tok, rows):
+    torch.manual_seed(0)
+    base = save_model(build_model(ModelConfig(n_layer=1, n_head=2, n_embd=32), tok), tok, tmp_path / "lm")
+    config = RewardConfig(train=replace(TRAIN, steps=2, log_every=1, checkpoint_every=2, seed=3), members=2)
+    models, _ = fit_reward_models(base, rows, config, RunDir(tmp_path / "rm", {}))
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    for i in range(len(models)):
+        seed = member_seed(3, i)
+        saved = json.loads((tmp_path / "rm" / "members" / str(i) / "config.json").read_text())
+        assert saved["reward"]["train"]["seed"] == seed
+        fresh, _ = build_reward_model(base, config, seed)  # the member's head before training, from its seed
+        assert torch.equal(torch.random.get_rng_state(), state)  # built without touching the global generator
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            expected = RewardModel(fresh.backbone)
+        assert torch.equal(fresh.head.weight, expected.head.weight)
+    assert not torch.equal(models[0].head.weight, models[1].head.weight)
 
 
 def test_train_rm_command_trains_an_ensemble_from_a_user_file(tmp_path, tok, world):

@@ -34,7 +34,7 @@ from safetylab.align.losses import bradley_terry_loss
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir, saved_inside
-from safetylab.core.seeding import seed_everything
+from safetylab.core.seeding import derive_seed, torch_seed
 from safetylab.models.conversation import chat_template, encode_conversation, render_conversation
 from safetylab.models.logprobs import Batch, encode_pairs, pack_pairs
 from safetylab.models.packing import LAYOUTS, pack_batch
@@ -156,7 +156,7 @@ class RewardConfig:
     margin: float = 0.0
     center_coef: float = 0.0  # Eisenstein et al. 2023 use 0.01
     pooling: str = "auto"  # auto: "mean" for text-pair (encoder) tokenizers, else "last"; see resolve_pooling
-    members: int = 1  # an ensemble of this many reward models, seeds seed, seed+1, …
+    members: int = 1  # an ensemble of this many reward models (member seeds: fit_reward_models)
     disable_dropout: bool = True  # train in eval mode, as the model will score (TRL's default)
     # a causal LM with last-token pooling reads each pair's prompt once, chosen and rejected after it
     # (safetylab.models.packing); other backbones and poolings run padded rows
@@ -481,21 +481,33 @@ def load_reward_model(path: str | os.PathLike, device: torch.device | str = "cpu
 def build_reward_model(base: str | os.PathLike, config: RewardConfig, seed: int,
                        device: torch.device | str = "cpu") -> tuple[RewardModel, object]:
     """A reward model on the backbone saved at ``base`` (a directory, or ``minilm``), its head
-    initialised from ``seed``, pooling as :func:`resolve_pooling` says."""
+    initialised from ``seed`` (torch's generator seeded for the head alone, then restored: no global
+    state changes), pooling as :func:`resolve_pooling` says."""
     backbone, tokenizer = backbone_from(base, device)
     pooling = resolve_pooling(config.pooling, tokenizer)
-    seed_everything(seed)
-    return RewardModel(backbone, pooling).to(device), tokenizer
+    with torch_seed(seed):
+        model = RewardModel(backbone, pooling)
+    return model.to(device), tokenizer
+
+
+def member_seed(root: int, member: int) -> int:
+    """The seed of ensemble member ``member`` under the run's ``root`` seed: ``root`` for member 0 (the
+    single reward model of a default run), ``derive_seed(root, "reward-member", i)`` for i ≥ 1."""
+    return root if member == 0 else derive_seed(root, "reward-member", member)
 
 
 def fit_reward_models(base: str | os.PathLike, rows: Sequence[Preference], config: RewardConfig, run: RunDir,
                       device: torch.device | str = "cpu") -> tuple[list[RewardModel], object]:
-    """Train ``config.members`` reward models on the backbone at ``base`` (member i with seed
-    ``seed + i`` for its head and data order), each in ``members/i`` of ``run`` and saved to its
-    ``artifacts/reward-model``; finished members are loaded instead of retrained."""
+    """Train ``config.members`` reward models on the backbone at ``base``, each in ``members/i`` of
+    ``run`` and saved to its ``artifacts/reward-model``; finished members are loaded instead of retrained.
+
+    Member i's seed (its head and data order) is :func:`member_seed`: member 0 trains on the root seed
+    ``config.train.seed`` itself, so a single reward model (``members=1``, the default) is the one a
+    plain run of that seed trains; members 1, 2, … get seeds derived from the root by purpose, so no two
+    root seeds share a member (seed s's member 1 is not seed s + 1's member 0)."""
     models, tokenizer = [], None
     for i in range(config.members):
-        seed = config.train.seed + i
+        seed = member_seed(config.train.seed, i)
         member_config = replace(config, train=replace(config.train, seed=seed))
         member = RunDir(run.path / "members" / str(i), {"base": str(base), "reward": asdict(member_config),
                                                         "pairs": len(rows)})

@@ -94,11 +94,17 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     position = step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(position, n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(seed * 100_003 + epoch)))
         take = min(batch_size - len(out), n - offset)
         out.extend(order[offset:offset + take].tolist())
         position += take
     return out
+
+
+def _seed64(seed: int) -> int:
+    """``seed`` in the range torch's generators take (unchanged below 2⁶⁴), so a derived 63-bit seed
+    (:func:`safetylab.core.seeding.derive_seed`) can seed a run too."""
+    return seed % 2**64
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -182,7 +188,7 @@ def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, con
     if state:
         accelerator.register_for_checkpointing(*state)
     rank, processes = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(config.seed * 1_000 + rank)  # sampling inside steps (RL) repeats; a resume restores it
+    torch.manual_seed(_seed64(config.seed * 1_000 + rank))  # sampling inside steps (RL) repeats; resume restores it
     start = _resume(accelerator, run)
     if start == 0 and config.eval_every and evaluate is not None and accelerator.is_main_process:
         run.log(0, **_evaluate(accelerator.unwrap_model(model), evaluate, config.seed))  # the starting point
