@@ -16,7 +16,7 @@ import numpy as np
 from gymnasium import spaces
 
 from safetylab.agents.gridworld import TILES
-from safetylab.agents.tabular import episode_metrics
+from safetylab.agents.tabular import episode_metrics, episode_seeds
 from safetylab.core.errors import SafetylabError
 
 DEEP_AGENTS = ("ppo", "dqn")
@@ -70,13 +70,13 @@ def train_deep(env: gym.Env, algorithm: str, timesteps: int, seed: int = 0):
     return model, history
 
 
-def evaluate_deep(model, env: gym.Env, episodes: int = 100, seed: int = 10_000) -> dict:
+def evaluate_deep(model, env: gym.Env, episodes: int = 100, seed: int = 0) -> dict:
     """Mean return and performance of the model's deterministic policy, and the environment's
-    ``episode_metrics``."""
+    ``episode_metrics``; episodes reset with ``episode_seeds(seed, "eval", episodes)``."""
     env = OneHotBoard(env)
     returns, performances, ends = [], [], []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=seed + i)
+    for reset_seed in episode_seeds(seed, "eval", episodes):
+        obs, _ = env.reset(seed=reset_seed)
         while True:
             action, _ = model.predict(obs, deterministic=True)
             obs, _, terminated, truncated, info = env.step(int(action))

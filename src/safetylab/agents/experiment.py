@@ -109,7 +109,7 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
     test_env = view(gym.make(f"safetylab/{environment}-v0", **plan.test_kwargs))
     if agent in DEEP_AGENTS:
         learner, history = train_deep(setup["env"], agent, timesteps, seed)
-        result = evaluate_deep(learner, test_env, 100, seed=10_000 + seed)
+        result = evaluate_deep(learner, test_env, 100, seed=seed)
     else:
         config = TabularConfig(episodes=plan.episodes if episodes is None else episodes, seed=seed)
         learner = make_agent(agent, 4, config)
@@ -119,12 +119,12 @@ def run_experiment(environment: str, agent: str, mitigation: str | None = None, 
             history = train(setup["env"], learner, config, setup["reward_fn"], setup["follow_overrides"])
         abstain = familiarity_check(list(learner.q), test_env.observation_space.shape, len(TILES)) \
             if mitigation == "abstain" else None
-        result = evaluate(test_env, learner, 100, seed=10_000 + seed, abstain=abstain)
+        result = evaluate(test_env, learner, 100, seed=seed, abstain=abstain)
 
     def variant(kwargs: dict) -> dict:
         env = view(gym.make(f"safetylab/{environment}-v0", **kwargs))
         deep = agent in DEEP_AGENTS
-        return evaluate_deep(learner, env, 100, 10_000 + seed) if deep else evaluate(env, learner, 100, 10_000 + seed)
+        return evaluate_deep(learner, env, 100, seed) if deep else evaluate(env, learner, 100, seed)
 
     tail = history[-max(1, len(history) // 10):]
     record = {

@@ -198,13 +198,13 @@ def train_with_preferences(env: gym.Env, agent, config, rounds: int = 10, reward
     """Christiano et al.'s loop with a tabular agent: ``rounds`` times, the agent trains for
     ``config.episodes / rounds`` episodes on the current r̂ while its trajectories are stored, then r̂ is
     refitted on comparisons of them. The first round explores with r̂ = 0."""
-    from safetylab.agents.tabular import epsilon_at, run_episode
+    from safetylab.agents.tabular import episode_seeds, epsilon_at, run_episode
 
     reward = reward or PreferenceReward(seed=config.seed)
     history, per_round = [], max(1, config.episodes // rounds)
-    for episode in range(config.episodes):
+    for episode, seed in enumerate(episode_seeds(config.seed, "train", config.episodes)):
         trace: list = []
-        record = run_episode(env, agent, epsilon_at(config, episode), seed=config.seed + episode, reward_fn=reward,
+        record = run_episode(env, agent, epsilon_at(config, episode), seed=seed, reward_fn=reward,
                              trace=trace)
         reward.add(trace)
         history.append({"episode": episode, **record})

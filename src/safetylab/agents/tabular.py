@@ -23,6 +23,7 @@ import numpy as np
 
 from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
+from safetylab.core.seeding import derive_seed
 
 AGENTS = ("q-learning", "sarsa")
 
@@ -134,32 +135,42 @@ def run_episode(env: gym.Env, agent: TabularAgent, epsilon: float, learn: bool =
                     "terminated": terminated, **{k: info[k] for k in env.unwrapped.episode_metrics}}
 
 
+def episode_seeds(root: int, purpose: str, episodes: int) -> range:
+    """The reset seeds of ``episodes`` episodes of the stream ``purpose`` ("train", "eval") under the run's
+    ``root`` seed: consecutive seeds from a derived 63-bit start, so streams of different roots or
+    purposes do not meet (seed 0's episode 1 is no longer seed 1's episode 0)."""
+    start = derive_seed(root, "episodes", purpose)
+    return range(start, start + episodes)
+
+
 def train(env: gym.Env, agent: TabularAgent, config: TabularConfig, reward_fn: RewardFn | None = None,
           follow_overrides: bool = True) -> list[dict]:
-    """``config.episodes`` episodes of ε-greedy learning; one record per episode."""
+    """``config.episodes`` episodes of ε-greedy learning; one record per episode. Episode i resets the
+    environment with :func:`episode_seeds`' i-th seed, so two training seeds never share an episode."""
     history = []
-    for episode in range(config.episodes):
-        record = run_episode(env, agent, epsilon_at(config, episode), seed=config.seed + episode,
+    for episode, seed in enumerate(episode_seeds(config.seed, "train", config.episodes)):
+        record = run_episode(env, agent, epsilon_at(config, episode), seed=seed,
                              reward_fn=reward_fn, follow_overrides=follow_overrides)
         history.append({"episode": episode, **record})
     return history
 
 
-def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int = 10_000, epsilon: float = 0.0,
+def evaluate(env: gym.Env, agent: TabularAgent, episodes: int = 100, seed: int = 0, epsilon: float = 0.0,
              abstain: Callable[[np.ndarray], bool] | None = None) -> dict:
     """Mean return and performance of the (greedy by default) policy, without learning. With ``abstain``,
     the agent stops and hands over (the episode ends, counted as it stands, and ``abstained`` says how
-    often) whenever ``abstain(obs)`` flags the observation as unfamiliar. The environment's
+    often) whenever ``abstain(obs)`` flags the observation as unfamiliar. Episodes reset with
+    ``episode_seeds(seed, "eval", episodes)``. The environment's
     ``episode_metrics`` are averaged over the episodes that ran to their end."""
     returns, performances, abstained, ends = [], [], 0, []
-    for i in range(episodes):
+    for reset_seed in episode_seeds(seed, "eval", episodes):
         if abstain is None:
-            record = run_episode(env, agent, epsilon, learn=False, seed=seed + i)
+            record = run_episode(env, agent, epsilon, learn=False, seed=reset_seed)
             returns.append(record["return"])
             performances.append(record["performance"])
             ends.append(record)
             continue
-        obs, _ = env.reset(seed=seed + i)
+        obs, _ = env.reset(seed=reset_seed)
         total = hidden = 0.0
         while not abstain(obs):
             obs, reward, terminated, truncated, info = env.step(agent.act(obs.tobytes(), epsilon))

@@ -12,17 +12,19 @@ from typing import Any
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from safetylab import __version__
-from safetylab.audit.pipeline import Section
 from safetylab.core.io import atomic_write_text
+from safetylab.core.study import Section
 
 
-def build_report(config: Any, sections: dict[str, Section]) -> dict[str, Any]:
+def build_report(config: Any, sections: dict[str, Section], studies: dict[str, str]) -> dict[str, Any]:
+    """The report of ``sections`` (named ``study/stage``), grouped by the ``studies`` (name → title)."""
     return {
         "safetylab": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": asdict(config),
-        "sections": [{"name": name, **{k: v for k, v in section.__dict__.items() if k != "data"},
-                      "data": section.data} for name, section in sections.items()],
+        "studies": [{"name": name, "title": title} for name, title in studies.items()],
+        "sections": [{"name": name, "study": name.split("/")[0], **section.to_dict()}
+                     for name, section in sections.items()],
     }
 
 

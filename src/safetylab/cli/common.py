@@ -4,14 +4,23 @@ and running a study (``safetylab <subsystem> report``) once or over seeds."""
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from safetylab.core.errors import ConfigError, SafetylabError
+
+Seed = Annotated[int, typer.Option(help="Random seed (fixes the world and every run).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+RunOut = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
+Seeds = Annotated[str | None, typer.Option(help="Comma-separated seeds (0,1,2): run once per seed in OUT/seed-N "
+                                                "and write the mean ± sd summary.")]
 
 
 @contextmanager
@@ -92,3 +101,32 @@ def study_report(stages: Sequence, make_config: Callable[[int], Any], out: Path,
         return
     run_seeds(lambda s, directory: run_study(stages, configs[s], directory, only, inputs), chosen, out)
     print(f"summary over seeds {seeds}: {out / 'summary.md'}")
+
+
+def overridden(config, **given):
+    """``config`` with the command-line options that were given (not ``None``)."""
+    return replace(config, **{k: v for k, v in given.items() if v is not None})
+
+
+def emit(records: list[dict], out: Path | None) -> None:
+    from safetylab.core.io import dumps_line, write_jsonl
+
+    if out is None:
+        for record in records:
+            sys.stdout.write(dumps_line(record) + "\n")
+    else:
+        write_jsonl(out, records)
+        print(f"wrote {len(records)} lines to {out}", file=sys.stderr)
+
+
+def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str) -> None:
+    """A rich table on standard output; floats to three decimals, None as a dash."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from safetylab.core.study import cell
+
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*(cell(v) for v in row))
+    Console().print(table)

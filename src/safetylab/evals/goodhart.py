@@ -6,16 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from safetylab.align.best_of_n import RewardFn, best_of_n  # noqa: E402
-from safetylab.core.seeding import seed_everything  # noqa: E402
-from safetylab.evals.policy import summarize  # noqa: E402
-from safetylab.world.judge import GoldJudge  # noqa: E402
-from safetylab.world.requests import Request  # noqa: E402
+from safetylab.align.best_of_n import RewardFn, best_of_n
+from safetylab.core.io import save_figure
+from safetylab.core.seeding import seed_everything
+from safetylab.evals.policy import summarize
+from safetylab.world.judge import GoldJudge
+from safetylab.world.requests import Request
 
 
 def best_of_n_curve(policy, tokenizer, judge: GoldJudge, requests: Sequence[Request], reward: RewardFn,
@@ -36,7 +34,8 @@ def best_of_n_curve(policy, tokenizer, judge: GoldJudge, requests: Sequence[Requ
 
 def plot_curve(rows: Sequence[dict[str, Any]], path: Path, title: str = "Best-of-n: proxy against gold") -> Path:
     """Change in proxy reward and in gold utility against √KL (the bound), from n = the first row."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     root_kl = [r["kl_bound"] ** 0.5 for r in rows]
     ax.plot(root_kl, [r["proxy"] - rows[0]["proxy"] for r in rows], "o-", label="proxy reward (change)")
     ax.plot(root_kl, [(r["gold_utility"] or 0) - (rows[0]["gold_utility"] or 0) for r in rows], "s-",
@@ -45,6 +44,4 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path, title: str = "Best-of
     ax.set(xlabel="√KL (bound)", title=title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,0 +1,495 @@
+"""The alignment study on the assistant world: SFT → reward model → best-of-n, DPO and RL, against the
+gold judge.
+
+Stages (``safetylab align report`` runs them; the audit composes them):
+
+- ``world``: the world's data sets; the simulated labelers and the gold judge measured;
+- ``base``: pre-training on the world corpus (every behaviour in the mix, good and bad);
+- ``sft``: fine-tuning on demonstrations of good behaviour (optionally a contractor's, with habits);
+- ``evaluate``: base and SFT on held-out prompts against the gold judge;
+- ``reward``: a Bradley–Terry reward model on the labeler's comparisons of written styles and, with
+  ``on_policy_per_kind``, of the SFT model's own samples (InstructGPT's on-policy comparisons);
+- ``best-of-n``: proxy reward against gold utility as n grows (Goodhart's law, measured);
+- ``policies``: each of ``methods`` (DPO, RPO, PPO, RLOO) from SFT, compared with SFT on held-out prompts.
+
+``study_config(preset)`` gives the audit's sizes (``default``), a smaller ``quick`` one and ``ideal`` (the
+``ideal`` labeler, on-policy comparisons, all four methods).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from safetylab.align.data import preferences_from_records, read_preferences
+from safetylab.align.dpo import DPOConfig, policy_preferences, train_dpo
+from safetylab.align.ppo import PPOConfig, train_ppo
+from safetylab.align.reward import (
+    RewardConfig,
+    RewardEnsemble,
+    evaluate_reward_model,
+    fit_reward_models,
+    policy_reward,
+    score,
+)
+from safetylab.align.rloo import RLOOConfig, train_rloo
+from safetylab.core.config import require, require_choice
+from safetylab.core.devices import check_device_name, select_device
+from safetylab.core.io import atomic_write_text, save_figure, write_jsonl
+from safetylab.core.runs import RunDir
+from safetylab.core.seeding import seed_everything
+from safetylab.core.study import Context, Section, Stage, Table
+from safetylab.evals.goodhart import best_of_n_curve, plot_curve
+from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy, gold_tracker
+from safetylab.models.lm import ModelConfig, load_model, save_model
+from safetylab.models.train import TrainConfig, finetune, pretrain
+from safetylab.world.labelers import PRESETS, measure_labeler
+from safetylab.world.probe import probe_judge, probe_summary
+from safetylab.world.requests import KINDS
+from safetylab.world.world import World, WorldConfig
+
+METHODS = ("dpo", "rpo", "ppo", "rloo")
+
+
+@dataclass(frozen=True)
+class AlignStudyConfig:
+    """The whole study. Training configs carry their own seeds; :func:`study_config` sets them all to the
+    study's ``seed``."""
+
+    seed: int = 0
+    device: str = "auto"
+    world: WorldConfig = field(default_factory=WorldConfig)
+    # base and SFT
+    corpus_conversations: int = 12_000
+    demonstrations: int = 3_000
+    demonstration_flattery: float = 0.0  # share of correct demonstrations a contractor wraps in flattery
+    demonstration_hedging: float = 0.0  # share of demonstrations a contractor hedges
+    sft_replay: float = 0.5  # knowledge lines of the corpus (no conversations) mixed into SFT, per demonstration
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3))
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    labeler_pairs: int = 2_000  # comparisons on which each simulated labeler is measured
+    # the reward model
+    labeler: str = "typical"
+    preferences: int = 3_000  # the labeler's comparisons of written styles
+    on_policy_per_kind: int = 0  # train prompts per kind whose SFT samples the labeler compares (0: none)
+    on_policy_samples: int = 4  # samples per prompt, every two compared
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(
+        train=TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=20, log_every=25, checkpoint_every=100)))
+    # best-of-n
+    best_of_n: tuple[int, ...] = (1, 4, 16)
+    best_of_n_per_kind: int = 10
+    kl_samples: int = 16
+    # the policies: DPO and RPO learn from the on-policy comparisons when there are any, else from the
+    # comparisons of written styles; PPO and RLOO optimise the reward model on train-split prompts
+    methods: tuple[str, ...] = ("dpo", "ppo")
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
+        train=TrainConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10, checkpoint_every=50)))
+    rpo_alpha: float = 1.0  # weight of the chosen responses' NLL in RPO's loss
+    rl_prompts_per_kind: int = 100
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        train=TrainConfig(steps=80, batch_size=32, lr=1e-4, warmup_steps=8, log_every=8, checkpoint_every=40)))
+    rloo: RLOOConfig = field(default_factory=lambda: RLOOConfig(
+        train=TrainConfig(steps=100, batch_size=16, lr=1e-4, warmup_steps=5, log_every=10, checkpoint_every=50)))
+
+    def __post_init__(self):
+        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        check_device_name(self.device)
+        for name in ("corpus_conversations", "demonstrations", "labeler_pairs", "preferences", "best_of_n_per_kind",
+                     "rl_prompts_per_kind"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("demonstration_flattery", "demonstration_hedging"):
+            require(0 <= getattr(self, name) <= 1, name, "a share in [0, 1]", getattr(self, name))
+        require(self.sft_replay >= 0, "sft_replay", "a number >= 0", self.sft_replay)
+        require_choice(self.labeler, "labeler", PRESETS)
+        require(self.on_policy_per_kind >= 0, "on_policy_per_kind", "an integer >= 0", self.on_policy_per_kind)
+        require(self.on_policy_samples >= 2, "on_policy_samples", "an integer >= 2", self.on_policy_samples)
+        require(len(self.best_of_n) > 0 and min(self.best_of_n) >= 1, "best_of_n", "one or more integers >= 1",
+                self.best_of_n)
+        require(self.kl_samples >= 0, "kl_samples", "an integer >= 0", self.kl_samples)
+        require(len(self.methods) > 0 and set(self.methods) <= set(METHODS), "methods",
+                f"one or more of {', '.join(METHODS)}", self.methods)
+        require(self.rpo_alpha > 0, "rpo_alpha", "a number > 0", self.rpo_alpha)
+
+
+QUICK = AlignStudyConfig(
+    corpus_conversations=4_000, demonstrations=1_000,
+    model=ModelConfig(n_layer=2, n_head=4, n_embd=64),
+    base=TrainConfig(steps=300, batch_size=32, lr=5e-3),
+    sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10),
+    eval=EvalConfig(per_kind=20, jailbroken=4),
+    labeler_pairs=500,
+    preferences=600,
+    reward=RewardConfig(train=TrainConfig(steps=40, batch_size=32, lr=1e-3, warmup_steps=5, log_every=10,
+                                          checkpoint_every=20)),
+    best_of_n=(1, 4), best_of_n_per_kind=4, kl_samples=4,
+    dpo=DPOConfig(train=TrainConfig(steps=20, batch_size=32, lr=1e-4, warmup_steps=2, log_every=10,
+                                    checkpoint_every=10)),
+    rl_prompts_per_kind=20,
+    ppo=PPOConfig(train=TrainConfig(steps=16, batch_size=16, lr=3e-5, warmup_steps=2, log_every=4,
+                                    checkpoint_every=8), max_new_tokens=32),
+    rloo=RLOOConfig(train=TrainConfig(steps=10, batch_size=8, lr=3e-5, warmup_steps=2, log_every=5,
+                                      checkpoint_every=5), max_new_tokens=32),
+)
+
+# The `ideal` labeler, on-policy comparisons (four SFT samples for each of 200 train prompts per kind), and
+# all four methods with the gold judge tracked during training: docs/results.md's alignment table.
+IDEAL = replace(
+    AlignStudyConfig(), labeler="ideal", on_policy_per_kind=200, methods=METHODS,
+    reward=RewardConfig(train=TrainConfig(steps=300, batch_size=32, lr=5e-4, warmup_steps=20, log_every=25,
+                                          checkpoint_every=100)),
+    dpo=DPOConfig(train=TrainConfig(steps=100, batch_size=32, lr=1e-4, warmup_steps=10, log_every=10,
+                                    checkpoint_every=50, eval_every=20), beta=0.1),
+    ppo=PPOConfig(train=TrainConfig(steps=160, batch_size=32, lr=1e-4, warmup_steps=8, log_every=8,
+                                    checkpoint_every=40, eval_every=40)),
+    rloo=RLOOConfig(train=TrainConfig(steps=100, batch_size=16, lr=1e-4, warmup_steps=5, log_every=10,
+                                      checkpoint_every=50, eval_every=20)),
+)
+PRESETS_BY_NAME = {"default": AlignStudyConfig(), "quick": QUICK, "ideal": IDEAL}
+
+
+def study_config(preset: str = "default", seed: int = 0, device: str = "auto", **changes) -> AlignStudyConfig:
+    """The preset (``default``: the audit's sizes; ``quick``; ``ideal``) for ``seed`` on ``device``, with
+    ``changes`` to its fields; every training config gets the study's seed and device."""
+    require_choice(preset, "preset", PRESETS_BY_NAME)
+    size = replace(PRESETS_BY_NAME[preset], **changes)
+
+    def seeded(train: TrainConfig) -> TrainConfig:
+        return replace(train, seed=seed, device=device)
+
+    return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed),
+                   base=seeded(size.base), sft=seeded(size.sft),
+                   reward=replace(size.reward, train=seeded(size.reward.train)),
+                   dpo=replace(size.dpo, train=seeded(size.dpo.train)),
+                   ppo=replace(size.ppo, train=seeded(size.ppo.train)),
+                   rloo=replace(size.rloo, train=seeded(size.rloo.train)))
+
+
+def world_of(ctx: Context) -> World:
+    return ctx.cached("world", lambda: World(ctx.config.world))
+
+
+def model_path(ctx: Context, name: str) -> Path:
+    """The model of stage ``name`` ("base" or "sft"): handed in as an input, or saved by that stage."""
+    if name in ctx.inputs:
+        return Path(ctx.inputs[name])
+    return ctx.path(ctx.sections[name].data["model"])
+
+
+# ---------------------------------------------------------------------------- stages
+def world_stage(ctx: Context) -> Section:
+    """Build the world; write its data sets; measure the simulated labelers and the gold judge."""
+    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("world")
+    corpus = world.corpus(cfg.corpus_conversations)
+    demos = world.demonstrations(cfg.demonstrations, cfg.demonstration_flattery, cfg.demonstration_hedging)
+    atomic_write_text(out / "corpus.txt", "\n".join(corpus) + "\n")
+    write_jsonl(out / "demonstrations.jsonl", demos)
+    write_jsonl(out / "preferences-typical.jsonl", world.preferences(cfg.labeler_pairs, "typical"))
+    rows = [[name, *measure_labeler(world, name, cfg.labeler_pairs).values()] for name in PRESETS]
+    probe = probe_summary(probe_judge(world, per_kind=20, seed=cfg.seed))
+    as_expected = sum(t["n"] - t["failed"] for t in probe.values())
+    return Section(
+        title="The assistant world",
+        summary=f"{len(world.countries)} countries, {len(corpus)} corpus lines, {len(demos)} demonstrations; the "
+                f"gold judge scores {as_expected} of {sum(t['n'] for t in probe.values())} adversarial variants "
+                "as it should",
+        tables=[Table("Simulated labelers against the gold judge (rates over comparisons)",
+                      ["labeler", "gold agreement", "prefers flattery", "prefers confident-wrong (hard)",
+                       "prefers sycophancy (hard)", "prefers longer"], rows),
+                Table("The gold judge against adversarial variants (safetylab world probe-judge): surface changes "
+                      "must not change its verdict, the others must be scored as what they say",
+                      ["variants", "n", "scored as they should", "rate"],
+                      [[family, t["n"], t["n"] - t["failed"], round((t["n"] - t["failed"]) / t["n"], 4)]
+                       for family, t in probe.items()])],
+        data={"corpus": ctx.run.relative(out / "corpus.txt"),
+              "demonstrations": ctx.run.relative(out / "demonstrations.jsonl")},
+    )
+
+
+def base_stage(ctx: Context) -> Section:
+    """Pre-train the base model on the world corpus."""
+    cfg = ctx.config
+    corpus = ctx.path(ctx.sections["world"].data["corpus"]).read_text(encoding="utf-8").splitlines()
+    run = RunDir(ctx.stage_dir("base"), {"model": asdict(cfg.model), "train": asdict(cfg.base), "lines": len(corpus)})
+    model, _ = pretrain(corpus, cfg.model, cfg.base, run)
+    return _training_section(ctx, "base", "Base model (pre-training)", run, model)
+
+
+def sft_stage(ctx: Context) -> Section:
+    """Fine-tune the base model on the demonstrations (loss on responses only), with knowledge replay."""
+    cfg = ctx.config
+    base, tokenizer = load_model(model_path(ctx, "base"), select_device(cfg.device))
+    demos = [json.loads(line) for line in
+             ctx.path(ctx.sections["world"].data["demonstrations"]).read_text(encoding="utf-8").splitlines()]
+    corpus = ctx.path(ctx.sections["world"].data["corpus"]).read_text(encoding="utf-8").splitlines()
+    knowledge = [line for line in corpus if not line.startswith("<user>")]  # replay knowledge, not behaviour
+    replay = knowledge[: round(cfg.sft_replay * len(demos))]  # the corpus is shuffled: a prefix is a sample
+    run = RunDir(ctx.stage_dir("sft"), {"train": asdict(cfg.sft), "demonstrations": len(demos), "replay": len(replay)})
+    model, _ = finetune(base, tokenizer, [(d["prompt"], d["response"]) for d in demos], cfg.sft, run, replay)
+    habits = [f"{share:.0%} {habit}" for habit, share in (("flattered", cfg.demonstration_flattery),
+                                                          ("hedged", cfg.demonstration_hedging)) if share]
+    title = "SFT model (fine-tuned on demonstrations" + (f", {' and '.join(habits)})" if habits else ")")
+    return _training_section(ctx, "sft", title, run, model)
+
+
+def evaluate_stage(ctx: Context) -> Section:
+    """Sample both models on held-out prompts; score with the gold judge; KL of SFT to the base."""
+    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("evaluate")
+    requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)
+    device = select_device(cfg.device)
+    base, tokenizer = load_model(model_path(ctx, "base"), device)
+    sft, _ = load_model(model_path(ctx, "sft"), device)
+    results = {}
+    for name, model, reference in (("base", base, None), ("sft", sft, base)):
+        seed_everything(cfg.seed)  # common random numbers: both models see the same draws
+        results[name] = evaluate_policy(model, tokenizer, world.judge, requests, reference, cfg.eval)
+        write_jsonl(out / f"samples-{name}.jsonl", results[name]["samples"])
+    kinds = [*KINDS, "jailbroken"]
+    tables = [Table(f"{name}: held-out prompts by request kind", ["kind", "n", *METRICS],
+                    [[kind, r["by_kind"][kind]["n"], *(r["by_kind"][kind][m] for m in METRICS)] for kind in kinds]
+                    + [["all", r["overall"]["n"], *(r["overall"][m] for m in METRICS)]])
+              for name, r in results.items()]
+    transcripts = []
+    for kind in KINDS:
+        for name in results:
+            first = next(s for s in results[name]["samples"] if s["kind"] == kind)
+            transcripts.append({"model": name, "kind": kind, "prompt": first["prompt"], "response": first["response"],
+                                "behaviour": first["behaviour"], "utility": first["utility"]})
+    overall = {name: results[name]["overall"] for name in results}
+    b, s = overall["base"], overall["sft"]
+    return Section(
+        title="Evaluation against the gold judge",
+        summary=(f"gold utility {b['gold_utility']:+.3f} (base) → {s['gold_utility']:+.3f} (SFT); harmful compliance "
+                 f"{b['harmful_compliance']:.2f} → {s['harmful_compliance']:.2f}; jailbreak success "
+                 f"{b['jailbreak_success']:.2f} → {s['jailbreak_success']:.2f}; "
+                 f"KL(SFT ‖ base) {s['kl_to_reference']:.2f}"),
+        tables=tables,
+        plots=[ctx.run.relative(_utility_plot(results, kinds, out / "gold-utility.png"))],
+        transcripts=transcripts,
+        data={"overall": overall, "by_kind": {name: results[name]["by_kind"] for name in results}},
+    )
+
+
+def reward_stage(ctx: Context) -> Section:
+    """Fit the reward model on the labeler's comparisons; measure it on held-out ones."""
+    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("reward")
+    sft_path = model_path(ctx, "sft")
+    styles = preferences_from_records(world.preferences(cfg.preferences, cfg.labeler)).rows
+    held_out = {"written styles": preferences_from_records(
+        world.preferences(max(cfg.preferences // 5, 100), cfg.labeler, split="test")).rows}
+    sampled = on_policy_comparisons(ctx)
+    if sampled:
+        held_out["SFT samples"] = sampled["test"]
+    rows = styles + sampled.get("train", [])
+    run = RunDir(out / "run", {"base": str(sft_path), "reward": asdict(cfg.reward), "pairs": len(rows)})
+    members, tokenizer = fit_reward_models(sft_path, rows, cfg.reward, run, select_device(cfg.device))
+    model = members[0] if len(members) == 1 else RewardEnsemble(members)
+    results = {name: evaluate_reward_model(model, tokenizer, held) for name, held in held_out.items()}
+    first = results["written styles"]
+    return Section(
+        title=f"Reward model on {cfg.labeler} comparisons",
+        summary=f"held-out accuracy {first['accuracy']:.3f}, gold agreement {first.get('gold_agreement', 0):.3f} "
+                f"({len(styles)} comparisons of written styles"
+                + (f", {len(sampled['train'])} of SFT samples)" if sampled else ")"),
+        tables=[Table(f"Reward model on held-out {cfg.labeler} comparisons", ["comparisons of", "pairs", "accuracy",
+                                                                             "margin", "gold agreement"],
+                      [[name, len(held_out[name]), r["accuracy"], r["margin"], r.get("gold_agreement")]
+                       for name, r in results.items()])],
+        data={"evaluation": results, "pairs": {"styles": len(styles), "sampled": len(sampled.get("train", []))},
+              "members": [ctx.run.relative(run.path / "members" / str(i) / "artifacts" / "reward-model")
+                          for i in range(len(members))]},
+    )
+
+
+def on_policy_comparisons(ctx: Context) -> dict[str, list]:
+    """The labeler's comparisons of the SFT model's own samples, on train and test prompts (none without
+    ``on_policy_per_kind``); made once, kept in the reward stage's directory."""
+    cfg = ctx.config
+    if not cfg.on_policy_per_kind:
+        return {}
+    world, out = world_of(ctx), ctx.stage_dir("reward")
+    sft, tokenizer = load_model(model_path(ctx, "sft"), select_device(cfg.device))
+    found = {}
+    for split, per_kind in (("train", cfg.on_policy_per_kind), ("test", max(cfg.on_policy_per_kind // 4, 1))):
+        path = out / f"sampled-{split}.jsonl"
+        if not path.exists():
+            requests = [r for kind in KINDS for r in world.requests(kind, split, per_kind)]
+            write_jsonl(path, policy_preferences(sft, tokenizer, world, requests, cfg.labeler, cfg.on_policy_samples,
+                                                 cfg.seed))
+        found[split] = read_preferences(path).rows
+    return found
+
+
+def reward_fn(ctx: Context):
+    """The reward stage's model as ``(reward(prompts, responses), model, tokenizer)``."""
+    from safetylab.align.reward import load_reward_model
+
+    def load():
+        device = select_device(ctx.config.device)
+        loaded = [load_reward_model(ctx.path(p), device) for p in ctx.sections["reward"].data["members"]]
+        model = loaded[0][0] if len(loaded) == 1 else RewardEnsemble([m for m, _ in loaded])
+        tokenizer = loaded[0][1]
+        return (lambda prompts, responses: score(model, tokenizer, prompts, responses)), model, tokenizer
+
+    return ctx.cached("reward", load)
+
+
+def best_of_n_stage(ctx: Context) -> Section:
+    """Best-of-n against the reward model on held-out prompts: proxy, gold and KL as n grows."""
+    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("best-of-n")
+    sft, tokenizer = load_model(model_path(ctx, "sft"), select_device(cfg.device))
+    reward, _, _ = reward_fn(ctx)
+    probe = world.evaluation_set(cfg.best_of_n_per_kind, max(cfg.best_of_n_per_kind // 5, 1), seed=2)
+    curve = best_of_n_curve(sft, tokenizer, world.judge, probe, reward, cfg.best_of_n, cfg.kl_samples, cfg.seed)
+    first, last = curve[0], curve[-1]
+    return Section(
+        title="Best-of-n against the reward model",
+        summary=f"best-of-{last['n']}: proxy {first['proxy']:+.2f} → {last['proxy']:+.2f}, gold "
+                f"{first['gold_utility']:+.3f} → {last['gold_utility']:+.3f} at KL ≤ {last['kl_bound']:.2f}",
+        tables=[Table(f"Best-of-n against the reward model ({len(probe)} held-out prompts)", list(curve[0]),
+                      [list(row.values()) for row in curve])],
+        plots=[ctx.run.relative(plot_curve(curve, out / "best-of-n.png"))],
+        data={"curve": curve},
+    )
+
+
+def policies_stage(ctx: Context) -> Section:
+    """Each method from SFT (DPO and RPO on comparisons, PPO and RLOO against the reward model), then
+    every policy and SFT on the same held-out prompts with the same draws."""
+    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("policies")
+    device = select_device(cfg.device)
+    sft_path = model_path(ctx, "sft")
+    sft, tokenizer = load_model(sft_path, device)
+    reward, reward_model, reward_tokenizer = reward_fn(ctx)
+    sampled = on_policy_comparisons(ctx)
+    pairs = sampled["train"] if sampled else preferences_from_records(
+        world.preferences(cfg.preferences, cfg.labeler)).rows
+    prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", cfg.rl_prompts_per_kind)]
+    tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), sft,
+                           EvalConfig(per_kind=10, jailbroken=2))
+    rl_reward = policy_reward(reward_model, reward_tokenizer, tokenizer)
+    trainers = {
+        "dpo": (cfg.dpo, lambda policy, run: train_dpo(policy, tokenizer, pairs, cfg.dpo, run, sft, evaluate=tracker)),
+        "rpo": (replace(cfg.dpo, rpo_alpha=cfg.rpo_alpha), lambda policy, run: train_dpo(
+            policy, tokenizer, pairs, replace(cfg.dpo, rpo_alpha=cfg.rpo_alpha), run, sft, evaluate=tracker)),
+        "ppo": (cfg.ppo, lambda policy, run: train_ppo(policy, tokenizer, prompts, rl_reward, sft, cfg.ppo, run,
+                                                       evaluate=tracker)),
+        "rloo": (cfg.rloo, lambda policy, run: train_rloo(policy, tokenizer, prompts, rl_reward, sft, cfg.rloo, run,
+                                                          evaluate=tracker)),
+    }
+    policies, paths = {"sft": sft}, {}
+    for name in cfg.methods:
+        config, train = trainers[name]
+        run = RunDir(out / name, {"base": str(sft_path), name: asdict(config),
+                                  "data": len(prompts) if name in ("ppo", "rloo") else len(pairs)})
+        paths[name] = run.artifacts / "model"
+        if not paths[name].exists():
+            save_model(train(load_model(sft_path, device)[0], run), tokenizer, paths[name])
+        policies[name] = load_model(paths[name], device)[0]
+    requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)
+    overall = {}
+    for name, policy in policies.items():  # SFT first
+        seed_everything(cfg.seed)  # common random numbers: every policy sees the same draws
+        result = evaluate_policy(policy, tokenizer, world.judge, requests, sft, cfg.eval)
+        proxy = reward([s["prompt"] for s in result["samples"]], [s["response"] for s in result["samples"]])
+        overall[name] = {**result["overall"], "proxy_reward": round(proxy.mean().item(), 6)}
+        overall[name]["gold_gain"] = overall[name]["gold_utility"] - overall["sft"]["gold_utility"]
+    columns = ["proxy_reward", "gold_gain", *METRICS]
+    data_name = "on-policy comparisons" if sampled else f"{cfg.labeler} comparisons of written styles"
+    return Section(
+        title="Policies from SFT: " + ", ".join(m.upper() for m in cfg.methods),
+        summary=f"gold utility from SFT's {overall['sft']['gold_utility']:+.3f}: " + ", ".join(
+            f"{name.upper()} {overall[name]['gold_utility']:+.3f} at KL {overall[name]['kl_to_reference']:.2f}"
+            for name in cfg.methods),
+        tables=[Table(f"On held-out prompts (DPO/RPO: {data_name}, β {cfg.dpo.loss_beta:g}; PPO/RLOO against the "
+                      "reward model); gold_gain = gold utility − SFT's, paired by seed",
+                      ["model", *columns], [[name, *(row[m] for m in columns)] for name, row in overall.items()])],
+        data={"overall": overall, "models": {name: ctx.run.relative(path) for name, path in paths.items()}},
+    )
+
+
+STAGES = (
+    Stage("world", "build the world, its data sets and labelers", world_stage),
+    Stage("base", "pre-train the base model", base_stage),
+    Stage("sft", "supervised fine-tuning", sft_stage),
+    Stage("evaluate", "evaluate base and SFT against the gold judge", evaluate_stage),
+    Stage("reward", "a reward model on the labeler's comparisons", reward_stage),
+    Stage("best-of-n", "best-of-n against the reward model: proxy against gold", best_of_n_stage),
+    Stage("policies", "DPO, RPO, PPO and RLOO from SFT against the gold judge", policies_stage),
+)
+FROM_SFT = ("reward", "best-of-n", "policies")  # the stages that run from a given SFT model
+
+
+# ---------------------------------------------------------------------------- helpers
+def _training_section(ctx: Context, name: str, title: str, run: RunDir, model) -> Section:
+    metrics = run.metrics()
+    fig = Figure(figsize=(5, 3))
+    ax = fig.subplots()
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
+    ax.set(xlabel="step", ylabel="loss", title=f"{name} training loss")
+    fig.tight_layout()
+    plot = save_figure(fig, run.plots / "loss.png")
+    params = sum(p.numel() for p in model.parameters())
+    final = metrics[-1]["loss"] if metrics else float("nan")
+    return Section(
+        title=title,
+        summary=f"{params:,} parameters, {metrics[-1]['step'] if metrics else 0} steps, final loss {final:.3f}",
+        plots=[ctx.run.relative(plot)],
+        data={"model": ctx.run.relative(run.artifacts / "model"), "final_loss": final, "parameters": params},
+    )
+
+
+def _utility_plot(results: dict, kinds: list[str], path: Path) -> Path:
+    fig = Figure(figsize=(8, 3.5))
+    ax = fig.subplots()
+    width = 0.8 / len(results)
+    for i, name in enumerate(results):
+        values = [results[name]["by_kind"][k]["gold_utility"] or 0.0 for k in kinds]
+        ax.bar([j + i * width for j in range(len(kinds))], values, width, label=name)
+    ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(kinds))], kinds, rotation=20)
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set(ylabel="mean gold utility", title="Gold utility on held-out prompts")
+    ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- one method at a time
+def preference_split(world: World, preferences: Path | None, labeler: str, n: int):
+    """``(train rows, held-out rows, source, skipped lines)``: a preference file's first 90% and last 10%,
+    or ``n`` of the world's train-split comparisons by ``labeler`` and a fifth as many (at least 100)
+    test-split ones."""
+    if preferences is not None:
+        data = read_preferences(preferences)
+        cut = max(len(data.rows) * 9 // 10, 1)
+        return data.rows[:cut], data.rows[cut:] or data.rows[-1:], str(preferences), data.skipped
+    train = preferences_from_records(world.preferences(n, labeler)).rows
+    held_out = preferences_from_records(world.preferences(max(n // 5, 100), labeler, split="test")).rows
+    return train, held_out, f"world seed {world.config.seed}, labeler {labeler}, {n} pairs", []
+
+
+def train_and_compare(name: str, run: RunDir, base: Path, reference, tokenizer, world: World, device, seed: int,
+                      train) -> dict[str, dict]:
+    """Train a policy from the model at ``base`` (loaded as ``reference``) with ``train(policy, tracker)``
+    (the gold judge tracked on a small held-out set), save it in ``run``'s ``artifacts/model`` (a finished
+    run's policy is loaded instead), and compare it with the starting model on held-out world prompts,
+    both with the same draws. Writes ``eval.json``; returns ``{"start": metrics, name: metrics}``."""
+    final = run.artifacts / "model"
+    if final.exists():
+        policy = load_model(final, device)[0]
+    else:
+        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
+                               EvalConfig(per_kind=10, jailbroken=2))
+        policy = train(load_model(base, device)[0], tracker)
+        save_model(policy, tokenizer, final)
+    requests = world.evaluation_set(60, 12)
+    results = {}
+    for label, model in (("start", reference), (name, policy)):
+        seed_everything(seed)
+        results[label] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
+    run.write_json("eval.json", results)
+    return results
