@@ -87,6 +87,21 @@ def test_without_values_or_kl_the_advantages_discount_the_score_by_lambda(tiny_l
         assert torch.allclose(advantages, expected, atol=1e-6)
 
 
+def test_each_rollout_feeds_ppo_epochs_times_mini_batches_updates(tiny_lm, tmp_path, tok, prompts):
+    calls = []
+
+    def reward(p, r):
+        calls.append(len(p))
+        return _shorter_is_better(p, r)
+
+    # 4 updates per rollout: steps 0–3, 4–7 and 8–9 (the run ends inside its third rollout)
+    config = replace(CONFIG, train=replace(TRAIN, steps=10, log_every=2, checkpoint_every=8))
+    run = RunDir(tmp_path / "ppo", {})
+    train_ppo(tiny_lm("gpt2"), tok, prompts, reward, tiny_lm("gpt2").eval(), config, run)
+    assert calls == [TRAIN.batch_size] * 3
+    assert [m["step"] for m in run.metrics()] == [2, 4, 6, 8, 10]
+
+
 def test_adaptive_beta_is_saved_with_checkpoints_and_a_resumed_run_repeats(tiny_lm, tmp_path, tok, prompts):
     config = replace(CONFIG, train=replace(TRAIN, steps=16, log_every=2, checkpoint_every=8), kl_coef=0.5,
                      kl_target=0.01, kl_horizon=10)

@@ -12,9 +12,10 @@ TRL's PPO trainer:
               :func:`.losses.value_loss`)
     control   β fixed, or adapted towards a target KL after each rollout (:class:`AdaptiveKLController`)
 
-An optimiser update is one step of :func:`safetylab.models.train.train_loop` (accelerate,
-checkpoints, resume, NaN guard, gold tracking), so a rollout spans ``ppo_epochs · mini_batches``
-steps, and checkpoints fall on rollout boundaries. β and the score normalisation are saved with each
+:func:`train_ppo` is that loop, top to bottom, as CleanRL's ``ppo.py`` reads; each optimiser update is
+one step of a :class:`safetylab.models.train.Trainer` (accelerate, checkpoints, resume, NaN guard,
+gold tracking), so a rollout spans ``ppo_epochs · mini_batches`` steps, and checkpoints fall on
+rollout boundaries. β and the score normalisation are saved with each
 checkpoint. Logged with TRL's names: ``objective/scores`` (raw reward-model scores;
 ``objective/scores_normalized``: the ones the rewards use), ``objective/kl`` (the estimator the
 penalty uses, beside ``objective/kl_k1|k2|k3``), ``objective/entropy``, ``objective/non_score_reward``,
@@ -50,7 +51,7 @@ from safetylab.core.errors import SafetylabError
 from safetylab.core.runs import RunDir
 from safetylab.models.logprobs import Batch, batch_logprobs, check_same_vocabulary, gather_logprobs
 from safetylab.models.sampling import sample
-from safetylab.models.train import Step, TrainConfig, batch_indices, train_loop
+from safetylab.models.train import TrainConfig, Trainer, batch_indices
 
 
 @dataclass(frozen=True)
@@ -203,48 +204,52 @@ def ppo_loss(model: nn.Module, rollout: Rollout, config: PPOConfig) -> tuple[tor
 
 
 def train_ppo(policy, tokenizer, prompts: Sequence[str], reward: Reward, reference, config: PPOConfig,
-              run: RunDir,
-              evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
+              run: RunDir, evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None):
     """Optimise ``policy`` against ``reward`` on ``prompts`` with PPO; returns the trained policy (the
     value head is only in the run's checkpoints). ``reference`` (frozen) must share the policy's
     tokenizer, and so must ``reward`` when it is a :class:`~safetylab.align.reward.RewardModel` (it
-    then scores the sampled token ids)."""
+    then scores the sampled token ids). ``evaluate(policy)``: the gold tracker, as
+    :class:`~safetylab.models.train.Trainer` runs it."""
     if not prompts:
         raise SafetylabError("ppo: no prompts")
     check_same_vocabulary(policy, reference)
     if isinstance(reward, RewardModel):
         check_same_vocabulary(policy, reward.backbone, "reward model")
-    updates = config.ppo_epochs * config.mini_batches
-    controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target > 0
+    train = config.train
+    updates = config.ppo_epochs * config.mini_batches  # optimiser steps per rollout
+    kl_control = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon) if config.kl_target > 0
                   else FixedKLController(config.kl_coef))
-    normalizer = ScoreNormalizer()
+    normalizer = ScoreNormalizer()  # fitted on the first rollout, then fixed
 
-    def fitted_normalizer(scores: torch.Tensor) -> torch.Tensor:
+    def normalize(scores: torch.Tensor) -> torch.Tensor:
         if normalizer.mean is None:  # the first rollout: μ₀ and σ₀ over every process's samples
             moments = reduce(torch.stack([scores.mean(), scores.pow(2).mean()]), "mean")
             normalizer.fit(*moments.tolist())
         return normalizer(scores)
 
-    current: dict[str, object] = {}
-
-    def step_loss(model, step: Step):
-        phase = step.number % updates
-        if phase == 0 or not current:  # a new rollout (or the first after resuming mid-rollout)
-            indices = batch_indices(len(prompts), config.train.batch_size, config.train.seed, step.number // updates)
-            local = [prompts[i] for i in indices[step.rank::step.processes]]
+    track = None if evaluate is None else lambda model: evaluate(model.policy)
+    with Trainer(ActorCritic(policy), train, run, "ppo", track, state=[kl_control, normalizer],
+                 disable_dropout=config.disable_dropout) as trainer:
+        model = trainer.model
+        for iteration in range(trainer.start // updates, math.ceil(train.steps / updates)):
+            # rollout: this process's share of the iteration's prompts, one response each from the current
+            # policy, scored (reward, minus β · KL per token), valued by the critic, GAE advantages
+            indices = batch_indices(len(prompts), train.batch_size, train.seed, iteration)
+            local = [prompts[i] for i in indices[trainer.rank::trainer.processes]]
             if len(local) < config.mini_batches:
                 raise SafetylabError(f"ppo: {config.mini_batches} mini-batches do not fit this process's "
                                      f"{len(local)} prompts per rollout")
-            rollout = collect_rollout(model, tokenizer, local, reward, reference, controller.value, config,
-                                      step.device, fitted_normalizer if config.normalize_scores else None)
-            kl = reduce(torch.tensor(rollout.stats["objective/kl"], device=step.device), "mean").item()
-            controller.update(kl, config.train.batch_size)
-            current.update(rollout=rollout, orders=[torch.randperm(len(local)) for _ in range(config.ppo_epochs)])
-        epoch, part = divmod(phase, config.mini_batches)
-        index = current["orders"][epoch].chunk(config.mini_batches)[part].to(step.device)
-        return ppo_loss(model, current["rollout"].rows(index), config)
+            rollout = collect_rollout(model, tokenizer, local, reward, reference, kl_control.value, config,
+                                      trainer.device, normalize if config.normalize_scores else None)
+            kl_control.update(trainer.mean(rollout.stats["objective/kl"]), train.batch_size)
 
-    trained = train_loop(ActorCritic(policy), len(prompts), step_loss, config.train, run, "ppo",
-                         None if evaluate is None else lambda model: evaluate(model.policy),
-                         state=[controller, normalizer], disable_dropout=config.disable_dropout)
-    return trained.policy
+            # update: ppo_epochs passes over the rollout, each in mini_batches shuffled mini-batches, one
+            # optimiser step on each (the shuffles are all drawn before the first step)
+            orders = [torch.randperm(len(local)) for _ in range(config.ppo_epochs)]
+            for epoch, order in enumerate(orders):
+                for part, index in enumerate(order.chunk(config.mini_batches)):
+                    step = iteration * updates + epoch * config.mini_batches + part
+                    if trainer.start <= step < train.steps:  # a resume after a non-finite loss may start mid-rollout
+                        loss, stats = ppo_loss(model, rollout.rows(index.to(trainer.device)), config)
+                        trainer.update(step, loss, stats)
+    return trainer.finish().policy

@@ -157,76 +157,124 @@ class Step:
 StepLoss = Callable[[torch.nn.Module, Step], tuple[torch.Tensor, dict[str, float]]]
 
 
-def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, config: TrainConfig, run: RunDir,
-               description: str = "train",
-               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-               state: Sequence[object] = (), disable_dropout: bool = False) -> torch.nn.Module:
-    """The one training loop: AdamW, warm-up and cosine decay, gradient clipping, under
-    ``accelerate``; resumes from the run's latest checkpoint; logs ``loss``, the mean over each
-    window of the statistics ``step_loss`` returns (averaged over processes) and ``lr``.
+Evaluate = Callable[[torch.nn.Module], dict[str, float]]
 
-    ``step_loss(model, step)`` computes the loss on ``step.local``. A non-finite loss stops the run
-    with an error naming the step, after checkpointing the last good weights (never a NaN).
+
+class Trainer:
+    """The optimisation side of every training loop here, for a loop to drive one update at a time:
+    AdamW, warm-up and cosine decay, gradient clipping, under ``accelerate``; resume from the run's
+    latest checkpoint; a guard against non-finite losses; metrics averaged over windows; evaluations
+    and checkpoints. :func:`train_loop` is the plain loop over it; PPO writes its own
+    (:func:`safetylab.align.ppo.train_ppo`)::
+
+        with Trainer(model, config, run, "sft") as trainer:
+            for step in range(trainer.start, config.steps):
+                loss, stats = ...(trainer.model)  # this process's share of the global batch
+                trainer.update(step, loss, stats)
+        model = trainer.finish()
+
+    Building it prepares ``model`` (:attr:`model`: the one to run, wrapped for DDP/FSDP when several
+    processes train) and the optimiser, seeds torch's generator for this process (sampling inside
+    steps repeats, and a resume restores it), and resumes: :attr:`start` is the first step to run.
     ``evaluate(model)``, if given, runs on the main process before the first step (when
-    ``config.eval_every`` is set), every ``config.eval_every`` steps and at the end, in eval mode,
-    with its own random stream seeded alike each time (so differences between evaluations are the
-    policy's, not sampling noise, and a resumed run repeats them); its metrics join that step's
-    record. ``state``: further objects with ``state_dict`` and
-    ``load_state_dict`` (an adaptive KL controller) saved in each checkpoint and restored on resume.
-    ``disable_dropout``: the model trains in eval mode, so dropout (and any other train-time noise) is
-    off, as preference optimisation and RL need (TRL's ``disable_dropout``): the policy is then the same
-    function as the frozen reference and the sampling policy it is compared with. No module's dropout
-    probability is edited, so the caller's model keeps its own settings."""
+    ``config.eval_every`` is set), every ``config.eval_every`` steps and at the end, in eval mode, with
+    its own random stream seeded alike each time (so differences between evaluations are the policy's,
+    not sampling noise, and a resumed run repeats them); its metrics join that step's record.
+    ``state``: further objects with ``state_dict`` and ``load_state_dict`` (an adaptive KL controller)
+    saved in each checkpoint and restored on resume. ``disable_dropout``: the model trains in eval
+    mode, so dropout (and any other train-time noise) is off, as preference optimisation and RL need
+    (TRL's ``disable_dropout``): the policy is then the same function as the frozen reference and the
+    sampling policy it is compared with. No module's dropout probability is edited, so the caller's
+    model keeps its own settings."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, run: RunDir, description: str = "train",
+                 evaluate: Evaluate | None = None, state: Sequence[object] = (), disable_dropout: bool = False):
+        self.config, self.run, self.description, self.evaluate = config, run, description, evaluate
+        device = select_device(config.device)
+        self.accelerator = accelerator = Accelerator(cpu=device.type == "cpu")
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
+                                      fused=device.type in ("cpu", "cuda") or None)  # one kernel, not one per tensor
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        if state:
+            accelerator.register_for_checkpointing(*state)
+        self.rank, self.processes = accelerator.process_index, accelerator.num_processes
+        self.device = accelerator.device
+        torch.manual_seed(_seed64(config.seed * 1_000 + self.rank))  # sampling in steps repeats; resume restores it
+        self.start = _resume(accelerator, run)
+        if self.start == 0 and config.eval_every and evaluate is not None and accelerator.is_main_process:
+            run.log(0, **_evaluate(accelerator.unwrap_model(self.model), evaluate, config.seed))  # the starting point
+        self.model.train(not disable_dropout)
+        self.window: dict[str, list[float]] = {}
+        self.progress = Progress(description, config.steps - self.start)
+
+    def __enter__(self) -> Trainer:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def mean(self, value: float) -> float:
+        """``value`` averaged over the processes."""
+        return self.accelerator.reduce(torch.tensor(value, device=self.device), reduction="mean").item()
+
+    def update(self, step: int, loss: torch.Tensor, stats: dict[str, float]) -> None:
+        """One optimiser step (number ``step``, 0-based) on ``loss``; logs ``loss``, the window's means of
+        ``stats`` (averaged over processes) and ``lr`` every ``config.log_every`` steps, and checkpoints
+        every ``config.checkpoint_every``. A non-finite loss stops the run with an error naming the step,
+        after checkpointing the last good weights (never a NaN)."""
+        config, accelerator, run = self.config, self.accelerator, self.run
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        values = accelerator.reduce(torch.tensor([loss.item(), *stats.values()], device=self.device),
+                                    reduction="mean").tolist()
+        if not math.isfinite(values[0]):
+            _checkpoint(accelerator, run, step)
+            raise SafetylabError(f"{run.path}: the loss is {values[0]} at step {step + 1}; stopped, with the "
+                                 f"weights of step {step} saved in {run.checkpoint_dir(step)}")
+        accelerator.backward(loss)
+        if config.grad_clip:
+            accelerator.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for name, value in zip(("loss", *stats), values):
+            self.window.setdefault(name, []).append(value)
+        self.progress.advance(1, loss=values[0])
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            if accelerator.is_main_process:
+                means = {k: round(sum(v) / len(v), 6) for k, v in self.window.items()}
+                due = done == config.steps or (config.eval_every and done % config.eval_every == 0)
+                extra = _evaluate(accelerator.unwrap_model(self.model), self.evaluate, config.seed) if due else {}
+                run.log(done, **means, lr=round(lr_at(step, config), 8), **extra)
+            self.window = {}
+        if done % config.checkpoint_every == 0 and done < config.steps:
+            _checkpoint(accelerator, run, done)
+
+    def finish(self) -> torch.nn.Module:
+        """The trained model, unwrapped, in eval mode."""
+        self.model.eval()
+        return self.accelerator.unwrap_model(self.model)
+
+
+def train_loop(model: torch.nn.Module, n_examples: int, step_loss: StepLoss, config: TrainConfig, run: RunDir,
+               description: str = "train", evaluate: Evaluate | None = None, state: Sequence[object] = (),
+               disable_dropout: bool = False) -> torch.nn.Module:
+    """The one training loop over examples, on a :class:`Trainer` (which says what ``evaluate``,
+    ``state`` and ``disable_dropout`` do): each step, ``step_loss(model, step)`` computes the loss on
+    ``step.local``, this process's share of the global batch :func:`batch_indices` draws; logs
+    ``loss``, the mean over each window of the statistics ``step_loss`` returns (averaged over
+    processes) and ``lr``."""
     if n_examples < 1:
         raise SafetylabError(f"{run.path}: no training examples")
-    device = select_device(config.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95),
-                                  fused=device.type in ("cpu", "cuda") or None)  # one kernel, not one per tensor
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if state:
-        accelerator.register_for_checkpointing(*state)
-    rank, processes = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(_seed64(config.seed * 1_000 + rank))  # sampling inside steps (RL) repeats; resume restores it
-    start = _resume(accelerator, run)
-    if start == 0 and config.eval_every and evaluate is not None and accelerator.is_main_process:
-        run.log(0, **_evaluate(accelerator.unwrap_model(model), evaluate, config.seed))  # the starting point
-    model.train(not disable_dropout)
-    window: dict[str, list[float]] = {}
-    with Progress(description, config.steps - start) as progress:
-        for step in range(start, config.steps):
+    with Trainer(model, config, run, description, evaluate, state, disable_dropout) as trainer:
+        for step in range(trainer.start, config.steps):
             indices = batch_indices(n_examples, config.batch_size, config.seed, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
-            loss, stats = step_loss(model, Step(indices, indices[rank::processes], accelerator.device, processes,
-                                                   rank, step))
-            values = accelerator.reduce(torch.tensor([loss.item(), *stats.values()], device=accelerator.device),
-                                        reduction="mean").tolist()
-            if not math.isfinite(values[0]):
-                _checkpoint(accelerator, run, step)
-                raise SafetylabError(f"{run.path}: the loss is {values[0]} at step {step + 1}; stopped, with the "
-                                     f"weights of step {step} saved in {run.checkpoint_dir(step)}")
-            accelerator.backward(loss)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for name, value in zip(("loss", *stats), values):
-                window.setdefault(name, []).append(value)
-            progress.advance(1, loss=values[0])
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                if accelerator.is_main_process:
-                    means = {k: round(sum(v) / len(v), 6) for k, v in window.items()}
-                    due = done == config.steps or (config.eval_every and done % config.eval_every == 0)
-                    extra = _evaluate(accelerator.unwrap_model(model), evaluate, config.seed) if due else {}
-                    run.log(done, **means, lr=round(lr_at(step, config), 8), **extra)
-                window = {}
-            if done % config.checkpoint_every == 0 and done < config.steps:
-                _checkpoint(accelerator, run, done)
-    model.eval()
-    return accelerator.unwrap_model(model)
+            loss, stats = step_loss(trainer.model, Step(indices, indices[trainer.rank::trainer.processes],
+                                                        trainer.device, trainer.processes, trainer.rank, step))
+            trainer.update(step, loss, stats)
+    return trainer.finish()
 
 
 def train_lm(model, tokenizer, examples: Sequence[Example], config: TrainConfig, run: RunDir,
