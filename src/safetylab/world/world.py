@@ -60,7 +60,9 @@ class WorldConfig:
 
 
 def chat(prompt: str, response: str | None = None) -> str:
-    """The world's conversation format: ``<user> … <assistant> … <eos>``."""
+    """The world's conversation format: ``<user> … <assistant> … <eos>``, the text of the world's corpus.
+    The world tokenizer's chat template (``safetylab.models.tokenizer.WORLD_CHAT_TEMPLATE``) writes
+    exactly this text, and models encode conversations through that template, never through this."""
     head = f"<user> {prompt} <assistant>"
     return head if response is None else f"{head} {response} <eos>"
 
