@@ -24,7 +24,7 @@ def main(audit: Path) -> None:
     config = json.loads((audit / "config.json").read_text())
     world = World(WorldConfig(**config["world"]))
     out = {}
-    for path in sorted((audit / "stages").glob("*/samples-*.jsonl")):
+    for path in sorted((audit / "align").glob("*/samples-*.jsonl")):
         records = []
         for sample in read_jsonl(path):
             request = world.parser.parse(sample["prompt"])

@@ -51,11 +51,11 @@ def main() -> None:
     config = json.loads((args.audit / "config.json").read_text())
     seed = config["seed"]
     world = World(WorldConfig(**config["world"]))
-    stages = args.audit / "stages"
+    stages = args.audit / "align"
     sft, tokenizer = load_model(stages / "sft" / "artifacts" / "model")
     reward_model, reward_tokenizer = load_reward_model(
-        stages / "align" / "reward" / "members" / "0" / "artifacts" / "reward-model")
-    policies = {name: load_model(stages / "align" / name / "artifacts" / "model")[0] for name in ("dpo", "ppo")}
+        stages / "reward" / "run" / "members" / "0" / "artifacts" / "reward-model")
+    policies = {name: load_model(stages / "policies" / name / "artifacts" / "model")[0] for name in ("dpo", "ppo")}
 
     def reward(prompts, responses):
         return score(reward_model, reward_tokenizer, prompts, responses)
