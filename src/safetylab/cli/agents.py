@@ -12,31 +12,20 @@ from typing import Annotated
 
 import typer
 
+from safetylab.cli.common import Seed, Seeds, options, parse_seeds, study_report
+
 agents_app = typer.Typer(help="Safety gridworlds: agents that game them, mitigations that fix them.",
                          no_args_is_help=True)
 
 Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
-Seeds = Annotated[str, typer.Option(help="Comma-separated seeds.")]
+SeedList = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")]
 Episodes = Annotated[int | None, typer.Option(help="Training episodes per tabular run (default: the environment's).")]
 Timesteps = Annotated[int, typer.Option(help="Training steps per deep (ppo, dqn) run.")]
-
-
-def _seeds(text: str) -> list[int]:
-    from safetylab.core.errors import SafetylabError
-
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise SafetylabError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
-    if not seeds:
-        raise SafetylabError("--seeds: expected at least one seed")
-    return seeds
 
 
 def _execute(out: Path, runs: list[tuple[str, str, str | None]], seeds: list[int], episodes: int | None,
              timesteps: int) -> None:
     from safetylab.agents.experiment import check_training, run_suite, table_markdown
-    from safetylab.cli.common import options
     from safetylab.core.runs import RunDir
 
     with options("seeds", "episodes", "timesteps"):
@@ -55,21 +44,20 @@ def run_command(
     mitigation: Annotated[str | None, typer.Option(help="A mitigation that applies to the environment.")] = None,
     episodes: Episodes = None,
     timesteps: Timesteps = 30_000,
-    seeds: Seeds = "0",
+    seeds: SeedList = "0",
     out: Out = Path("runs/agents"),
 ) -> None:
     """Train one agent on one environment (optionally mitigated) and report reward against performance."""
     from safetylab.agents.experiment import check_run
-    from safetylab.cli.common import options
 
     with options("agent"):
         check_run(env, agent, mitigation)
-    _execute(out, [(env, agent, mitigation)], _seeds(seeds), episodes, timesteps)
+    _execute(out, [(env, agent, mitigation)], parse_seeds(seeds), episodes, timesteps)
 
 
 @agents_app.command("suite")
 def suite_command(
-    seeds: Seeds = "0,1,2",
+    seeds: SeedList = "0,1,2",
     env: Annotated[list[str] | None, typer.Option(help="Only these environments (repeatable).")] = None,
     agent: Annotated[list[str] | None, typer.Option(help="Agents (repeatable; default q-learning and sarsa).")
                      ] = None,
@@ -81,9 +69,29 @@ def suite_command(
     performance, learning curves and episode strips. Deep agents get the mitigations that change the
     environment only (shield, supervisor-blind, goal diversity)."""
     from safetylab.agents.experiment import check_agent, suite_runs
-    from safetylab.cli.common import options
 
     with options("agent"):
         for name in agent or ():
             check_agent(name)
-    _execute(out, suite_runs(env, tuple(agent) if agent else None), _seeds(seeds), episodes, timesteps)
+    _execute(out, suite_runs(env, tuple(agent) if agent else None), parse_seeds(seeds), episodes, timesteps)
+
+
+@agents_app.command("report")
+def report(
+    out: Out = Path("runs/agents"),
+    quick: Annotated[bool, typer.Option(help="400 episodes a run.")] = False,
+    episodes: Episodes = None,
+    seed: Seed = 0,
+    seeds: Seeds = None,
+) -> None:
+    """The gridworld study the audit runs (every environment × tabular agent × applicable mitigation, one
+    seed), as a run directory with tables.md; with --seeds, once per seed and the mean ± sd summary."""
+    from dataclasses import replace
+
+    from safetylab.agents.study import STAGES, study_config
+
+    def make_config(s: int):
+        config = study_config(quick, s)
+        return config if episodes is None else replace(config, episodes=episodes)
+
+    study_report(STAGES, make_config, out, seed, seeds)
