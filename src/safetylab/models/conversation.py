@@ -20,6 +20,8 @@ tokenizer saved before tokenizers carried one (:func:`chat_template`), which get
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from safetylab.core.errors import SafetylabError
 from safetylab.models.tokenizer import WORLD_CHAT_TEMPLATE, is_world_tokenizer
 
@@ -56,16 +58,27 @@ def encode_conversation(tokenizer, prompt: str, response: str | None = None) -> 
     """``(prompt_ids, response_ids)`` of one conversation, as the module docstring says: the prompt
     through the generation prompt, then the response through its closing eos token (``[]`` without a
     response). Nothing is cut; callers that need a length limit cut the response side."""
+    prompt_ids, responses = encode_responses(tokenizer, prompt, [] if response is None else [response])
+    return prompt_ids, responses[0] if responses else []
+
+
+def encode_responses(tokenizer, prompt: str, responses: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+    """:func:`encode_conversation` of one prompt and several responses (DPO's chosen and rejected):
+    ``(prompt_ids, [response_ids, …])``, the prompt written and tokenized once."""
     template = chat_template(tokenizer)
     prompt_text = render_conversation(tokenizer, prompt, None, template)
-    if response is None:
-        return tokenizer(prompt_text, add_special_tokens=False)["input_ids"], []
-    text = render_conversation(tokenizer, prompt, response, template)
-    prompt_ids, ids = tokenizer([prompt_text, text], add_special_tokens=False)["input_ids"]
+    texts = [render_conversation(tokenizer, prompt, response, template) for response in responses]
+    prompt_ids = _ids(tokenizer, prompt_text)
+    return prompt_ids, [_response_ids(tokenizer, prompt_text, prompt_ids, text, _ids(tokenizer, text))
+                        for text in texts]
+
+
+def _response_ids(tokenizer, prompt_text: str, prompt_ids: list[int], text: str, ids: list[int]) -> list[int]:
+    """The ids after the prompt's in a whole conversation's ``ids`` (``text``), through the last eos."""
     if ids[:len(prompt_ids)] == prompt_ids:
         rest = ids[len(prompt_ids):]
-    elif text.startswith(prompt_text):
-        rest = tokenizer(text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    elif text.startswith(prompt_text):  # the tokenizer merged across the boundary: the rest's text alone
+        rest = _ids(tokenizer, text[len(prompt_text):])
     else:
         raise SafetylabError(f"tokenizer {_name(tokenizer)!r}: its chat template writes the prompt "
                              f"{prompt_text!r} differently alone than before a response ({text!r}); expected a "
@@ -76,7 +89,13 @@ def encode_conversation(tokenizer, prompt: str, response: str | None = None) -> 
                              f"turn with the eos token {tokenizer.eos_token!r} (the response was written as "
                              f"{text[len(prompt_text):]!r}); sampling stops at eos, so the template must write it")
     end = len(rest) - rest[::-1].index(eos)
-    return prompt_ids, rest[:end]
+    return rest[:end]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """``text``'s ids, as ``apply_chat_template`` tokenizes what it renders (one text at a time: a batch
+    call costs a thread pool's start-up on each of these short texts)."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _name(tokenizer) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from safetylab.core.errors import SafetylabError
-from safetylab.models.conversation import encode_conversation
+from safetylab.models.conversation import encode_responses
 from safetylab.models.packing import pack_batch
 
 
@@ -44,13 +44,14 @@ def encode_pairs(tokenizer, prompts: Sequence[str], responses: Sequence[str], ma
 def conversation_ids(tokenizer, prompt: str, responses: Sequence[str],
                      max_length: int | None = None) -> tuple[list[int], list[list[int]]]:
     """The token ids of ``prompt`` and of each of its ``responses`` (through their eos), as
-    :func:`~safetylab.models.conversation.encode_conversation` encodes them, each response cut so that
+    :func:`~safetylab.models.conversation.encode_conversation` encodes them
+    (:func:`~safetylab.models.conversation.encode_responses`), each response cut so that
     prompt and response fit ``max_length``; a prompt longer than it is an error."""
-    p, _ = encode_conversation(tokenizer, prompt)
+    p, encoded = encode_responses(tokenizer, prompt, responses)
     if max_length is not None and len(p) >= max_length:
         raise ValueError(f"prompt of {len(p)} tokens does not fit max_length={max_length}: {prompt!r}")
     room = None if max_length is None else max_length - len(p)
-    return p, [encode_conversation(tokenizer, prompt, r)[1][:room] for r in responses]
+    return p, [r[:room] for r in encoded]
 
 
 def pack_pairs(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad: int) -> Batch:
