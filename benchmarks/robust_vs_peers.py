@@ -1,6 +1,6 @@
 """Robustness tools: safetylab's PGD and OOD detectors against torchattacks, ART and pytorch-ood.
 
-Everything runs on one model and one batch: the digits CNN (``safetylab.robust.data.digits_cnn``)
+Everything runs on one model and one batch: the digits CNN (``safetylab.models.classifier.digits_cnn``)
 trained for ``--epochs`` epochs by ``train_classifier`` on ``load_digits(0)``'s training split, in eval
 mode, and a batch of ``--batch`` images (inputs in [0, 1]) drawn with a fixed seed from the train,
 validation and test images together (with repetition only if the batch is larger than all of them). CPU,
@@ -126,13 +126,14 @@ def build_setup(args, path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from safetylab.robust.data import digits_cnn, load_digits
-    from safetylab.robust.training import RobustTrainConfig, train_classifier
+    from safetylab.models.classifier import ClassifierTrainConfig, digits_cnn
+    from safetylab.models.digits import load_digits
+    from safetylab.robust.training import train_classifier
 
     digits = load_digits(SEED)
     torch.manual_seed(SEED)
     model = digits_cnn(digits.num_classes)
-    train_classifier(model, (digits.x_train, digits.y_train), RobustTrainConfig(epochs=args.epochs, seed=SEED))
+    train_classifier(model, (digits.x_train, digits.y_train), ClassifierTrainConfig(epochs=args.epochs, seed=SEED))
     x_all = torch.cat([digits.x_train, digits.x_val, digits.x_test])
     y_all = torch.cat([digits.y_train, digits.y_val, digits.y_test])
     generator = torch.Generator().manual_seed(SEED)
@@ -150,7 +151,7 @@ def load_setup(path: Path):
     """The model (eval mode), the batch and the training split."""
     from safetensors.torch import load_file
 
-    from safetylab.robust.data import digits_cnn
+    from safetylab.models.classifier import digits_cnn
 
     tensors = load_file(str(path))
     model = digits_cnn(int(tensors["model.8.bias"].numel()))

@@ -1,11 +1,15 @@
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
+from safetylab.core.tensors import predict_logits
+from safetylab.models.classifier import ClassifierTrainConfig, Step, schedule
+from safetylab.models.classifier import accuracy as classifier_accuracy
 from safetylab.robust.attacks import (
     apgd,
     apgd_checkpoints,
@@ -18,10 +22,8 @@ from safetylab.robust.attacks import (
     square,
     square_p,
 )
-from safetylab.robust.checks import predict_logits
 from safetylab.robust.evaluate import evaluate_robustness, gradient_masking, robustness_curve
-from safetylab.robust.suite import accuracy as suite_accuracy
-from safetylab.robust.training import RobustTrainConfig, adversarial_loss, epoch_eps, train_classifier
+from safetylab.robust.training import pgd_loss, trades_loss, train_classifier
 
 EPS = 0.1
 
@@ -168,7 +170,7 @@ def test_accuracies_are_exact_shares(digits_model, digits):
     y[:2] = (y[:2] + 1) % digits.num_classes  # two wrong labels: 5 of 7 right
     result = evaluate_robustness(digits_model, (x, y), 0.0, attacks=("fgsm",))
     assert result.clean_accuracy == result.robust_accuracy == result.by_attack["fgsm"] == 5 / 7
-    assert suite_accuracy(digits_model, x, y) == 5 / 7
+    assert classifier_accuracy(digits_model, x, y) == 5 / 7
 
 
 def test_ensemble_only_lowers_robust_accuracy(digits_model, digits):
@@ -232,19 +234,42 @@ def test_gradient_masking_is_flagged(digits_model, batch):
 
 # ----------------------------------------------------------------------------- training
 def test_epsilon_ramp():
-    config = RobustTrainConfig(method="pgd", eps=0.2, eps_warmup_epochs=4)
-    assert [epoch_eps(config, e) for e in range(6)] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    config = ClassifierTrainConfig(method="pgd", eps=0.2, ramp_epochs=4)
+    # one step an epoch: the ramp reaches eps after 4 epochs
+    assert [schedule(config, e, 1)[0] for e in range(6)] == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    # five steps an epoch: linear per step, (step + 1) / 20 of eps
+    assert [schedule(config, s, 5)[0] for s in (0, 4, 9, 19, 30)] == pytest.approx([0.01, 0.05, 0.1, 0.2, 0.2])
+    warm = ClassifierTrainConfig(method="pgd", eps=0.2, warmup_epochs=1, ramp_epochs=2, eps_train_factor=1.5)
+    assert [v for s in range(4) for v in schedule(warm, s, 1)] == pytest.approx([0, 0, 0.15, 0.5, 0.3, 1, 0.3, 1])
+    assert schedule(ClassifierTrainConfig(), 0, 10) == (0.1, 1.0)  # no ramp: the full eps from the first step
+
+
+def step(config: ClassifierTrainConfig, eps: float, seed: int = 0) -> Step:
+    return Step(eps, 1.0, config, (0.0, 1.0), torch.Generator().manual_seed(seed))
 
 
 def test_trades_loss_is_cross_entropy_plus_beta_kl(digits_model, batch):
     x, y = batch
     model = copy.deepcopy(digits_model)
-    config = RobustTrainConfig(method="trades", eps=0.0)
-    assert adversarial_loss(model, x, y, config, 0.0).item() == pytest.approx(
+    config = ClassifierTrainConfig(method="trades", trades_beta=6.0)
+    clean = nn.functional.cross_entropy(model(x), y).item()
+    assert trades_loss(model, x, y, step(config, 0.0))[0].item() == pytest.approx(clean)
+    loss, stats = trades_loss(model, x, y, step(config, 0.1))
+    assert loss.item() > clean and stats["accuracy"] == pytest.approx((model(x).argmax(1) == y).float().mean().item())
+    # β = 0 leaves the clean cross-entropy; the KL term is what β weighs
+    assert trades_loss(model, x, y, step(replace(config, trades_beta=0.0), 0.1))[0].item() == pytest.approx(clean)
+
+
+def test_pgd_loss_is_cross_entropy_at_the_pgd_point(digits_model, batch):
+    x, y = batch
+    model = copy.deepcopy(digits_model)
+    config = ClassifierTrainConfig(method="pgd", steps=5)
+    assert pgd_loss(model, x, y, step(config, 0.0))[0].item() == pytest.approx(
         nn.functional.cross_entropy(model(x), y).item())
-    loss = adversarial_loss(model, x, y, RobustTrainConfig(method="trades", trades_beta=6.0), 0.1,
-                            generator=torch.Generator().manual_seed(0))
-    assert loss.item() > nn.functional.cross_entropy(model(x), y).item()
+    loss, stats = pgd_loss(model, x, y, step(config, 0.1, seed=3))
+    x_adv = pgd(model, x, y, 0.1, steps=5, early_stop=False, generator=torch.Generator().manual_seed(3))
+    assert loss.item() == pytest.approx(nn.functional.cross_entropy(model(x_adv), y).item(), rel=1e-5)
+    assert stats["adversarial_accuracy"] == pytest.approx((model(x_adv).argmax(1) == y).float().mean().item())
 
 
 @pytest.mark.slow
@@ -252,13 +277,13 @@ def test_trades_loss_is_cross_entropy_plus_beta_kl(digits_model, batch):
 def test_adversarial_training_raises_robust_accuracy(digits, method):
     data = (digits.x_train, digits.y_train)
     test = (digits.x_test, digits.y_test)
-    from safetylab.robust.data import digits_cnn
+    from safetylab.models.classifier import digits_cnn
 
     robust_acc = {}
     for m in ("standard", method):
         torch.manual_seed(0)
         model = digits_cnn(digits.num_classes)
-        history = train_classifier(model, data, RobustTrainConfig(method=m, epochs=8, eps=0.15, steps=5))
+        history = train_classifier(model, data, ClassifierTrainConfig(method=m, epochs=8, eps=0.15, steps=5))
         assert not model.training and len(history) == 8 and math.isfinite(history[-1]["loss"])
         robust_acc[m] = evaluate_robustness(model, test, 0.15, attacks=("pgd",)).robust_accuracy
     assert robust_acc[method] > robust_acc["standard"] + 0.2
@@ -271,7 +296,7 @@ def test_feature_vector_classifier(digits):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
     x_train, x_test = digits.x_train.flatten(1), digits.x_test[:128].flatten(1)
-    train_classifier(model, (x_train, digits.y_train), RobustTrainConfig(epochs=5))
+    train_classifier(model, (x_train, digits.y_train), ClassifierTrainConfig(epochs=5))
     y = digits.y_test[:128]
     g = torch.Generator().manual_seed(0)
     for x_adv in (fgsm(model, x_test, y, 0.1), pgd(model, x_test, y, 0.1, steps=10, generator=g),

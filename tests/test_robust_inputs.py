@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from safetylab.core.errors import ConfigError, SafetylabError
+from safetylab.core.tensors import predict_logits
+from safetylab.models.classifier import ClassifierTrainConfig, digits_cnn
 from safetylab.robust.attacks import apgd, fgsm, pgd, project, random_start, square, trades_adversary
 from safetylab.robust.calibration import TemperatureScaled, calibration_metrics
-from safetylab.robust.checks import predict_logits
-from safetylab.robust.data import digits_cnn
 from safetylab.robust.evaluate import attack_by_name, evaluate_robustness, gradient_masking
 from safetylab.robust.ood import KNN, MSP, ODIN, Energy, Mahalanobis, Uncertainty
 from safetylab.robust.selective import Criterion, SelectiveClassifier, criterion_for_risk, msp_score
 from safetylab.robust.shift import shift_report
-from safetylab.robust.suite import RobustSuiteConfig
-from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.robust.study import RobustStudyConfig
+from safetylab.robust.training import train_classifier
 from safetylab.robust.uncertainty import ensemble_probs, mc_dropout_probs
 
 EPS = 0.1
@@ -51,7 +51,7 @@ ENTRY_POINTS = {
     "square": lambda m, x, y: square(m, x, y, EPS, steps=2),
     "evaluate_robustness": lambda m, x, y: evaluate_robustness(m, (x, y), EPS, steps=2, square_queries=2),
     "gradient_masking": lambda m, x, y: gradient_masking(m, x, y),
-    "train_classifier": lambda m, x, y: train_classifier(copy.deepcopy(m), (x, y), RobustTrainConfig(epochs=1)),
+    "train_classifier": lambda m, x, y: train_classifier(copy.deepcopy(m), (x, y), ClassifierTrainConfig(epochs=1)),
     "predict_logits": lambda m, x, y: predict_logits(m, x),
     "msp": lambda m, x, y: MSP(m).score(x),
     "odin": lambda m, x, y: ODIN(m).score(x),
@@ -204,13 +204,15 @@ def test_logit_detectors_refuse_nan_logits(cls, model):
 @pytest.mark.parametrize("changes,field", [
     ({"lr": -1.0}, "lr"), ({"lr": math.nan}, "lr"), ({"weight_decay": -0.1}, "weight_decay"),
     ({"norm": "l3"}, "norm"), ({"step_size": -0.01}, "step_size"), ({"step_size": 0.0}, "step_size"),
-    ({"trades_beta": -1.0}, "trades_beta"), ({"eps_warmup_epochs": -1}, "eps_warmup_epochs"),
+    ({"trades_beta": -1.0}, "trades_beta"), ({"ramp_epochs": -1}, "ramp_epochs"),
+    ({"warmup_epochs": 1.5}, "warmup_epochs"), ({"lr_schedule": "cosine"}, "lr_schedule"),
+    ({"kappa_end": 1.5}, "kappa_end"), ({"eps_train_factor": 0.0}, "eps_train_factor"), ({"seed": -1}, "seed"),
     ({"epochs": 0}, "epochs"), ({"batch_size": 0}, "batch_size"), ({"steps": 0}, "steps"),
     ({"eps": -0.1}, "eps"), ({"eps": math.inf}, "eps"), ({"sigma": 0.0}, "sigma"), ({"method": "fgsm"}, "method"),
 ])
 def test_training_config_is_checked_when_built(changes, field):
     with pytest.raises(ConfigError) as info:
-        RobustTrainConfig(**changes)
+        ClassifierTrainConfig(**changes)
     assert info.value.field == field
 
 
@@ -219,9 +221,11 @@ def test_training_config_is_checked_when_built(changes, field):
     ({"ensemble_members": 0}, "ensemble_members"), ({"mc_samples": 0}, "mc_samples"),
     ({"eps": ()}, "eps"), ({"eps": (0.1, -0.1)}, "eps"), ({"detectors": ()}, "detectors"),
     ({"detectors": ("msp", "cw")}, "detectors"), ({"coverage": 1.5}, "coverage"), ({"ood_tpr": -0.1}, "ood_tpr"),
-    ({"arch": "vit"}, "arch"),
+    ({"arch": "vit"}, "arch"), ({"standard": ClassifierTrainConfig(method="pgd")}, "standard"),
+    ({"adversarial": (ClassifierTrainConfig(method="ibp"),)}, "adversarial"),
+    ({"adversarial": (ClassifierTrainConfig(method="pgd"), ClassifierTrainConfig(method="pgd"))}, "adversarial"),
 ])
-def test_suite_config_is_checked_when_built(changes, field):
+def test_study_config_is_checked_when_built(changes, field):
     with pytest.raises(ConfigError) as info:
-        RobustSuiteConfig(**changes)
+        RobustStudyConfig(**changes)
     assert info.value.field == field

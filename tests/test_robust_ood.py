@@ -10,12 +10,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.data import digits_mlp
+from safetylab.models.classifier import ClassifierTrainConfig, digits_mlp
 from safetylab.robust.ood import (
     DETECTORS,
     KNN,
     MSP,
     ODIN,
+    Detector,
     Energy,
     Mahalanobis,
     Uncertainty,
@@ -26,7 +27,6 @@ from safetylab.robust.ood import (
     ood_metrics,
     penultimate_features,
 )
-from safetylab.robust.training import RobustTrainConfig
 from safetylab.robust.uncertainty import predictive_entropy, train_ensemble
 
 
@@ -285,6 +285,9 @@ def test_uncertainty_detector_measures(digits, digits_model):
     x = digits.x_test[:30]
     same = Uncertainty([digits_model, digits_model])  # identical members: no disagreement
     torch.testing.assert_close(same.score(x), torch.zeros(30))
+    # a Detector like the others: fit (nothing to learn) returns it, score is (N,) on CPU
+    assert isinstance(same, Detector) and same.fit((x, digits.y_test[:30])) is same
+    assert Uncertainty(digits_model, samples=2).score(x).shape == (30,)
     with torch.no_grad():
         probs = digits_model(x).softmax(1)
     torch.testing.assert_close(Uncertainty([digits_model], "entropy").score(x), predictive_entropy(probs))
@@ -321,10 +324,11 @@ def test_each_detector_scores_anomalies_higher_than_digits(name, digits, digits_
 
 def test_deep_ensemble_detector_on_the_digits(digits):
     members = train_ensemble(lambda: digits_mlp(digits.num_classes), (digits.x_train, digits.y_train),
-                             RobustTrainConfig(epochs=5), members=3)
+                             ClassifierTrainConfig(epochs=5), members=3)
     anomalies = _anomalies(digits)
     for measure in Uncertainty.MEASURES:
         det = Uncertainty(members, measure).fit((digits.x_train, digits.y_train))
+        assert isinstance(det, Detector) and det.fitted
         scores_in = det.score(digits.x_test)
         assert auroc(scores_in, det.score(anomalies["uniform noise"])) > 0.85, measure
         assert auroc(scores_in, det.score(anomalies["checkerboard"])) > 0.95, measure

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import predict_logits
+from safetylab.core.tensors import predict_logits
 from safetylab.robust.selective import (
     Criterion,
     SelectiveClassifier,

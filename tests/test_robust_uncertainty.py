@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.data import digits_mlp
-from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.core.seeding import derive_seed, torch_seed
+from safetylab.models.classifier import ClassifierTrainConfig, digits_mlp
+from safetylab.robust.training import train_classifier
 from safetylab.robust.uncertainty import (
     ensemble_probs,
     mc_dropout_probs,
@@ -183,15 +184,19 @@ def test_ensemble_probs_rejects_bad_members():
 
 def test_train_ensemble_seeds_each_member(digits):
     data = (digits.x_train[:200], digits.y_train[:200])
-    config = RobustTrainConfig(epochs=2, seed=5)
+    config = ClassifierTrainConfig(epochs=2, seed=5)
     members = train_ensemble(lambda: digits_mlp(digits.num_classes), data, config, members=2)
-    torch.manual_seed(6)
-    expected = digits_mlp(digits.num_classes)
-    train_classifier(expected, data, replace(config, seed=6))
+    seed = derive_seed(5, "ensemble", 1)
+    with torch_seed(seed):  # member 1: initialised and trained from its derived seed
+        expected = digits_mlp(digits.num_classes)
+        train_classifier(expected, data, replace(config, seed=seed))
     for got, want in zip(members[1].state_dict().values(), expected.state_dict().values()):
         torch.testing.assert_close(got, want)
     first, second = (torch.cat([p.flatten() for p in m.parameters()]) for m in members)
     assert not torch.allclose(first, second)
     assert not any(m.training for member in members for m in member.modules())
+    # seed + i offsets made seed 5's member 1 seed 6's member 0; derived seeds share no member
+    other = train_ensemble(lambda: digits_mlp(digits.num_classes), data, replace(config, seed=6), members=1)
+    assert not torch.allclose(second, torch.cat([p.flatten() for p in other[0].parameters()]))
     with pytest.raises(SafetylabError, match="members"):
         train_ensemble(lambda: digits_mlp(digits.num_classes), data, config, members=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,16 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.data import digits_cnn, digits_mlp
-from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.models.classifier import ClassifierTrainConfig, Step, digits_cnn, digits_mlp, fit_classifier, schedule
 from safetylab.verify.bounds import Bounds, compute_bounds
 from safetylab.verify.regions import linf_ball, margin_spec
 from safetylab.verify.training import (
-    CertifiedTrainConfig,
     certified_accuracy,
+    certified_config,
+    crown_ibp_loss,
+    ibp_loss,
     margin_lower_bounds,
     robust_loss,
-    schedule,
     train_certified,
 )
 
@@ -43,12 +44,12 @@ def subset(digits):
 @pytest.fixture(scope="module")
 def normal_model(subset):
     model = mlp()
-    train_classifier(model, subset[:2], RobustTrainConfig(epochs=10, lr=3e-3))
+    fit_classifier(model, subset[:2], ClassifierTrainConfig(epochs=10, lr=3e-3))
     return model.eval()
 
 
 def certified(method):
-    return CertifiedTrainConfig(method=method, eps=EPS, epochs=10, warmup_epochs=1, ramp_epochs=4, lr=3e-3)
+    return certified_config(method, eps=EPS, epochs=10, warmup_epochs=1, ramp_epochs=4, lr=3e-3)
 
 
 # ----------------------------------------------------------------------------- robust_loss
@@ -94,19 +95,39 @@ def test_robust_loss_bad_input(margins, labels, match):
 
 
 # ----------------------------------------------------------------------------- schedule
-def test_schedule_by_hand():
+def test_schedule_by_hand(digits):
     # 5 steps per epoch: warm-up = steps 0-4, ramp = steps 5-14 (t = (step + 1 - 5) / 10), then flat.
-    config = CertifiedTrainConfig(method="crown-ibp", eps=0.2, warmup_epochs=1, ramp_epochs=2, kappa_end=0.5)
-    expected = {0: (0.0, 1.0, 1.0), 4: (0.0, 1.0, 1.0), 5: (0.02, 0.95, 0.9), 9: (0.1, 0.75, 0.5),
-                14: (0.2, 0.5, 0.0), 100: (0.2, 0.5, 0.0)}
+    config = certified_config("crown-ibp", eps=0.2, warmup_epochs=1, ramp_epochs=2, kappa_end=0.5)
+    expected = {0: (0.0, 0.0), 4: (0.0, 0.0), 5: (0.02, 0.1), 9: (0.1, 0.5), 14: (0.2, 1.0), 100: (0.2, 1.0)}
     for step, values in expected.items():
         assert schedule(config, step, 5) == pytest.approx(values), step
-    ibp = CertifiedTrainConfig(method="ibp", eps=0.2, warmup_epochs=1, ramp_epochs=2, eps_train_factor=1.1)
-    assert schedule(ibp, 9, 5) == pytest.approx((0.11, 0.75, 0.0))
-    assert schedule(ibp, 14, 5) == pytest.approx((0.22, 0.5, 0.0))
-    jump = CertifiedTrainConfig(eps=0.2, warmup_epochs=1, ramp_epochs=0, kappa_end=0.0)
-    assert schedule(jump, 4, 5) == pytest.approx((0.0, 1.0, 0.0))
-    assert schedule(jump, 5, 5) == pytest.approx((0.2, 0.0, 0.0))
+    ibp = certified_config("ibp", eps=0.2, warmup_epochs=1, ramp_epochs=2, eps_train_factor=1.1)
+    assert schedule(ibp, 9, 5) == pytest.approx((0.11, 0.5))
+    assert schedule(ibp, 14, 5) == pytest.approx((0.22, 1.0))
+    jump = certified_config(eps=0.2, warmup_epochs=1, ramp_epochs=0, kappa_end=0.0)
+    assert schedule(jump, 4, 5) == pytest.approx((0.0, 0.0))
+    assert schedule(jump, 5, 5) == pytest.approx((0.2, 1.0))
+    # κ = 1 − t (1 − kappa_end) in both losses; β = 1 − t in CROWN-IBP's, 0 in IBP's
+    model, x, y = mlp().eval(), digits.x_train[:8], digits.y_train[:8]
+    for t, kappa, beta in ((0.0, 1.0, 1.0), (0.4, 0.8, 0.6), (1.0, 0.5, 0.0)):
+        step = Step(0.05 * t, t, config, (0.0, 1.0), torch.Generator())
+        stats = crown_ibp_loss(model, x, y, step)[1]
+        assert (stats["kappa"], stats["beta"]) == pytest.approx((kappa, beta)), t
+        assert ibp_loss(model, x, y, replace(step, config=ibp))[1]["beta"] == 0.0
+
+
+def test_certified_loss_mixes_clean_and_worst_case_cross_entropy(digits):
+    model, x, y = mlp().eval(), digits.x_train[:16], digits.y_train[:16]
+    config = certified_config("ibp", kappa_end=0.25)
+    step = Step(0.03, 1.0, config, (0.0, 1.0), torch.Generator())
+    loss, stats = ibp_loss(model, x, y, step)
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y)
+    worst = robust_loss(margin_lower_bounds(model, x, y, 0.03, 0.0, 8), y)
+    assert loss.item() == pytest.approx((0.25 * clean + 0.75 * worst).item(), rel=1e-5)
+    assert stats["verified"] <= stats["accuracy"]
+    model.train()  # the loss computes its bounds in eval mode and leaves the model's own mode alone
+    assert ibp_loss(model, x, y, step)[0].item() == pytest.approx(loss.item(), rel=1e-5) and model.training
 
 
 # ----------------------------------------------------------------------------- bounds used in training
@@ -145,8 +166,10 @@ def test_certified_training_certifies_what_normal_training_does_not(subset, norm
     assert history[0]["verified"] == pytest.approx(history[0]["accuracy"])  # bounds at eps 0 are exact
     assert history[-1]["eps"] == pytest.approx(EPS) and history[-1]["kappa"] == pytest.approx(0.5)
     assert history[-1]["beta"] == 0.0
-    if method == "crown-ibp":
-        assert history[2]["beta"] == pytest.approx(0.5)  # end of epoch 3 = half-way through the ramp
+    if method == "crown-ibp":  # 10 steps an epoch (9 of 64 digits, 1 of 24): epoch 3 is steps 20-29, t = 11/40 …
+        # 20/40 of the ramp, and the record holds the mean over the epoch's digits
+        assert history[2]["beta"] == pytest.approx((sum(64 * (1 - (11 + k) / 40) for k in range(9)) + 24 * 0.5) / 600)
+        assert history[2]["eps"] == pytest.approx(EPS / 2)  # the epoch's last step: half-way
     # measured: IBP-certified test accuracy 0.75 (ibp) / 0.73 (crown-ibp) against 0.0 for the normal network
     trained = certified_accuracy(model, x_test, y_test, EPS, "ibp")
     assert trained > 0.6
@@ -163,8 +186,7 @@ def test_training_is_reproducible_and_logs(tmp_path, digits):
     from safetylab.core.runs import RunDir
 
     data = (digits.x_train[:64], digits.y_train[:64])
-    config = CertifiedTrainConfig(method="crown-ibp", eps=0.1, epochs=2, batch_size=32, warmup_epochs=0,
-                                  ramp_epochs=1)
+    config = certified_config("crown-ibp", eps=0.1, epochs=2, batch_size=32, warmup_epochs=0, ramp_epochs=1)
     first, second = mlp(), mlp()
     run = RunDir(tmp_path, {"config": "test"})
     h1 = train_certified(first, data, config, run=run)
@@ -194,17 +216,17 @@ def test_certified_accuracy_at_zero_eps_is_clean_accuracy(digits_model, digits):
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(SafetylabError, match=match):
-        CertifiedTrainConfig(**kwargs)
+        certified_config(**kwargs)
 
 
 def test_bad_training_input(digits):
     data = (digits.x_train[:16], digits.y_train[:16])
-    config = CertifiedTrainConfig(epochs=1)
+    config = certified_config(epochs=1)
     unsupported = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 8))
     with pytest.raises(SafetylabError, match="Tanh"):
         train_certified(unsupported, data, config)
-    with pytest.raises(SafetylabError, match="pair of tensors"):
-        train_certified(mlp(), [data], config)
+    with pytest.raises(SafetylabError, match="empty"):
+        train_certified(mlp(), [], config)
     with pytest.raises(SafetylabError, match="labels"):
         train_certified(mlp(), (data[0], data[1][:8]), config)
     with pytest.raises(SafetylabError, match=r"\[0.0, 1.0\]"):

@@ -1,7 +1,9 @@
-"""Input checks and the helpers every part of :mod:`safetylab.robust` shares.
+"""Tensor checks and the small helpers that classifier code shares (:mod:`safetylab.models.classifier`,
+:mod:`safetylab.robust`, :mod:`safetylab.verify`).
 
-A classifier here is any ``nn.Module`` that maps a batch of inputs ``(N, ...)`` in a stated range
-(``bounds``, [0, 1] by default; any normalisation lives inside the model) to logits ``(N, classes)``.
+A classifier here is any ``nn.Module`` that maps a batch of inputs ``(N, ...)`` in a stated range (a
+:data:`Range` ``(low, high)``, passed as ``bounds``, [0, 1] by default; any normalisation lives inside
+the model) to logits ``(N, classes)``.
 Inputs are torch tensors in the floating-point dtype the model computes in (:func:`check_inputs`).
 Every check raises :class:`~safetylab.core.errors.SafetylabError` naming the argument and what was
 expected.
@@ -20,9 +22,10 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 
-Bounds = tuple[float, float]
+Range = tuple[float, float]  # (low, high): the range every input value lies in
 Data = tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]]
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+NORMS = ("linf", "l2")  # the threat models of attacks and adversarial training
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -142,7 +145,7 @@ def as_float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def check_range(x: torch.Tensor, bounds: Bounds = (0.0, 1.0), name: str = "x") -> torch.Tensor:
+def check_range(x: torch.Tensor, bounds: Range = (0.0, 1.0), name: str = "x") -> torch.Tensor:
     """Inputs must lie in ``bounds``; normalise inside the model, not before the attack."""
     if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and all(map(_is_real, bounds))
             and bounds[0] < bounds[1]):

@@ -6,7 +6,7 @@ and the range, and leaves the model as it found it: it runs in eval mode, each s
 restored afterwards, and parameter gradients are never touched (gradients are taken with respect to the
 input only). Untargeted attacks seek argmax f(x′) ≠ y; targeted ones (``targeted=True``, ``y`` holding
 the target classes) seek argmax f(x′) = y. Every argument is checked before the first gradient: x is a
-batch in the model's dtype (:func:`~safetylab.robust.checks.check_inputs`), y one label per input, and
+batch in the model's dtype (:func:`~safetylab.core.tensors.check_inputs`), y one label per input, and
 each step count, step size and loss name a valid one.
 """
 
@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import (
-    Bounds,
+from safetylab.core.tensors import (
+    NORMS,
+    Range,
     check_count,
     check_eps,
     check_fraction,
@@ -34,7 +35,6 @@ from safetylab.robust.checks import (
     model_device,
 )
 
-NORMS = ("linf", "l2")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -82,7 +82,7 @@ def _norms(v: torch.Tensor) -> torch.Tensor:
 
 
 def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, norm: str = "linf",
-            bounds: Bounds = (0.0, 1.0)) -> torch.Tensor:
+            bounds: Range = (0.0, 1.0)) -> torch.Tensor:
     """The point of the ε-ball around x (intersected with the box ``bounds``) nearest to x_adv for L∞;
     for L2 the radial projection onto the ball, then the box. Clipping to the box moves every coordinate
     towards x's (which is inside it), so the result stays in the ball."""
@@ -94,7 +94,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float | torch.Tensor, nor
     return torch.clamp(x + delta, *bounds)
 
 
-def linf_box(x: torch.Tensor, eps: float | torch.Tensor, bounds: Bounds = (0.0, 1.0),
+def linf_box(x: torch.Tensor, eps: float | torch.Tensor, bounds: Range = (0.0, 1.0),
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The L∞ ball around x intersected with the box ``bounds``, per coordinate: (max(x − ε, low),
     min(x + ε, high)); clamping to it is the L∞ projection."""
@@ -107,7 +107,7 @@ def _direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad.sign() if norm == "linf" else grad / (_norms(grad) + 1e-12)
 
 
-def random_start(x: torch.Tensor, eps: float, norm: str = "linf", bounds: Bounds = (0.0, 1.0),
+def random_start(x: torch.Tensor, eps: float, norm: str = "linf", bounds: Range = (0.0, 1.0),
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniform point of the ε-ball around x (L∞: uniform per coordinate; L2: uniform in the ball),
     clipped to the box."""
@@ -127,7 +127,7 @@ def check_norm(norm: str) -> str:
     return norm
 
 
-def _check_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, bounds: Bounds,
+def _check_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str, bounds: Range,
                   ) -> torch.Tensor:
     """The checks every attack shares; returns the labels as int64 on x's device."""
     check_norm(norm)
@@ -171,7 +171,7 @@ def _fooled(logits: torch.Tensor, y: torch.Tensor, targeted: bool) -> torch.Tens
 
 # ----------------------------------------------------------------------------- FGSM and PGD
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
-         targeted: bool = False, bounds: Bounds = (0.0, 1.0)) -> torch.Tensor:
+         targeted: bool = False, bounds: Range = (0.0, 1.0)) -> torch.Tensor:
     """Fast gradient sign method, Goodfellow et al. 2015 ("Explaining and harnessing adversarial
     examples"): x′ = clip(x + ε · sign(∇ₓ CE(f(x), y))); for L2 the step is ε · ∇/‖∇‖₂ (fast gradient method)."""
     y = _check_attack(model, x, y, eps, norm, bounds)
@@ -182,7 +182,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: s
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", steps: int = 20,
         step_size: float | None = None, restarts: int = 1, rand_init: bool = True, targeted: bool = False,
-        loss: str = "ce", early_stop: bool = True, bounds: Bounds = (0.0, 1.0),
+        loss: str = "ce", early_stop: bool = True, bounds: Range = (0.0, 1.0),
         generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient descent, Madry et al. 2018 ("Towards deep learning models resistant to
     adversarial attacks"):
@@ -233,7 +233,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
 
 
 def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, norm: str = "linf", steps: int = 10,
-                     step_size: float | None = None, bounds: Bounds = (0.0, 1.0),
+                     step_size: float | None = None, bounds: Range = (0.0, 1.0),
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """TRADES' inner maximisation, Zhang et al. 2019: x′ = argmax_{x′ ∈ B(x, ε)} KL(p(x) ‖ p(x′)) by PGD
     from x + 0.001·N(0, I) (the KL's gradient vanishes at x′ = x)."""
@@ -268,7 +268,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", steps: int = 100,
          loss: str = "ce", restarts: int = 1, rho: float = 0.75, momentum: float = 0.75, targeted: bool = False,
-         bounds: Bounds = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
+         bounds: Range = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
     """Auto-PGD, Croce & Hein 2020, Algorithm 1: PGD with momentum and a step size that adapts itself.
 
         z = Π(xᵏ + ηᵏ · dir(∇L(xᵏ))),   xᵏ⁺¹ = Π(xᵏ + α(z − xᵏ) + (1 − α)(xᵏ − xᵏ⁻¹)),   α = ``momentum``
@@ -340,7 +340,7 @@ def square_p(p_init: float, step: int, steps: int) -> float:
 
 @torch.no_grad()
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 1000, p_init: float = 0.8,
-           bounds: Bounds = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
+           bounds: Range = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
     """Square attack under L∞, Andriushchenko et al. 2020 ("Square Attack: a query-efficient black-box
     adversarial attack via random search"): score-based, it uses only the logits, never a gradient.
 

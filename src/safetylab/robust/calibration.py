@@ -20,7 +20,7 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
-from safetylab.robust.checks import check_count, check_labels, check_positive, check_probs, model_device, model_dtype
+from safetylab.core.tensors import check_count, check_labels, check_positive, check_probs, model_device, model_dtype
 
 NLL_FLOOR = 1e-12  # p_y is clamped here: a certain, wrong prediction costs −log 1e-12 ≈ 27.6, not infinity
 

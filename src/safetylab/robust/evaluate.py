@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.attacks import apgd, check_norm, fgsm, input_gradient, pgd, square
-from safetylab.robust.checks import (
-    Bounds,
+from safetylab.core.tensors import (
     Data,
+    Range,
     check_count,
     check_eps,
     check_eval,
@@ -32,12 +31,13 @@ from safetylab.robust.checks import (
     logits_of,
     model_device,
 )
+from safetylab.robust.attacks import apgd, check_norm, fgsm, input_gradient, pgd, square
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 def attack_by_name(name: str, norm: str = "linf", steps: int = 100, square_queries: int = 1000,
-                   bounds: Bounds = (0.0, 1.0), seed: int = 0) -> Attack:
+                   bounds: Range = (0.0, 1.0), seed: int = 0) -> Attack:
     """``fgsm``, ``pgd`` (20 steps), ``pgd-restarts`` (3×), ``apgd-ce``, ``apgd-dlr`` or ``square`` as a
     function (model, x, y, ε) -> x′, seeded so that a run repeats."""
     check_norm(norm)
@@ -112,7 +112,7 @@ def gradient_masking(model: nn.Module, x: torch.Tensor, y: torch.Tensor, tol: fl
 
 
 def evaluate_robustness(model: nn.Module, data: Data, eps: float, norm: str = "linf",
-                        attacks: Sequence[str | tuple[str, Attack]] = ENSEMBLE, bounds: Bounds = (0.0, 1.0),
+                        attacks: Sequence[str | tuple[str, Attack]] = ENSEMBLE, bounds: Range = (0.0, 1.0),
                         batch_size: int = 512, seed: int = 0, steps: int = 100,
                         square_queries: int = 1000) -> RobustnessResult:
     """Clean and robust accuracy of an eval-mode ``model`` under the attacks in order, each run only on
@@ -165,7 +165,7 @@ def evaluate_robustness(model: nn.Module, data: Data, eps: float, norm: str = "l
 
 
 def _named_attack(attack: str | tuple[str, Attack], i: int, norm: str, steps: int, square_queries: int,
-                  bounds: Bounds, seed: int) -> tuple[str, Attack]:
+                  bounds: Range, seed: int) -> tuple[str, Attack]:
     """Entry ``i`` of ``attacks`` as a (name, function) pair."""
     if isinstance(attack, str):
         return attack, attack_by_name(attack, norm, steps, square_queries, bounds, seed)
@@ -174,7 +174,7 @@ def _named_attack(attack: str | tuple[str, Attack], i: int, norm: str, steps: in
     return attack
 
 
-def _check_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, bounds: Bounds,
+def _check_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, bounds: Range,
                         name: str) -> None:
     if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
         got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
@@ -187,7 +187,7 @@ def _check_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: 
 
 def robustness_curve(model: nn.Module, data: Data, eps_values: Sequence[float], norm: str = "linf",
                      single: Sequence[str] = ("fgsm", "pgd"), ensemble: Sequence[str] = ENSEMBLE,
-                     bounds: Bounds = (0.0, 1.0), seed: int = 0, steps: int = 100,
+                     bounds: Range = (0.0, 1.0), seed: int = 0, steps: int = 100,
                      square_queries: int = 1000) -> list[dict]:
     """Robust accuracy against ε: each attack in ``single`` on its own, and the ensemble of all of them
     (``single`` first, then ``ensemble``, each on the survivors), so the ensemble column is the per-point

@@ -10,7 +10,7 @@ distribution). Every detector returns such scores, and every metric reads them s
   the forward pass (z: logits for MSP, ODIN and Energy; penultimate features for Mahalanobis and KNN,
   which also have ``fit_features(z, y)``; probability samples (S, N, C) for ``Uncertainty``).
 
-Inputs are checked before any batch runs (:func:`~safetylab.robust.checks.check_inputs`: a torch tensor
+Inputs are checked before any batch runs (:func:`~safetylab.core.tensors.check_inputs`: a torch tensor
 batch in the model's dtype, finite), and logits and features must be finite: a NaN score would be
 silently accepted as in-distribution, since no threshold is below it. Scores are float32, or float64 for a
 float64 model.
@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import (
-    Bounds,
+from safetylab.core.tensors import (
     Data,
+    Range,
     all_finite,
     as_float,
     batches,
@@ -170,7 +170,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _descend(x: torch.Tensor, score: Callable[[torch.Tensor], torch.Tensor], eps: float,
-             bounds: Bounds) -> torch.Tensor:
+             bounds: Range) -> torch.Tensor:
     """Input preprocessing of ODIN and Mahalanobis: x̃ = clip(x − ε · sign(∇ₓ Σ score(x)), bounds), one
     signed-gradient step that lowers the anomaly score, which helps in-distribution inputs more than OOD
     ones. Gradients are taken with respect to the input only."""
@@ -253,7 +253,7 @@ class ODIN(Detector):
     """
 
     def __init__(self, model: nn.Module, temperature: float = 1000.0, eps: float = 0.0014,
-                 bounds: Bounds = (0.0, 1.0), batch_size: int = 1024):
+                 bounds: Range = (0.0, 1.0), batch_size: int = 1024):
         super().__init__(model, batch_size)
         self.temperature, self.eps, self.bounds = check_positive(temperature, "temperature"), check_eps(eps), bounds
 
@@ -346,7 +346,7 @@ class Mahalanobis(_FeatureDetector):
     """
 
     def __init__(self, model: nn.Module, features: Features | None = None, ridge: float = 1e-6, eps: float = 0.0,
-                 bounds: Bounds = (0.0, 1.0), batch_size: int = 1024):
+                 bounds: Range = (0.0, 1.0), batch_size: int = 1024):
         super().__init__(model, features, batch_size)
         self.ridge, self.eps, self.bounds = check_eps(ridge, "ridge"), check_eps(eps), bounds
 
@@ -429,12 +429,15 @@ class KNN(_FeatureDetector):
         return (2 - 2 * torch.cat(sims)).clamp_min(0).sqrt()
 
 
-class Uncertainty:
+class Uncertainty(Detector):
     """Predictive uncertainty as an OOD score: with one model, MC dropout (Gal & Ghahramani 2016) over
     ``samples`` passes; with a list of models, a deep ensemble (Lakshminarayanan et al. 2017). ``measure``
     is ``"mutual_information"`` (epistemic part, BALD: Houlsby et al. 2011) or ``"entropy"`` (total
     predictive entropy); see :mod:`safetylab.robust.uncertainty`. Higher score = more anomalous.
-    ``score_features`` takes probability samples (S, N, C).
+    ``score_features`` takes probability samples (S, N, C). Nothing to fit: ``fit`` returns the detector.
+
+    MC dropout's masks come from torch's global generator: seed it (an entry point does) for scores that
+    repeat.
     """
 
     MEASURES = ("mutual_information", "entropy")
@@ -448,12 +451,10 @@ class Uncertainty:
                 and all(isinstance(m, nn.Module) for m in model_or_models)):
             raise SafetylabError("model_or_models must be a model (MC dropout) or a non-empty list of models (deep "
                                  f"ensemble), got {type(model_or_models).__name__}")
+        ensemble = not isinstance(model_or_models, nn.Module)
+        super().__init__(model_or_models[0] if ensemble else model_or_models, batch_size)
         self.model_or_models, self.measure = model_or_models, measure
-        self.samples, self.batch_size = check_count(samples, "samples"), check_count(batch_size, "batch_size")
-
-    def fit(self, data: Data) -> Uncertainty:
-        """Nothing to learn from the in-distribution data: returns the detector unchanged."""
-        return self
+        self.samples = check_count(samples, "samples")
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         """Anomaly scores (N,) of the inputs ``x``, on CPU; higher = more anomalous."""

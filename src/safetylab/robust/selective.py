@@ -26,7 +26,7 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
-from safetylab.robust.checks import check_fraction, check_labels, predict_logits
+from safetylab.core.tensors import check_fraction, check_labels, predict_logits
 
 Score = Callable[[torch.Tensor], torch.Tensor]
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
+from safetylab.core.tensors import Range, as_float, check_eval, check_labels, check_range, predict_logits
 from safetylab.robust.calibration import calibration_metrics
-from safetylab.robust.checks import Bounds, as_float, check_eval, check_labels, check_range, predict_logits
 from safetylab.robust.ood import auroc
 
 Shift = Callable[[torch.Tensor, int, "torch.Generator | None"], torch.Tensor]
@@ -64,7 +64,7 @@ def _check_images(x: torch.Tensor, name: str = "x") -> torch.Tensor:
     return check_range(x, (0.0, 1.0), name)
 
 
-def _check_features(x: torch.Tensor, bounds: Bounds | None, name: str = "x") -> torch.Tensor:
+def _check_features(x: torch.Tensor, bounds: Range | None, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise SafetylabError(f"{name} must be a float tensor of feature vectors (N, D), got {shape}")
@@ -238,13 +238,13 @@ def _feature_std(x: torch.Tensor, std: torch.Tensor | None, reference: torch.Ten
     return source.std(0).to(x.device, x.dtype)
 
 
-def _clip(x: torch.Tensor, bounds: Bounds | None) -> torch.Tensor:
+def _clip(x: torch.Tensor, bounds: Range | None) -> torch.Tensor:
     return x if bounds is None else x.clamp(*bounds)
 
 
 def feature_noise(x: torch.Tensor, severity: int, generator: torch.Generator | None = None, *,
                   std: torch.Tensor | None = None, reference: torch.Tensor | None = None,
-                  bounds: Bounds | None = None) -> torch.Tensor:
+                  bounds: Range | None = None) -> torch.Tensor:
     """x′_ij = x_ij + λ·σ_j·ε_ij, ε ~ N(0, 1): noise scaled by each feature's standard deviation σ_j
     (``std``, or estimated from ``reference`` or else from x), λ from ``FEATURE_NOISE_STDS``."""
     lam = FEATURE_NOISE_STDS[_check_severity(severity) - 1]
@@ -254,7 +254,7 @@ def feature_noise(x: torch.Tensor, severity: int, generator: torch.Generator | N
 
 
 def feature_dropout(x: torch.Tensor, severity: int, generator: torch.Generator | None = None, *,
-                    bounds: Bounds | None = None) -> torch.Tensor:
+                    bounds: Range | None = None) -> torch.Tensor:
     """Set ⌈p·D⌉ features to 0 in every example, the same features for the whole batch (an upstream
     column or sensor lost), p from ``FEATURE_DROP_SHARES``; a higher severity drops more of the same."""
     p = FEATURE_DROP_SHARES[_check_severity(severity) - 1]
@@ -267,7 +267,7 @@ def feature_dropout(x: torch.Tensor, severity: int, generator: torch.Generator |
 
 
 def feature_scale(x: torch.Tensor, severity: int, generator: torch.Generator | None = None, *,
-                  bounds: Bounds | None = None) -> torch.Tensor:
+                  bounds: Range | None = None) -> torch.Tensor:
     """Multiplicative drift x′_ij = x_ij · exp(τ·z_j), z ~ N(0, I_D) drawn once per feature (a gain that
     drifts), τ from ``FEATURE_LOG_GAINS``."""
     tau = FEATURE_LOG_GAINS[_check_severity(severity) - 1]
@@ -277,7 +277,7 @@ def feature_scale(x: torch.Tensor, severity: int, generator: torch.Generator | N
 
 def feature_shift(x: torch.Tensor, severity: int, generator: torch.Generator | None = None, *,
                   std: torch.Tensor | None = None, reference: torch.Tensor | None = None,
-                  bounds: Bounds | None = None) -> torch.Tensor:
+                  bounds: Range | None = None) -> torch.Tensor:
     """Additive drift along a random direction: every example moves by v = δ·σ ⊙ z / rms(z), z ~ N(0, I_D),
     i.e. δ feature standard deviations (root mean square over features), σ as in :func:`feature_noise`,
     δ from ``FEATURE_DRIFTS``."""

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import (
-    Bounds,
+from safetylab.core.seeding import derive_seed, torch_seed
+from safetylab.core.tensors import (
     Data,
+    Range,
     as_float,
     check_count,
     check_eval,
@@ -31,7 +32,8 @@ from safetylab.robust.checks import (
     predict_logits,
     probe,
 )
-from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.models.classifier import ClassifierTrainConfig
+from safetylab.robust.training import train_classifier
 
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
@@ -88,19 +90,23 @@ def ensemble_probs(models: Sequence[nn.Module], x: torch.Tensor, batch_size: int
     return torch.stack(probs)
 
 
-def train_ensemble(build: Callable[[], nn.Module], data: Data, config: RobustTrainConfig = RobustTrainConfig(),
-                   members: int = 5, bounds: Bounds = (0.0, 1.0)) -> list[nn.Module]:
-    """Train ``members`` fresh models from ``build()`` on ``data``; member i is initialised after seeding
-    torch with ``config.seed + i`` and trained with that seed (Lakshminarayanan et al. 2017: random
-    initialisation and data order alone make the members diverse). Returns the members in eval mode."""
+def train_ensemble(build: Callable[[], nn.Module], data: Data,
+                   config: ClassifierTrainConfig = ClassifierTrainConfig(), members: int = 5,
+                   bounds: Range = (0.0, 1.0)) -> list[nn.Module]:
+    """Train ``members`` fresh models from ``build()`` on ``data`` by ``config`` (standard, pgd or trades);
+    member i has its own seed ``derive_seed(config.seed, "ensemble", i)``, from which it is initialised
+    and trained (Lakshminarayanan et al. 2017: random initialisation and data order alone make the
+    members diverse). Derived seeds, not ``seed + i``, so that two ensembles of different seeds never
+    share a member. Returns the members in eval mode."""
     check_count(members, "members")
     ensemble = []
     for i in range(members):
-        torch.manual_seed(config.seed + i)
-        model = build()
-        if not isinstance(model, nn.Module):
-            raise SafetylabError(f"build() must return a fresh nn.Module, got {type(model).__name__}")
-        train_classifier(model, data, replace(config, seed=config.seed + i), bounds)
+        seed = derive_seed(config.seed, "ensemble", i)
+        with torch_seed(seed):
+            model = build()
+            if not isinstance(model, nn.Module):
+                raise SafetylabError(f"build() must return a fresh nn.Module, got {type(model).__name__}")
+            train_classifier(model, data, replace(config, seed=seed), bounds)
         ensemble.append(model.eval())
     return ensemble
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import check_eval, model_device, model_dtype
+from safetylab.core.tensors import check_eval, model_device, model_dtype
 
 SUPPORTED = "Linear, Conv2d, ReLU, LeakyReLU, Flatten, BatchNorm1d/2d (eval), AvgPool2d, Dropout, Identity"
 

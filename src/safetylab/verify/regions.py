@@ -16,7 +16,7 @@ from numbers import Integral, Real
 import torch
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import check_labels
+from safetylab.core.tensors import check_labels
 
 
 def _check_batch(x: object, name: str) -> torch.Tensor:

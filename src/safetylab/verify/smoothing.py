@@ -24,7 +24,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import nn
 
 from safetylab.core.errors import SafetylabError
-from safetylab.robust.checks import check_eval, check_labels, model_device, model_dtype
+from safetylab.core.tensors import check_eval, check_labels, model_device, model_dtype
 
 
 # ----------------------------------------------------------------------------- checks

@@ -1,43 +1,45 @@
-"""Certified training: train a network so that its bounds, not only its predictions, come out right.
+"""Certified training: train a network so that its bounds, not only its predictions, come out right; and
+the noisy training of randomized smoothing's base classifier. Each is a per-batch loss for the one loop
+of :mod:`safetylab.models.classifier`, which :func:`train_certified` runs.
 
-The loss mixes the clean cross-entropy with the cross-entropy of the worst-case logits that sound lower
-bounds on the margins allow (:func:`robust_loss`), at an ε that grows from 0 over a ramp:
+The certified losses mix the clean cross-entropy with the cross-entropy of the worst-case logits that
+sound lower bounds on the margins allow (:func:`robust_loss`), at an ε that grows from 0 over a ramp
+(:func:`~safetylab.models.classifier.schedule`, progress ``t``):
 
 - ``ibp``: Gowal et al. 2018, "On the Effectiveness of Interval Bound Propagation for Training Verifiably
   Robust Models": ``κ · CE(f(x), y) + (1 − κ) · CE(z̃(ε), y)``, the margins bounded by IBP, κ going from 1
   to ``kappa_end`` = 0.5 while ε goes from 0 to its final value;
 - ``crown-ibp``: Zhang et al. 2020, "Towards Stable and Efficient Training of Verifiably Robust Neural
   Networks": the margins' lower bound is ``β · CROWN-IBP + (1 − β) · IBP``, β going from 1 to 0 over the
-  same ramp (the tighter CROWN-IBP bound steadies the start; plain IBP, cheaper, finishes).
+  same ramp (the tighter CROWN-IBP bound steadies the start; plain IBP, cheaper, finishes);
+- ``noise``: cross-entropy on x + N(0, σ²I), not clipped — the base classifier of randomized smoothing
+  (Cohen et al. 2019, "Certified Adversarial Robustness via Randomized Smoothing", §4).
 
-The schedule is per optimizer step (:func:`schedule`), :func:`train_certified` is the loop, and
+:func:`certified_config` gives the certified methods their papers' schedule, and
 :func:`certified_accuracy` the share of examples a bound method verifies.
 """
 
 from __future__ import annotations
 
-import io
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from safetylab.core.config import require, require_choice
+from safetylab.core.config import require_choice
 from safetylab.core.errors import SafetylabError
-from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
-from safetylab.robust.checks import (
+from safetylab.core.tensors import (
+    Data,
     batches,
     check_eps,
     check_eval,
     check_labels,
     check_range,
-    is_tensor_pair,
+    eval_mode,
     logits_of,
     model_device,
 )
+from safetylab.models.classifier import ClassifierTrainConfig, Loss, Step, fit_classifier, standard_loss
 from safetylab.verify.bounds import METHODS as BOUND_METHODS
 from safetylab.verify.bounds import Bounds, compute_bounds, crown, ibp
 from safetylab.verify.network import trace
@@ -46,50 +48,16 @@ from safetylab.verify.regions import linf_ball, margin_spec
 METHODS = ("ibp", "crown-ibp")
 
 
-@dataclass(frozen=True)
-class CertifiedTrainConfig:
-    """Gowal et al. 2018's schedule: ``warmup_epochs`` of clean training (ε = 0, κ = 1), then ε growing
-    linearly per step from 0 to ``eps · eps_train_factor`` over ``ramp_epochs`` while κ falls from 1 to
-    ``kappa_end`` (and, for CROWN-IBP, β from 1 to 0), then those values to the end. Gowal et al. train at
-    1.1 × the ε they test; ``eps_train_factor`` = 1.0 trains at ``eps`` itself."""
-
-    method: str = "ibp"  # one of METHODS
-    eps: float = 0.1  # L∞ radius, in input units (inputs in [0, 1])
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3  # Adam
-    warmup_epochs: int = 2
-    ramp_epochs: int = 10
-    kappa_end: float = 0.5
-    eps_train_factor: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        require_choice(self.method, "method", METHODS)
-        require(0 <= self.eps < math.inf, "eps", "a finite number >= 0 (the radius)", self.eps)
-        for name in ("epochs", "batch_size"):
-            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        for name in ("warmup_epochs", "ramp_epochs"):
-            require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
-        for name in ("lr", "eps_train_factor"):
-            require(0 < getattr(self, name) < math.inf, name, "a finite number > 0", getattr(self, name))
-        require(0 <= self.kappa_end <= 1, "kappa_end", "a number in [0, 1] (the clean loss's final weight)",
-                self.kappa_end)
-        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
-
-
-def schedule(config: CertifiedTrainConfig, step: int, steps_per_epoch: int) -> tuple[float, float, float]:
-    """``(ε, κ, β)`` at optimizer step ``step`` (0-based), with ``W`` warm-up and ``R`` ramp steps
-    (epochs × ``steps_per_epoch``): ``t = clip((step + 1 − W) / R, 0, 1)`` (1 once past the warm-up
-    when R = 0), ``ε = t · eps · eps_train_factor``, ``κ = 1 − t (1 − kappa_end)`` (Gowal et al. 2018),
-    ``β = 1 − t`` for CROWN-IBP (Zhang et al. 2020) and 0 for IBP (its bound has no CROWN part)."""
-    warmup, ramp = config.warmup_epochs * steps_per_epoch, config.ramp_epochs * steps_per_epoch
-    if ramp == 0:
-        t = float(step >= warmup)
-    else:
-        t = min(1.0, max(0.0, (step + 1 - warmup) / ramp))
-    beta = 1.0 - t if config.method == "crown-ibp" else 0.0
-    return t * config.eps * config.eps_train_factor, 1.0 - t * (1.0 - config.kappa_end), beta
+def certified_config(method: str = "ibp", **changes) -> ClassifierTrainConfig:
+    """A :class:`~safetylab.models.classifier.ClassifierTrainConfig` for certified training with Gowal et al.
+    2018's schedule: Adam at a constant learning rate 1e-3 (no weight decay), ``warmup_epochs`` = 2 of
+    clean training (ε = 0, κ = 1), then ε growing linearly per step from 0 to ``eps · eps_train_factor``
+    over ``ramp_epochs`` = 10 while κ falls from 1 to ``kappa_end`` (and, for CROWN-IBP, β from 1 to 0),
+    then those values to the end of 20 epochs; ``changes`` override any field. Gowal et al. train at 1.1 ×
+    the ε they test; ``eps_train_factor`` = 1.0 (the default) trains at ``eps`` itself."""
+    require_choice(method, "method", METHODS)
+    return ClassifierTrainConfig(**{"method": method, "epochs": 20, "lr": 1e-3, "weight_decay": 0.0,
+                                    "lr_schedule": "constant", "warmup_epochs": 2, "ramp_epochs": 10, **changes})
 
 
 def robust_loss(margins: torch.Tensor | Bounds, labels: torch.Tensor) -> torch.Tensor:
@@ -124,57 +92,59 @@ def margin_lower_bounds(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     return lower
 
 
-def train_certified(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
-                    config: CertifiedTrainConfig = CertifiedTrainConfig(), run: RunDir | None = None,
-                    quiet: bool = True) -> list[dict]:
-    """Train ``model`` in place on ``data`` (a pair of tensors, inputs in [0, 1], shuffled each epoch by
-    a generator seeded with ``config.seed``) with the loss ``κ · CE(f(x), y) + (1 − κ) · robust_loss``;
-    return one record per epoch, also logged to ``run`` if given: ``loss``, ``accuracy`` (clean, on the
-    epoch's batches before each update), ``verified`` (the share whose training bounds are all positive,
-    at that step's ε), and the ``eps``, ``kappa``, ``beta`` of the epoch's last step.
+def ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step) -> tuple[torch.Tensor, dict]:
+    """IBP training's loss (Gowal et al. 2018), ``κ · CE(f(x), y) + (1 − κ) · robust_loss(m)``, m the IBP
+    lower bounds of the margins over the L∞ ball of radius ``step.eps``; see :func:`_certified_loss`."""
+    return _certified_loss(model, x, y, step, beta=0.0)
 
-    The model is in eval mode for the whole loop and is left in it: bounds are only sound for a fixed
-    function, so Dropout is off (the network trained is the one verified) and BatchNorm keeps its
-    running statistics (not updated) while its scale and shift train, an affine map like any other.
-    """
-    if not is_tensor_pair(data):
-        raise SafetylabError(f"data must be a pair of tensors (x, y), got {type(data).__name__}")
-    device = model_device(model)
-    x_all, y_all = data
-    if len(x_all) != len(y_all):
-        raise SafetylabError(f"data: {len(x_all)} inputs but {len(y_all)} labels")
-    check_range(x_all, (0.0, 1.0), "data inputs")
-    steps_per_epoch = -(-len(x_all) // config.batch_size)
-    generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    history = []
-    model.eval()
-    stream = io.StringIO() if quiet else None
-    with Progress(f"train {config.method}", config.epochs, stream=stream) as progress:
-        for epoch in range(config.epochs):
-            order = torch.randperm(len(x_all), generator=generator)
-            total = correct = verified = count = 0.0
-            for i, (x, y) in enumerate(batches((x_all[order], y_all[order]), config.batch_size)):
-                eps, kappa, beta = schedule(config, epoch * steps_per_epoch + i, steps_per_epoch)
-                x = x.to(device)
-                logits = logits_of(model, x)
-                y = check_labels(y, logits.shape[1], len(x)).to(device)
-                lower = margin_lower_bounds(model, x, y, eps, beta, logits.shape[1])
-                loss = kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust_loss(lower, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, count = total + loss.item() * len(x), count + len(x)
-                correct += (logits.argmax(1) == y).sum().item()
-                verified += (lower > 0).all(1).sum().item()
-            record = {"epoch": epoch + 1, "loss": total / count, "accuracy": correct / count,
-                      "verified": verified / count, "eps": eps, "kappa": kappa, "beta": beta}
-            history.append(record)
-            if run is not None:
-                run.log(epoch + 1, **record)
-            progress.advance(loss=record["loss"], verified=record["verified"])
-    optimizer.zero_grad(set_to_none=True)  # a trained model holds no gradients
-    return history
+
+def crown_ibp_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step) -> tuple[torch.Tensor, dict]:
+    """CROWN-IBP training's loss (Zhang et al. 2020): IBP's, with the margins' lower bounds
+    ``β · CROWN-IBP + (1 − β) · IBP`` with β = 1 − t falling from 1 to 0 over the ramp; see
+    :func:`_certified_loss`."""
+    return _certified_loss(model, x, y, step, beta=1.0 - step.t)
+
+
+def _certified_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step,
+                    beta: float) -> tuple[torch.Tensor, dict]:
+    """``κ · CE(f(x), y) + (1 − κ) · robust_loss(m)``, m the margins' lower bounds of
+    :func:`margin_lower_bounds` (CROWN-IBP's share ``beta``) and ``κ = 1 − t (1 − kappa_end)`` at the
+    ramp's progress t (Gowal et al. 2018), computed
+    with the model in eval mode: bounds are only sound for a fixed function, so Dropout is off (the
+    network trained is the one verified) and BatchNorm keeps its running statistics (not updated) while
+    its scale and shift train, an affine map like any other. The model is traced anew each batch, so the
+    bounds follow its current weights. Stats: the clean ``accuracy`` and the share ``verified`` (all
+    training bounds positive at this ε) before the update, and ``kappa`` and ``beta``."""
+    kappa = 1.0 - step.t * (1.0 - step.config.kappa_end)
+    with eval_mode(model):
+        logits = logits_of(model, x)
+        y = check_labels(y, logits.shape[1], len(x))
+        lower = margin_lower_bounds(model, x, y, step.eps, beta, logits.shape[1])
+    loss = kappa * F.cross_entropy(logits, y) + (1 - kappa) * robust_loss(lower, y)
+    return loss, {"accuracy": (logits.argmax(1) == y).float().mean().item(),
+                  "verified": (lower > 0).all(1).float().mean().item(), "kappa": kappa, "beta": beta}
+
+
+def noise_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step) -> tuple[torch.Tensor, dict]:
+    """The base classifier of randomized smoothing (Cohen et al. 2019, §4): CE(f(x + δ), y), δ ~ N(0, σ²I)
+    drawn from ``step.generator``, σ = ``sigma``, not clipped to the input range; stats: the
+    ``accuracy`` on the noisy inputs."""
+    noise = torch.randn(x.shape, generator=step.generator, dtype=x.dtype).to(x.device)
+    return standard_loss(model, x + step.config.sigma * noise, y, step)
+
+
+LOSSES: dict[str, Loss] = {"standard": standard_loss, "ibp": ibp_loss, "crown-ibp": crown_ibp_loss,
+                           "noise": noise_loss}
+
+
+def train_certified(model: nn.Module, data: Data, config: ClassifierTrainConfig = certified_config(),
+                    run: RunDir | None = None, quiet: bool = True) -> list[dict]:
+    """Train ``model`` in place on ``data`` (inputs in [0, 1]) by ``config.method`` (ibp, crown-ibp, noise,
+    or standard) with :func:`~safetylab.models.classifier.fit_classifier`; return one record per epoch,
+    also logged to ``run`` if given: ``loss``, the last step's ``eps``, and the epoch's means of the
+    loss's stats (for ibp and crown-ibp: ``accuracy``, ``verified``, ``kappa``, ``beta``). The model is
+    left in eval mode."""
+    return fit_classifier(model, data, config, LOSSES, (0.0, 1.0), run, quiet)
 
 
 def certified_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, method: str = "ibp",
