@@ -7,9 +7,8 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 from typing import Annotated, Any
 
 import typer
@@ -36,25 +35,6 @@ def options(*fields: str, **renamed: str) -> Iterator[None]:
         if e.field not in names:
             raise
         raise e.renamed(names[e.field]) from None
-
-
-def run_study(suite: ModuleType, out: Path, seed: int, sections: tuple[str, ...], model: Path | None = None,
-              quick: bool = False, names: dict[str, str] | None = None, **changes) -> None:
-    """Run ``sections`` of ``suite`` (a module with ``suite_config`` and ``run_suite``, e.g.
-    :mod:`safetylab.robust.suite`) into the run directory ``out``, with ``changes`` to its config, and
-    print where the tables and plots are. ``names`` maps the changed fields to the options that set them
-    (``attack_steps="--steps"``); the config and ``model`` are checked before the run directory is made."""
-    from safetylab.core.runs import RunDir
-    from safetylab.robust.data import load_classifier
-    from safetylab.robust.suite import tables_markdown
-
-    with options("seed", **(names or {})):
-        config = replace(suite.suite_config(quick, seed), **changes)
-    if model is not None:
-        load_classifier(model)
-    run = RunDir(out, {"sections": list(sections), "model": None if model is None else str(model), **asdict(config)})
-    result = suite.run_suite(config, run, sections, model=model)
-    print(f"tables: {tables_markdown(result, run)}\nplots:  {run.plots}")
 
 
 def numbers(text: str, option: str, what: str = "numbers") -> tuple[float, ...]:

@@ -1,19 +1,22 @@
 """``safetylab verify …``: the verification study on the built-in digits, one question per command.
 
-Every command writes a run directory (``config.json``, ``sections.json``, ``tables.md``, ``plots/`` and
-the trained networks under ``artifacts/models``). ``bounds`` and ``certify`` study the classifier of
-``--model`` (a ``verify train`` run) or train the study's four networks in their run directory.
+``train`` trains one network. The other commands run stages of :mod:`safetylab.verify.study` into a run
+directory (``config.json``, ``sections.json``, ``tables.md``, each stage's ``section.json`` and plots
+under ``STAGE/``, the trained networks under ``artifacts/models``). ``bounds`` and ``certify`` study the
+classifier of ``--model`` (a ``verify train`` run) or train the study's four networks in their run
+directory. ``report --seeds 0,1,2`` runs the whole study once per seed (``OUT/seed-N``) and writes
+``OUT/summary.md`` (mean ± sd).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from safetylab.cli.common import numbers, options, run_study
+from safetylab.cli.common import Seeds, numbers, options, study_report
 
 verify_app = typer.Typer(help="Verification of a classifier on the built-in digits: IBP, CROWN, α-CROWN and exact "
                               "bounds, randomized smoothing, certified training.", no_args_is_help=True)
@@ -23,22 +26,32 @@ Seed = Annotated[int, typer.Option(help="Random seed (data split, training, atta
 Model = Annotated[Path | None, typer.Option(help="A `verify train` run directory (default: train the study's "
                                                 "standard, PGD, IBP and CROWN-IBP networks here).")]
 Quick = Annotated[bool, typer.Option(help="Fewer epochs, radii, examples and noise samples.")]
+NAMES = {"eps": "--eps", "bounds_eps": "--eps", "exact_time_limit": "--time-limit", "sigmas": "--sigma",
+         "smooth_n": "--samples"}
 
 
-def _run(out: Path, seed: int, sections: tuple[str, ...], model: Path | None = None, quick: bool = False,
-         **changes) -> None:
-    from safetylab.verify import suite
+def _study(out: Path, seed: int, only: tuple[str, ...] | None, model: Path | None = None, quick: bool = False,
+           seeds: str | None = None, **changes) -> None:
+    """Run the ``only`` stages (all when None) of the verification study with ``changes`` to its config."""
+    from safetylab.core.errors import SafetylabError
+    from safetylab.models.classifier import load_classifier
+    from safetylab.verify.study import STAGES, study_config
 
-    names = {"eps": "--eps", "bounds_eps": "--eps", "exact_time_limit": "--time-limit", "sigmas": "--sigma",
-             "smooth_n": "--samples"}
-    run_study(suite, out, seed, sections, model, quick, names, **changes)
+    if model is not None:
+        if seeds is not None:
+            raise SafetylabError("--model with --seeds: each seed splits the digits differently, so a given "
+                                 "classifier would be tested on digits it trained on; drop one of them")
+        load_classifier(model)  # a bad --model fails before any directory is made
+    study_report(STAGES, lambda s: replace(study_config(quick, s), **changes), out, seed, seeds, only,
+                 {"model": model} if model else None, NAMES)
 
 
 @verify_app.command("train")
 def train(
     out: Out = Path("runs/verify-train"),
-    method: Annotated[str, typer.Option(help="standard, pgd, ibp, crown-ibp or noise (a smoothing base).")] = "ibp",
-    eps: Annotated[float, typer.Option(help="L∞ radius (pgd, ibp, crown-ibp).")] = 0.1,
+    method: Annotated[str, typer.Option(help="standard, pgd, trades, ibp, crown-ibp or noise (a smoothing "
+                                             "base).")] = "ibp",
+    eps: Annotated[float, typer.Option(help="L∞ radius (pgd, trades, ibp, crown-ibp).")] = 0.1,
     sigma: Annotated[float, typer.Option(help="Noise standard deviation (noise).")] = 0.25,
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 40,
     hidden: Annotated[int, typer.Option(help="Width of the MLP's two hidden layers.")] = 64,
@@ -46,26 +59,19 @@ def train(
 ) -> None:
     """Train a digits MLP, plainly, adversarially, certifiably (IBP, CROWN-IBP) or under Gaussian noise, and
     report its clean and IBP/CROWN-certified test accuracy at ``--eps``."""
-    from safetylab.core.config import require_choice
+    from safetylab.core.config import require
     from safetylab.core.runs import RunDir
-    from safetylab.robust.data import load_digits
-    from safetylab.robust.suite import accuracy
-    from safetylab.robust.training import METHODS as ROBUST_METHODS
-    from safetylab.robust.training import RobustTrainConfig
-    from safetylab.verify.suite import VerifySuiteConfig, train_or_load
-    from safetylab.verify.training import METHODS as CERTIFIED_METHODS
-    from safetylab.verify.training import CertifiedTrainConfig, certified_accuracy
+    from safetylab.models.classifier import accuracy
+    from safetylab.models.digits import load_digits
+    from safetylab.verify.study import network_config, train_network
+    from safetylab.verify.training import certified_accuracy
 
     with options("method", "eps", "sigma", "epochs", "hidden", "seed"):
-        require_choice(method, "method", (*ROBUST_METHODS, *CERTIFIED_METHODS))
-        if method in CERTIFIED_METHODS:
-            config = CertifiedTrainConfig(method=method, eps=eps, epochs=epochs, ramp_epochs=epochs // 2, seed=seed)
-        else:
-            config = RobustTrainConfig(method=method, eps=eps, sigma=sigma, epochs=epochs, seed=seed)
-        study = VerifySuiteConfig(seed=seed, hidden=hidden)
+        config = network_config(method, eps, sigma, epochs, seed)
+        require(isinstance(hidden, int) and hidden >= 1, "hidden", "an integer >= 1", hidden)
     run = RunDir(out, {"hidden": hidden, **asdict(config)})
     digits = load_digits(seed)
-    model = train_or_load(method, config, study, digits, run.path)
+    model = train_network(run.path, config, hidden, digits, run)
     x, y = digits.x_test, digits.y_test
     print(f"clean test accuracy {accuracy(model, x, y):.4f}; certified at eps {eps:g}: "
           f"IBP {certified_accuracy(model, x, y, eps, 'ibp'):.4f}, "
@@ -77,7 +83,7 @@ def bounds(out: Out = Path("runs/verify-bounds"), model: Model = None,
            eps: Annotated[float, typer.Option(help="L∞ radius.")] = 0.02, seed: Seed = 0, quick: Quick = False) -> None:
     """Bounds on the margins of test digits at one ε by IBP, CROWN and α-CROWN: their width, the share
     verified and the time each took."""
-    _run(out, seed, ("bounds",), model, quick, bounds_eps=eps)
+    _study(out, seed, ("bounds",), model, quick, bounds_eps=eps)
 
 
 @verify_app.command("certify")
@@ -90,7 +96,7 @@ def certify(out: Out = Path("runs/verify-certify"), model: Model = None,
     changes = {} if eps is None else {"eps": numbers(eps, "--eps")}
     if time_limit is not None:
         changes["exact_time_limit"] = time_limit
-    _run(out, seed, ("certify",), model, quick, **changes)
+    _study(out, seed, ("certify",), model, quick, **changes)
 
 
 @verify_app.command("smooth")
@@ -104,12 +110,11 @@ def smooth(out: Out = Path("runs/verify-smooth"),
     changes = {} if sigma is None else {"sigmas": numbers(sigma, "--sigma")}
     if samples is not None:
         changes["smooth_n"] = samples
-    _run(out, seed, ("smooth",), None, quick, **changes)
+    _study(out, seed, ("smooth",), None, quick, **changes)
 
 
 @verify_app.command("report")
-def report(out: Out = Path("runs/verify"), model: Model = None, seed: Seed = 0, quick: Quick = False) -> None:
-    """Every section: bounds, certified accuracy against ε, and randomized smoothing."""
-    from safetylab.verify.suite import SECTIONS
-
-    _run(out, seed, SECTIONS, model, quick)
+def report(out: Out = Path("runs/verify"), model: Model = None, seed: Seed = 0, quick: Quick = False,
+           seeds: Seeds = None) -> None:
+    """Every stage: bounds, certified accuracy against ε, and randomized smoothing."""
+    _study(out, seed, None, model, quick, seeds)

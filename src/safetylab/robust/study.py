@@ -1,27 +1,50 @@
-"""The robustness study on the built-in digits: one function per question, each returning a report section.
+"""The robustness study on the built-in digits, as stages of :mod:`safetylab.core.study`.
 
-``safetylab robust …`` runs one section, ``safetylab robust report`` and the audit's ``robustness`` stage
-run them all. A section is a plain dict — ``title``, ``summary``, ``tables`` (each ``{"title", "columns",
-"rows"}``), ``plots`` (paths relative to the run directory) and ``data`` (numbers for later readers) —
-the shape of the audit report's sections.
+``safetylab robust attack|calibrate|ood|shift`` run one stage, ``safetylab robust report`` runs them all
+(over several seeds with ``--seeds``), and the audit composes :data:`STAGES` with its own config:
+
+- ``attack``: robust accuracy against ε under FGSM, PGD and the AutoAttack-style ensemble, per model;
+- ``calibrate``: ECE, NLL and Brier, temperature scaling, MC dropout and the deep ensemble, clean and shifted;
+- ``ood``: every OOD detector against held-out digits, corrupted digits and synthetic noise;
+- ``shift``: accuracy, calibration and the OOD score under each corruption at severities 1–5;
+- ``selective``: risk–coverage and the abstaining classifier.
+
+What the stages share comes through the context, made once per process (``ctx.cached``): the digits,
+the model under study (the classifier of ``ctx.inputs["model"]`` when given, else a standard one), the
+adversarially trained models, the deep ensemble and the fitted detectors. Trained models are saved under
+``RUN/artifacts/models/NAME`` and loaded from there, so a resumed study does not train them again. Each
+stage writes its plots under ``RUN/STAGE/``.
+
+Seeds: :func:`~safetylab.core.study.run_stages` seeds each stage (MC dropout draws from that); every
+other stream is derived from ``config.seed`` by purpose: the digits split, each model's training
+(``"train", NAME``), the ensemble's members (``"ensemble", i``), the attacks, the shifted and OOD sets.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 from safetylab.core.config import require, require_choice
-from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_text, save_figure
-from safetylab.core.runs import RunDir
-from safetylab.core.seeding import seed_everything
+from safetylab.core.io import save_figure
+from safetylab.core.seeding import derive_seed
+from safetylab.core.study import Context, Section, Stage, Table
+from safetylab.core.tensors import is_count, predict_logits
+from safetylab.models.classifier import (
+    ARCHS,
+    ClassifierTrainConfig,
+    build_classifier,
+    load_classifier,
+    save_classifier,
+    train_or_load,
+)
+from safetylab.models.digits import Digits, load_digits
 from safetylab.robust.calibration import (
     TemperatureScaled,
     calibration_metrics,
@@ -29,10 +52,8 @@ from safetylab.robust.calibration import (
     plot_reliability,
     reliability_bins,
 )
-from safetylab.robust.checks import is_count, predict_logits
-from safetylab.robust.data import ARCHS, Digits, build_classifier, load_classifier, load_digits, save_classifier
 from safetylab.robust.evaluate import ENSEMBLE, robustness_curve
-from safetylab.robust.ood import DETECTORS, Uncertainty, ood_metrics
+from safetylab.robust.ood import DETECTORS, Detector, Uncertainty, ood_metrics
 from safetylab.robust.selective import (
     Criterion,
     SelectiveClassifier,
@@ -43,22 +64,27 @@ from safetylab.robust.selective import (
     threshold_for_coverage,
 )
 from safetylab.robust.shift import IMAGE_SHIFTS, plot_shift, shift_report, synthetic_ood
-from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.robust.training import LOSSES
 from safetylab.robust.uncertainty import ensemble_probs, mc_dropout_probs, train_ensemble, uncertainty_split
 
-Section = dict[str, Any]
-SECTIONS = ("attack", "calibrate", "ood", "shift", "selective")
 DETECTOR_NAMES = (*DETECTORS, "ensemble")  # "ensemble": the deep ensemble's mutual information
+TRAININGS = ("pgd", "trades")  # the adversarial trainings the study compares with the standard one
+
+
+def model_name(train: ClassifierTrainConfig) -> str:
+    """How tables name the model an adversarial training makes: ``"pgd (eps 0.15)"``."""
+    return f"{train.method} (eps {train.eps:g})"
 
 
 @dataclass(frozen=True)
-class RobustSuiteConfig:
-    """The digits study. ``adversarial`` lists the robust trainings compared with the standard one."""
+class RobustStudyConfig:
+    """The digits study. ``standard`` trains the model under study (unless one is given); ``adversarial``
+    lists the robust trainings compared with it (:func:`with_trainings` sets them by method name)."""
 
     seed: int = 0
     arch: str = "cnn"
-    standard: RobustTrainConfig = field(default_factory=lambda: RobustTrainConfig(epochs=30))
-    adversarial: tuple[RobustTrainConfig, ...] = (RobustTrainConfig(method="pgd", epochs=30, eps=0.15),)
+    standard: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(epochs=30))
+    adversarial: tuple[ClassifierTrainConfig, ...] = (ClassifierTrainConfig(method="pgd", epochs=30, eps=0.15),)
     eps: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
     attack_steps: int = 100  # APGD iterations
     square_queries: int = 1000
@@ -69,8 +95,14 @@ class RobustSuiteConfig:
     ood_tpr: float = 0.95  # share of in-distribution validation inputs the OOD criterion lets through
 
     def __post_init__(self):
-        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         require_choice(self.arch, "arch", ARCHS)
+        require(self.standard.method == "standard", "standard", "a config with method standard",
+                self.standard.method)
+        require(all(t.method in TRAININGS for t in self.adversarial), "adversarial",
+                f"trainings by method {' or '.join(TRAININGS)}", tuple(t.method for t in self.adversarial))
+        names = [model_name(t) for t in self.adversarial]
+        require(len(set(names)) == len(names), "adversarial", "trainings that differ in method or eps", names)
         require(len(self.eps) > 0 and all(0 <= e < math.inf for e in self.eps), "eps",
                 "one or more finite radii >= 0", self.eps)
         for name in ("attack_steps", "square_queries", "ensemble_members", "mc_samples"):
@@ -81,83 +113,143 @@ class RobustSuiteConfig:
             require(0 <= getattr(self, name) <= 1, name, "a number in [0, 1]", getattr(self, name))
 
 
-QUICK = RobustSuiteConfig(
-    standard=RobustTrainConfig(epochs=10),
-    adversarial=(RobustTrainConfig(method="pgd", epochs=10, eps=0.15, steps=5),),
+QUICK = RobustStudyConfig(
+    standard=ClassifierTrainConfig(epochs=10),
+    adversarial=(ClassifierTrainConfig(method="pgd", epochs=10, eps=0.15, steps=5),),
     eps=(0.0, 0.1, 0.2), attack_steps=20, square_queries=200, ensemble_members=3, mc_samples=10,
 )
 
 
-def suite_config(quick: bool = False, seed: int = 0) -> RobustSuiteConfig:
+def study_config(quick: bool = False, seed: int = 0) -> RobustStudyConfig:
     """The full study, or with ``quick`` fewer epochs, radii, steps, queries and members, for ``seed``."""
-    return replace(QUICK if quick else RobustSuiteConfig(), seed=seed)
+    return replace(QUICK if quick else RobustStudyConfig(), seed=seed)
 
 
-# ----------------------------------------------------------------------------- models
-def train_models(config: RobustSuiteConfig, digits: Digits, run: RunDir, model: Path | None = None,
-                 ) -> dict[str, nn.Module]:
-    """The model under study first — the classifier saved in ``model`` (a ``robust train`` run) when given,
-    else a standard one — then each adversarially trained one, saved under ``artifacts/models/NAME``; a
-    finished model is loaded instead of retrained, so an interrupted study resumes."""
-    models = {"given model": load_classifier(model)[0]} if model is not None else {
-        "standard": train_or_load(replace(config.standard, seed=config.seed), config.arch, digits,
-                                  run.artifacts / "models" / "standard")}
-    for train in config.adversarial:
-        models[f"{train.method} (eps {train.eps:g})"] = train_or_load(
-            replace(train, seed=config.seed), config.arch, digits, run.artifacts / "models" / train.method)
-    return models
+def with_trainings(config: RobustStudyConfig, methods: Sequence[str]) -> RobustStudyConfig:
+    """``config`` comparing the trainings ``methods`` (some of pgd, trades) with the standard one, each
+    with the settings of the config's first adversarial training (epochs, ε, steps), or else PGD's
+    defaults at ε 0.15 for as many epochs as the standard training."""
+    methods = tuple(methods)
+    require(len(methods) > 0 and set(methods) <= set(TRAININGS) and len(set(methods)) == len(methods), "trainings",
+            f"one or more of {', '.join(TRAININGS)}", methods)
+    template = config.adversarial[0] if config.adversarial else ClassifierTrainConfig(
+        method="pgd", epochs=config.standard.epochs, eps=0.15)
+    return replace(config, adversarial=tuple(replace(template, method=m) for m in methods))
 
 
-def train_or_load(train: RobustTrainConfig, arch: str, digits: Digits, directory: Path,
-                  run: RunDir | None = None) -> nn.Module:
-    """The classifier saved in ``directory``, or a new one trained by ``train`` and saved there."""
-    if (directory / "model.safetensors").is_file():
-        return load_classifier(directory)[0]
-    spec = {"arch": arch, "num_classes": digits.num_classes}
-    torch.manual_seed(train.seed)
-    model = build_classifier(spec)
-    train_classifier(model, (digits.x_train, digits.y_train), train, run=run)
-    save_classifier(model, spec, directory)
-    return model.eval()
+# ----------------------------------------------------------------------------- what the stages share
+def digits(ctx: Context) -> Digits:
+    return ctx.cached("digits", lambda: load_digits(ctx.config.seed))
 
 
-def deep_ensemble(config: RobustSuiteConfig, digits: Digits, run: RunDir) -> list[nn.Module]:
-    """``ensemble_members`` standard models, differing only in their seed (Lakshminarayanan et al. 2017)."""
-    directory = run.artifacts / "models" / "ensemble"
-    if (directory / "0" / "model.safetensors").is_file():
-        return [load_classifier(directory / str(i))[0] for i in range(config.ensemble_members)]
-    spec = {"arch": config.arch, "num_classes": digits.num_classes}
-    members = train_ensemble(lambda: build_classifier(spec), (digits.x_train, digits.y_train),
-                             replace(config.standard, seed=config.seed + 1000), config.ensemble_members)
-    for i, member in enumerate(members):
-        save_classifier(member, spec, directory / str(i))
-    return members
+def _train(ctx: Context, name: str, train: ClassifierTrainConfig) -> nn.Module:
+    """The model ``name`` saved in the run, or one trained by ``train`` from its own seed and saved."""
+    data = digits(ctx)
+    spec = {"arch": ctx.config.arch, "num_classes": data.num_classes}
+    return train_or_load(ctx.run.artifacts / "models" / name, spec, (data.x_train, data.y_train),
+                         replace(train, seed=derive_seed(ctx.config.seed, "train", name)), LOSSES)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return (predict_logits(model, x).argmax(1) == y).double().mean().item()
+def studied(ctx: Context) -> tuple[str, nn.Module]:
+    """``(name, model)`` of the model under study: the classifier of ``ctx.inputs["model"]`` (a ``robust
+    train`` run) when given, else a standard one trained here."""
+    def make() -> tuple[str, nn.Module]:
+        given = ctx.inputs.get("model")
+        if given is not None:
+            return "given model", load_classifier(given)[0]
+        return "standard", _train(ctx, "standard", ctx.config.standard)
+    return ctx.cached("studied", make)
+
+
+def models(ctx: Context) -> dict[str, nn.Module]:
+    """The model under study first, then one per adversarial training (``artifacts/models/METHOD-eps``)."""
+    name, model = studied(ctx)
+    return {name: model, **ctx.cached("adversarial", lambda: {
+        model_name(t): _train(ctx, f"{t.method}-eps{t.eps:g}", t) for t in ctx.config.adversarial})}
+
+
+def ensemble(ctx: Context) -> list[nn.Module]:
+    """``ensemble_members`` standard models, differing only in their seeds (Lakshminarayanan et al. 2017),
+    saved under ``artifacts/models/ensemble/I``."""
+    def make() -> list[nn.Module]:
+        config, data = ctx.config, digits(ctx)
+        directory = ctx.run.artifacts / "models" / "ensemble"
+        paths = [directory / str(i) for i in range(config.ensemble_members)]
+        if all((p / "model.safetensors").is_file() for p in paths):
+            return [load_classifier(p)[0] for p in paths]
+        spec = {"arch": config.arch, "num_classes": data.num_classes}
+        members = train_ensemble(lambda: build_classifier(spec), (data.x_train, data.y_train),
+                                 replace(config.standard, seed=config.seed), config.ensemble_members)
+        for member, path in zip(members, paths):
+            save_classifier(member, spec, path)
+        return members
+    return ctx.cached("ensemble", make)
+
+
+def detectors(ctx: Context) -> dict[str, Detector]:
+    """Each detector named in the config, for the model under study, fitted on the training digits."""
+    def make() -> dict[str, Detector]:
+        config, data, (_, model) = ctx.config, digits(ctx), studied(ctx)
+        build = {name: (lambda cls=cls: cls(model)) for name, cls in DETECTORS.items()}
+        build |= {"mc-dropout": lambda: Uncertainty(model, samples=config.mc_samples),
+                  "ensemble": lambda: Uncertainty(ensemble(ctx))}
+        return {name: build[name]().fit((data.x_train, data.y_train)) for name in config.detectors}
+    return ctx.cached("detectors", make)
+
+
+def shifted_test(ctx: Context, severity: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test digits under every corruption family at ``severity``, with their labels."""
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        data = digits(ctx)
+        g = torch.Generator().manual_seed(derive_seed(ctx.config.seed, "shifted test", severity))
+        x = torch.cat([shift(data.x_test, severity, g) for shift in IMAGE_SHIFTS.values()])
+        return x, data.y_test.repeat(len(IMAGE_SHIFTS))
+    return ctx.cached(f"shifted test {severity}", make)
+
+
+def ood_sets(ctx: Context) -> dict[str, torch.Tensor]:
+    """Held-out classes (near-OOD), test digits corrupted at severity 5 (one family per image, in turn), and
+    synthetic uniform noise and smooth blobs (far-OOD)."""
+    def make() -> dict[str, torch.Tensor]:
+        data = digits(ctx)
+        g = torch.Generator().manual_seed(derive_seed(ctx.config.seed, "ood sets"))
+        n = len(data.x_test)
+        families = list(IMAGE_SHIFTS.values())
+        corrupted = torch.cat([families[i % len(families)](data.x_test[i:i + 1], 5, g) for i in range(n)])
+        far = torch.cat([synthetic_ood(n // 2, data.x_test.shape[1:], "uniform", g),
+                         synthetic_ood(n - n // 2, data.x_test.shape[1:], "blobs", g)])
+        return {f"held-out digits {'+'.join(map(str, data.ood_classes))}": data.x_ood,
+                "corrupted (severity 5)": corrupted, "synthetic noise": far}
+    return ctx.cached("ood sets", make)
+
+
+def _plot_path(ctx: Context, stage: str, name: str) -> Path:
+    return ctx.stage_dir(stage) / name
 
 
 # ----------------------------------------------------------------------------- attacks
-def attack_section(models: dict[str, nn.Module], digits: Digits, config: RobustSuiteConfig, run: RunDir) -> Section:
+def attack_stage(ctx: Context) -> Section:
     """Robust accuracy against ε under FGSM, PGD and the AutoAttack-style ensemble, per model."""
+    config, data = ctx.config, digits(ctx)
     rows, warnings = [], []
-    for name, model in models.items():
-        curve = robustness_curve(model, (digits.x_test, digits.y_test), config.eps, seed=config.seed,
-                                 steps=config.attack_steps, square_queries=config.square_queries)
+    for name, model in models(ctx).items():
+        curve = robustness_curve(model, (data.x_test, data.y_test), config.eps,
+                                 seed=derive_seed(config.seed, "attack"), steps=config.attack_steps,
+                                 square_queries=config.square_queries)
         for point in curve:
             rows.append({"model": name, **{k: v for k, v in point.items() if k != "warnings"}})
             warnings += [f"{name}: {w}" for w in point["warnings"]]
-    path = _plot_robustness(rows, run.plots / "robust_accuracy.png")
+    path = _plot_robustness(rows, _plot_path(ctx, "attack", "robust_accuracy.png"))
     columns = ["model", "eps", "clean", "fgsm", "pgd", "ensemble"]
     at = _nearest(config.eps, max(t.eps for t in config.adversarial) if config.adversarial else 0.1)
     summary = "; ".join(f"{r['model']}: clean {r['clean']:.3f}, robust {r['ensemble']:.3f} at eps {at:g}"
                         for r in rows if r["eps"] == at)
-    return {"title": "Adversarial robustness (L∞)", "summary": summary,
-            "tables": [{"title": f"Accuracy under attack on {len(digits.y_test)} test digits; ensemble = FGSM, "
-                                 f"PGD, {', '.join(ENSEMBLE)} each on the survivors",
-                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [run.relative(path)], "data": {"rows": rows, "warnings": warnings}}
+    return Section(
+        title="Adversarial robustness (L∞)", summary=summary,
+        tables=[Table(f"Accuracy under attack on {len(data.y_test)} test digits; ensemble = FGSM, PGD, "
+                      f"{', '.join(ENSEMBLE)} each on the survivors",
+                      columns, [[r[c] for c in columns] for r in rows])],
+        plots=[ctx.run.relative(path)], data={"rows": rows, "warnings": warnings})
 
 
 def _plot_robustness(rows: list[dict], path: Path) -> Path:
@@ -175,94 +267,67 @@ def _plot_robustness(rows: list[dict], path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- calibration
-def calibration_section(model: nn.Module, ensemble: list[nn.Module], digits: Digits, config: RobustSuiteConfig,
-                        run: RunDir) -> Section:
+def calibrate_stage(ctx: Context) -> Section:
     """ECE, NLL and Brier of the model, temperature-scaled (T fitted on validation), MC dropout and the deep
     ensemble, on the test digits and on the test digits shifted (every corruption family at severity 3)."""
-    temperature = fit_temperature(predict_logits(model, digits.x_val), digits.y_val)
-    shifted, y_shifted = shifted_test(digits, config.seed)
+    config, data, (_, model), members = ctx.config, digits(ctx), studied(ctx), ensemble(ctx)
+    temperature = fit_temperature(predict_logits(model, data.x_val), data.y_val)
+    shifted, y_shifted = shifted_test(ctx)
     predictors = {
         "model": lambda x: predict_logits(model, x).softmax(1),
         "temperature-scaled": lambda x: predict_logits(TemperatureScaled(model, temperature).eval(), x).softmax(1),
         f"MC dropout ({config.mc_samples})": lambda x: mc_dropout_probs(model, x, config.mc_samples).mean(0),
-        f"deep ensemble ({len(ensemble)})": lambda x: ensemble_probs(ensemble, x).mean(0),
+        f"deep ensemble ({len(members)})": lambda x: ensemble_probs(members, x).mean(0),
     }
-    clean = {name: predict(digits.x_test) for name, predict in predictors.items()}
+    clean = {name: predict(data.x_test) for name, predict in predictors.items()}
     moved = {name: predict(shifted) for name, predict in predictors.items()}
-    metrics = {name: {**calibration_metrics(clean[name], digits.y_test),
+    metrics = {name: {**calibration_metrics(clean[name], data.y_test),
                       **{f"{k} (shifted)": v for k, v in calibration_metrics(moved[name], y_shifted).items()}}
                for name in predictors}
     bins = {name: reliability_bins(moved[name], y_shifted) for name in ("model", "temperature-scaled")}
-    path = plot_reliability(bins, run.plots / "reliability.png", "Reliability on shifted test digits (severity 3)")
+    path = plot_reliability(bins, _plot_path(ctx, "calibrate", "reliability.png"),
+                            "Reliability on shifted test digits (severity 3)")
     columns = ["predictor", "accuracy", "ece", "nll", "brier", "accuracy (shifted)", "ece (shifted)", "nll (shifted)"]
     before, after = metrics["model"], metrics["temperature-scaled"]
     split = {}
-    for name, x in {"test digits": digits.x_test, **ood_sets(digits, config.seed)}.items():
-        total, aleatoric, epistemic = uncertainty_split(ensemble_probs(ensemble, x))
+    for name, x in {"test digits": data.x_test, **ood_sets(ctx)}.items():
+        total, aleatoric, epistemic = uncertainty_split(ensemble_probs(members, x))
         split[name] = [total.mean().item(), aleatoric.mean().item(), epistemic.mean().item()]
-    return {"title": "Uncertainty and calibration",
-            "summary": f"temperature {temperature:.2f}: ECE {before['ece']:.3f} → {after['ece']:.3f} on test digits, "
-                       f"{before['ece (shifted)']:.3f} → {after['ece (shifted)']:.3f} under shift",
-            "tables": [{"title": "Calibration on the test digits and on them shifted (every corruption at severity "
-                                 "3); ECE with 15 equal-width bins", "columns": columns,
-                        "rows": [[name, *(m[c] for c in columns[1:])] for name, m in metrics.items()]},
-                       {"title": f"Mean predictive entropy of the deep ensemble ({len(ensemble)}), split into "
-                                 "aleatoric (expected entropy) and epistemic (mutual information), in nats",
-                        "columns": ["inputs", "total", "aleatoric", "epistemic"],
-                        "rows": [[name, *values] for name, values in split.items()]}],
-            "plots": [run.relative(path)], "data": {"temperature": temperature, "metrics": metrics,
-                                                 "uncertainty_split": split}}
+    return Section(
+        title="Uncertainty and calibration",
+        summary=f"temperature {temperature:.2f}: ECE {before['ece']:.3f} → {after['ece']:.3f} on test digits, "
+                f"{before['ece (shifted)']:.3f} → {after['ece (shifted)']:.3f} under shift",
+        tables=[Table("Calibration on the test digits and on them shifted (every corruption at severity 3); ECE "
+                      "with 15 equal-width bins", columns,
+                      [[name, *(m[c] for c in columns[1:])] for name, m in metrics.items()]),
+                Table(f"Mean predictive entropy of the deep ensemble ({len(members)}), split into aleatoric "
+                      "(expected entropy) and epistemic (mutual information), in nats",
+                      ["inputs", "total", "aleatoric", "epistemic"],
+                      [[name, *values] for name, values in split.items()])],
+        plots=[ctx.run.relative(path)],
+        data={"temperature": temperature, "metrics": metrics, "uncertainty_split": split})
 
 
 # ----------------------------------------------------------------------------- OOD detection
-def ood_sets(digits: Digits, seed: int) -> dict[str, torch.Tensor]:
-    """Held-out classes (near-OOD), test digits corrupted at severity 5 (one family per image, in turn), and
-    synthetic uniform noise and smooth blobs (far-OOD)."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(digits.x_test)
-    families = list(IMAGE_SHIFTS.values())
-    corrupted = torch.cat([families[i % len(families)](digits.x_test[i:i + 1], 5, g) for i in range(n)])
-    far = torch.cat([synthetic_ood(n // 2, digits.x_test.shape[1:], "uniform", g),
-                     synthetic_ood(n - n // 2, digits.x_test.shape[1:], "blobs", g)])
-    return {f"held-out digits {'+'.join(map(str, digits.ood_classes))}": digits.x_ood, "corrupted (severity 5)":
-            corrupted, "synthetic noise": far}
-
-
-def build_detectors(model: nn.Module, ensemble: list[nn.Module], digits: Digits, config: RobustSuiteConfig) -> dict:
-    """Each detector named in the config, fitted on the training digits."""
-    detectors = {}
-    for name in config.detectors:
-        if name == "ensemble":
-            detector = Uncertainty(ensemble)
-        elif name == "mc-dropout":
-            detector = Uncertainty(model, samples=config.mc_samples)
-        elif name in DETECTORS:
-            detector = DETECTORS[name](model)
-        else:
-            raise SafetylabError(f"detector {name!r}: expected one of {', '.join(DETECTOR_NAMES)}")
-        detectors[name] = detector.fit((digits.x_train, digits.y_train))
-    return detectors
-
-
-def ood_section(detectors: dict, digits: Digits, config: RobustSuiteConfig, run: RunDir) -> Section:
+def ood_stage(ctx: Context) -> Section:
     """AUROC, AUPR-In, AUPR-Out and FPR@95%TPR of every detector, test digits against each OOD set."""
-    sets = ood_sets(digits, config.seed)
+    data, sets = digits(ctx), ood_sets(ctx)
     rows, scores = [], {}
-    for name, detector in detectors.items():
-        scores[name] = {"test digits": detector.score(digits.x_test)}
+    for name, detector in detectors(ctx).items():
+        scores[name] = {"test digits": detector.score(data.x_test)}
         for set_name, x in sets.items():
             scores[name][set_name] = detector.score(x)
             rows.append({"detector": name, "ood": set_name,
                          **ood_metrics(scores[name]["test digits"], scores[name][set_name])})
-    path = _plot_histograms(scores, run.plots / "ood_scores.png")
+    path = _plot_histograms(scores, _plot_path(ctx, "ood", "ood_scores.png"))
     columns = ["detector", "ood", "auroc", "aupr_in", "aupr_out", "fpr95"]
     best = {s: max((r for r in rows if r["ood"] == s), key=lambda r: r["auroc"]) for s in sets}
-    return {"title": "Out-of-distribution detection (higher score = more anomalous)",
-            "summary": "; ".join(f"{s}: best {r['detector']} AUROC {r['auroc']:.3f}" for s, r in best.items()),
-            "tables": [{"title": "Test digits (in-distribution) against each OOD set; FPR95 = share of OOD inputs "
-                                 "accepted when 95% of in-distribution inputs are",
-                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [run.relative(path)], "data": {"rows": rows}}
+    return Section(
+        title="Out-of-distribution detection (higher score = more anomalous)",
+        summary="; ".join(f"{s}: best {r['detector']} AUROC {r['auroc']:.3f}" for s, r in best.items()),
+        tables=[Table("Test digits (in-distribution) against each OOD set; FPR95 = share of OOD inputs accepted "
+                      "when 95% of in-distribution inputs are", columns, [[r[c] for c in columns] for r in rows])],
+        plots=[ctx.run.relative(path)], data={"rows": rows})
 
 
 def _plot_histograms(scores: dict[str, dict[str, torch.Tensor]], path: Path) -> Path:
@@ -288,47 +353,50 @@ def _plot_histograms(scores: dict[str, dict[str, torch.Tensor]], path: Path) -> 
 
 
 # ----------------------------------------------------------------------------- distribution shift
-def shift_section(model: nn.Module, detector, digits: Digits, config: RobustSuiteConfig, run: RunDir,
-                  detector_name: str = "") -> Section:
-    """Accuracy, calibration and the OOD score under each corruption family at severities 1–5."""
-    rows = shift_report(model, digits.x_test, digits.y_test, detector=detector, seed=config.seed)
-    paths = [plot_shift(rows, run.plots / "shift_accuracy.png"), plot_shift(rows, run.plots / "shift_ece.png", "ece")]
-    columns = ["shift", "severity", "accuracy", "ece", "nll", "brier"]
-    columns += ["ood_score", "ood_auroc"] if detector else []
+def shift_stage(ctx: Context) -> Section:
+    """Accuracy, calibration and the OOD score (Mahalanobis when studied, else the first detector) under
+    each corruption family at severities 1–5."""
+    config, data, (_, model), found = ctx.config, digits(ctx), studied(ctx), detectors(ctx)
+    detector_name = "mahalanobis" if "mahalanobis" in found else next(iter(found))
+    rows = shift_report(model, data.x_test, data.y_test, detector=found[detector_name],
+                        seed=derive_seed(config.seed, "shift"))
+    paths = [plot_shift(rows, _plot_path(ctx, "shift", "shift_accuracy.png")),
+             plot_shift(rows, _plot_path(ctx, "shift", "shift_ece.png"), "ece")]
+    columns = ["shift", "severity", "accuracy", "ece", "nll", "brier", "ood_score", "ood_auroc"]
     worst = min(rows, key=lambda r: r["accuracy"])
-    return {"title": "Distribution shift",
-            "summary": f"clean accuracy {rows[0]['accuracy']:.3f}; worst {worst['shift']} at severity "
-                       f"{worst['severity']}: {worst['accuracy']:.3f}",
-            "tables": [{"title": "Test digits under each corruption" + (f"; OOD score from {detector_name}"
-                                                                        if detector else ""),
-                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [run.relative(p) for p in paths], "data": {"rows": rows}}
+    return Section(
+        title="Distribution shift",
+        summary=f"clean accuracy {rows[0]['accuracy']:.3f}; worst {worst['shift']} at severity "
+                f"{worst['severity']}: {worst['accuracy']:.3f}",
+        tables=[Table(f"Test digits under each corruption; OOD score from {detector_name}", columns,
+                      [[r[c] for c in columns] for r in rows])],
+        plots=[ctx.run.relative(p) for p in paths], data={"rows": rows})
 
 
 # ----------------------------------------------------------------------------- selective prediction
-def selective_section(model: nn.Module, detectors: dict, digits: Digits, config: RobustSuiteConfig,
-                      run: RunDir, ood_detector: str = "mahalanobis") -> Section:
+def selective_stage(ctx: Context, ood_detector: str = "mahalanobis") -> Section:
     """Risk–coverage of each doubt score, and the abstaining classifier: an MSP threshold for the target
     coverage and an OOD threshold that lets ``ood_tpr`` of validation digits through, both chosen on
     validation data, applied to test digits, shifted test digits and held-out digits; abstentions carry
     their reasons."""
-    sets = {"test digits": (digits.x_test, digits.y_test), "shifted (severity 3)": shifted_test(digits, config.seed)}
+    config, data, (_, model), found = ctx.config, digits(ctx), studied(ctx), detectors(ctx)
+    sets = {"test digits": (data.x_test, data.y_test), "shifted (severity 3)": shifted_test(ctx)}
     correct = {name: predict_logits(model, x).argmax(1) == y for name, (x, y) in sets.items()}
     curves, aurcs = {}, []
-    for name, detector in detectors.items():
+    for name, detector in found.items():
         scores = {set_name: detector.score(x) for set_name, (x, _) in sets.items()}
         curves[name] = risk_coverage(scores["shifted (severity 3)"], correct["shifted (severity 3)"])
         aurcs.append([name, *(aurc(scores[n], correct[n]) for n in sets)])
-    path = run.relative(plot_risk_coverage(curves, run.plots / "risk_coverage.png",
-                                           "Risk–coverage on shifted test digits (severity 3)"))
+    path = plot_risk_coverage(curves, _plot_path(ctx, "selective", "risk_coverage.png"),
+                              "Risk–coverage on shifted test digits (severity 3)")
     msp = msp_score(model)
-    criteria = [Criterion("msp", msp, threshold_for_coverage(msp(digits.x_val), config.coverage))]
-    if ood_detector in detectors:
-        d = detectors[ood_detector]
-        criteria.append(Criterion(ood_detector, d.score, threshold_for_coverage(d.score(digits.x_val), config.ood_tpr)))
+    criteria = [Criterion("msp", msp, threshold_for_coverage(msp(data.x_val), config.coverage))]
+    if ood_detector in found:
+        d = found[ood_detector]
+        criteria.append(Criterion(ood_detector, d.score, threshold_for_coverage(d.score(data.x_val), config.ood_tpr)))
     selective = SelectiveClassifier(model, criteria)
     rows, examples = [], []
-    for name, (x, y) in {**sets, "held-out digits (never right)": (digits.x_ood, None)}.items():
+    for name, (x, y) in {**sets, "held-out digits (never right)": (data.x_ood, None)}.items():
         decided = selective.predict(x)
         fired = {c.name: sum(a.criterion == c.name for a in decided.abstentions()) / len(x) for c in criteria}
         accepted = ~decided.abstained
@@ -337,84 +405,28 @@ def selective_section(model: nn.Module, detectors: dict, digits: Digits, config:
                      None if y is None else 1 - correct[name].double().mean().item(), *fired.values()])
         examples += [r for r in decided.reasons if r][:2]
     test, shifted = rows[0], rows[1]
-    return {"title": "Selective prediction (abstain and escalate)",
-            "summary": f"error {test[3]:.3f} → {test[2]:.3f} on test digits at coverage {test[1]:.3f}, "
-                       f"{shifted[3]:.3f} → {shifted[2]:.3f} on shifted ones at {shifted[1]:.3f}; "
-                       f"{1 - rows[2][1]:.3f} of held-out digits escalated",
-            "tables": [{"title": "AURC of each doubt score (lower is better)",
-                        "columns": ["score", *(f"aurc ({n})" for n in sets)], "rows": aurcs},
-                       {"title": f"The abstaining classifier: MSP at {config.coverage:.0%} validation coverage and "
-                                 f"{ood_detector} letting {config.ood_tpr:.0%} of validation digits through; "
-                                 "'fired' = share of inputs on which a criterion fired",
-                        "columns": ["inputs", "coverage", "selective risk", "risk without abstaining",
-                                    *(f"{c.name} fired" for c in criteria)], "rows": rows}],
-            "plots": [path], "data": {"example_reasons": examples}}
-
-
-def shifted_test(digits: Digits, seed: int, severity: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test digits under every corruption family at ``severity``, with their labels."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([shift(digits.x_test, severity, g) for shift in IMAGE_SHIFTS.values()])
-    return x, digits.y_test.repeat(len(IMAGE_SHIFTS))
-
-
-# ----------------------------------------------------------------------------- the whole study
-def run_suite(config: RobustSuiteConfig, run: RunDir, sections: tuple[str, ...] = SECTIONS,
-              model: Path | None = None, log=print) -> dict[str, Section]:
-    """Train what the sections need (the standard model comes from ``model`` when given), run them, and
-    write ``sections.json``."""
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        raise SafetylabError(f"sections: unknown {sorted(unknown)}; expected some of {', '.join(SECTIONS)}")
-    seed_everything(config.seed)  # MC dropout and the shifts draw from torch's generator: a run repeats
-    digits = load_digits(config.seed)
-    models = train_models(config, digits, run, model)
-    model = next(iter(models.values()))
-    log(f"digits: {len(digits.y_train)} train, {len(digits.y_val)} val, {len(digits.y_test)} test, "
-        f"{len(digits.x_ood)} held-out; " + ", ".join(f"{n} clean accuracy "
-                                                     f"{accuracy(m, digits.x_test, digits.y_test):.3f}"
-                                                     for n, m in models.items()))
-    out: dict[str, Section] = {}
-    needs_ensemble = {"calibrate", "ood", "shift", "selective"} & set(sections)
-    ensemble = deep_ensemble(config, digits, run) if needs_ensemble else []
-    detectors = build_detectors(model, ensemble, digits, config) if {"ood", "shift", "selective"} & set(sections) \
-        else {}
-    if "attack" in sections:
-        out["attack"] = attack_section(models, digits, config, run)
-    if "calibrate" in sections:
-        out["calibrate"] = calibration_section(model, ensemble, digits, config, run)
-    if "ood" in sections:
-        out["ood"] = ood_section(detectors, digits, config, run)
-    if "shift" in sections:
-        name = "mahalanobis" if "mahalanobis" in detectors else next(iter(detectors))
-        out["shift"] = shift_section(model, detectors[name], digits, config, run, name)
-    if "selective" in sections:
-        out["selective"] = selective_section(model, detectors, digits, config, run)
-    for name, section in out.items():
-        log(f"{name}: {section['summary']}")
-    run.write_json("sections.json", out)
-    return out
-
-
-def tables_markdown(sections: dict[str, Section], run: RunDir) -> Path:
-    """Every section's tables as Markdown in ``tables.md`` (written atomically), plots linked."""
-    lines = []
-    for section in sections.values():
-        lines += [f"## {section['title']}", "", section["summary"], ""]
-        for table in section["tables"]:
-            lines += [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
-                      "|" + "---|" * len(table["columns"])]
-            lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in table["rows"]]
-            lines.append("")
-        lines += [f"![{Path(p).stem}]({p})" for p in section["plots"]] + [""]
-    path = run.path / "tables.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
-
-
-def _cell(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+    return Section(
+        title="Selective prediction (abstain and escalate)",
+        summary=f"error {test[3]:.3f} → {test[2]:.3f} on test digits at coverage {test[1]:.3f}, "
+                f"{shifted[3]:.3f} → {shifted[2]:.3f} on shifted ones at {shifted[1]:.3f}; "
+                f"{1 - rows[2][1]:.3f} of held-out digits escalated",
+        tables=[Table("AURC of each doubt score (lower is better)", ["score", *(f"aurc ({n})" for n in sets)], aurcs),
+                Table(f"The abstaining classifier: MSP at {config.coverage:.0%} validation coverage and "
+                      f"{ood_detector} letting {config.ood_tpr:.0%} of validation digits through; 'fired' = share "
+                      "of inputs on which a criterion fired",
+                      ["inputs", "coverage", "selective risk", "risk without abstaining",
+                       *(f"{c.name} fired" for c in criteria)], rows)],
+        plots=[ctx.run.relative(path)], data={"example_reasons": examples})
 
 
 def _nearest(values, target: float) -> float:
     return min(values, key=lambda v: abs(v - target))
+
+
+STAGES = (
+    Stage("attack", "robust accuracy against ε under FGSM, PGD and an AutoAttack-style ensemble", attack_stage),
+    Stage("calibrate", "calibration, temperature scaling, MC dropout and a deep ensemble", calibrate_stage),
+    Stage("ood", "OOD detectors against held-out, corrupted and synthetic inputs", ood_stage),
+    Stage("shift", "accuracy, calibration and OOD score under each corruption", shift_stage),
+    Stage("selective", "risk–coverage and the abstaining classifier", selective_stage),
+)

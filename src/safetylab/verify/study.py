@@ -1,9 +1,8 @@
-"""The verification study on the built-in digits: what each method can certify, for networks trained
-four ways, and randomized smoothing's certificates.
+"""The verification study on the built-in digits, as stages of :mod:`safetylab.core.study`: what each
+method can certify, for networks trained four ways, and randomized smoothing's certificates.
 
-``safetylab verify …`` runs one section, ``safetylab verify report`` and the audit's ``verification``
-stage run them all. Sections have the shape of :mod:`safetylab.robust.suite`'s (``title``, ``summary``,
-``tables``, ``plots``, ``data``):
+``safetylab verify bounds|certify|smooth`` run one stage, ``safetylab verify report`` runs them all (over
+several seeds with ``--seeds``), and the audit composes :data:`STAGES` with its own config:
 
 - ``bounds``: the width of the margins' bounds and the time per method, at one ε;
 - ``certify``: certified accuracy against ε under IBP, CROWN, α-CROWN and exact verification, beside
@@ -12,7 +11,11 @@ stage run them all. Sections have the shape of :mod:`safetylab.robust.suite`'s (
 - ``smooth``: randomized smoothing's certified accuracy against the L2 radius for several σ, each with a
   base classifier trained under that noise, beside CROWN's deterministic L2 certificates.
 
-The network is the digits MLP (64 → 64 → 64 → 8), small enough for exact verification.
+The network is the digits MLP (64 → 64 → 64 → 8), small enough for exact verification. The networks are
+trained by the one loop of :mod:`safetylab.models.classifier` with the losses of :data:`LOSSES` (PGD's
+and TRADES' from :mod:`safetylab.robust`, the certified and noise losses from :mod:`.training`), each from
+its own seed ``derive_seed(seed, "train", NAME)``, saved under ``RUN/artifacts/models/NAME`` and loaded
+from there when the study resumes. A classifier given by the user arrives as ``ctx.inputs["model"]``.
 """
 
 from __future__ import annotations
@@ -27,45 +30,42 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from safetylab.core.config import require
-from safetylab.core.errors import SafetylabError
+from safetylab.core.config import require, require_choice
 from safetylab.core.io import save_figure
 from safetylab.core.runs import RunDir
-from safetylab.core.seeding import seed_everything
-from safetylab.robust.attacks import pgd
-from safetylab.robust.checks import predict_logits
-from safetylab.robust.data import Digits, build_classifier, load_classifier, load_digits, save_classifier
-from safetylab.robust.suite import accuracy
-from safetylab.robust.training import RobustTrainConfig, train_classifier
+from safetylab.core.seeding import derive_seed
+from safetylab.core.study import Context, Section, Stage, Table
+from safetylab.core.tensors import predict_logits
+from safetylab.models.classifier import ClassifierTrainConfig, Loss, accuracy, load_classifier, train_or_load
+from safetylab.models.digits import Digits, load_digits
+from safetylab.robust import pgd, pgd_loss, trades_loss
 from safetylab.verify.bounds import compute_bounds
 from safetylab.verify.exact import verify_exact
 from safetylab.verify.regions import l2_ball, linf_ball, margin_spec
 from safetylab.verify.smoothing import SmoothedClassifier, certified_accuracy_at
-from safetylab.verify.training import CertifiedTrainConfig, train_certified
+from safetylab.verify.training import LOSSES as CERTIFIED_LOSSES
+from safetylab.verify.training import certified_config
 
-Section = dict[str, Any]
-SECTIONS = ("bounds", "certify", "smooth")
 BOUND_METHODS = ("ibp", "crown", "alpha-crown")
-
-
 TRAININGS = ("standard", "pgd", "ibp", "crown-ibp")
+METHODS = ("standard", "pgd", "trades", "ibp", "crown-ibp", "noise")  # what `safetylab verify train` trains
+LOSSES: dict[str, Loss] = {**CERTIFIED_LOSSES, "pgd": pgd_loss, "trades": trades_loss}
 
 
 @dataclass(frozen=True)
-class VerifySuiteConfig:
+class VerifyStudyConfig:
     """The digits verification study. ``trainings`` names the networks compared, each trained by its own
-    config: standard and PGD training (:mod:`safetylab.robust.training`), IBP and CROWN-IBP
-    (:mod:`.training`)."""
+    config (``standard``, ``pgd``, ``ibp``, ``crown_ibp``), whose method must be its name."""
 
     seed: int = 0
     hidden: int = 64
     trainings: tuple[str, ...] = TRAININGS
-    standard: RobustTrainConfig = field(default_factory=lambda: RobustTrainConfig(epochs=30))
-    pgd: RobustTrainConfig = field(default_factory=lambda: RobustTrainConfig(method="pgd", eps=0.1, epochs=30))
-    ibp: CertifiedTrainConfig = field(default_factory=lambda: CertifiedTrainConfig(
-        method="ibp", eps=0.1, epochs=40, warmup_epochs=2, ramp_epochs=20))
-    crown_ibp: CertifiedTrainConfig = field(default_factory=lambda: CertifiedTrainConfig(
-        method="crown-ibp", eps=0.1, epochs=40, warmup_epochs=2, ramp_epochs=20))
+    standard: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(epochs=30))
+    pgd: ClassifierTrainConfig = field(default_factory=lambda: ClassifierTrainConfig(method="pgd", eps=0.1, epochs=30))
+    ibp: ClassifierTrainConfig = field(default_factory=lambda: certified_config(
+        "ibp", eps=0.1, epochs=40, warmup_epochs=2, ramp_epochs=20))
+    crown_ibp: ClassifierTrainConfig = field(default_factory=lambda: certified_config(
+        "crown-ibp", eps=0.1, epochs=40, warmup_epochs=2, ramp_epochs=20))
     eps: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15)
     examples: int = 100  # test digits certified at each ε by every method
     exact_time_limit: float = 5.0  # seconds per digit for exact verification ("unknown" beyond)
@@ -83,7 +83,10 @@ class VerifySuiteConfig:
     def __post_init__(self):
         require(len(self.trainings) > 0 and set(self.trainings) <= set(TRAININGS), "trainings",
                 f"one or more of {', '.join(TRAININGS)}", self.trainings)
-        require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        for name in TRAININGS:
+            method = self.training(name).method
+            require(method == name, name.replace("-", "_"), f"a config with method {name}", method)
         for name in ("hidden", "examples", "attack_steps", "alpha_iterations", "smooth_epochs", "smooth_examples",
                      "smooth_n0", "smooth_n"):
             require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
@@ -96,7 +99,7 @@ class VerifySuiteConfig:
                 self.exact_time_limit)
         require(0 < self.smooth_alpha < 1, "smooth_alpha", "a probability in (0, 1)", self.smooth_alpha)
 
-    def training(self, name: str) -> RobustTrainConfig | CertifiedTrainConfig:
+    def training(self, name: str) -> ClassifierTrainConfig:
         """The config that trains the network ``name``."""
         return {"standard": self.standard, "pgd": self.pgd, "ibp": self.ibp, "crown-ibp": self.crown_ibp}[name]
 
@@ -105,57 +108,68 @@ def _radii(values: tuple[float, ...]) -> bool:
     return len(values) > 0 and all(0 <= v < math.inf for v in values)
 
 
-QUICK = VerifySuiteConfig(
-    standard=RobustTrainConfig(epochs=10),
-    pgd=RobustTrainConfig(method="pgd", eps=0.1, epochs=10, steps=5),
-    ibp=CertifiedTrainConfig(method="ibp", eps=0.1, epochs=12, warmup_epochs=1, ramp_epochs=6),
-    crown_ibp=CertifiedTrainConfig(method="crown-ibp", eps=0.1, epochs=12, warmup_epochs=1, ramp_epochs=6),
+QUICK = VerifyStudyConfig(
+    standard=ClassifierTrainConfig(epochs=10),
+    pgd=ClassifierTrainConfig(method="pgd", eps=0.1, epochs=10, steps=5),
+    ibp=certified_config("ibp", eps=0.1, epochs=12, warmup_epochs=1, ramp_epochs=6),
+    crown_ibp=certified_config("crown-ibp", eps=0.1, epochs=12, warmup_epochs=1, ramp_epochs=6),
     eps=(0.0, 0.02, 0.05, 0.1), examples=50, exact_time_limit=2.0, attack_steps=20,
     alpha_iterations=10, sigmas=(0.25, 0.5), smooth_epochs=10, smooth_examples=50, smooth_n=2_000,
     radii=(0.0, 0.25, 0.5, 0.75, 1.0),
 )
 
 
-def suite_config(quick: bool = False, seed: int = 0) -> VerifySuiteConfig:
+def study_config(quick: bool = False, seed: int = 0) -> VerifyStudyConfig:
     """The full study, or with ``quick`` fewer epochs, radii, examples and samples, for ``seed``."""
-    return replace(QUICK if quick else VerifySuiteConfig(), seed=seed)
+    return replace(QUICK if quick else VerifyStudyConfig(), seed=seed)
 
 
-# ----------------------------------------------------------------------------- models
-def train_or_load(name: str, train: RobustTrainConfig | CertifiedTrainConfig, config: VerifySuiteConfig,
-                  digits: Digits, directory: Path) -> nn.Module:
-    """The MLP saved in ``directory``, or a new one trained by ``train`` (seeded) and saved there."""
-    if (directory / "model.safetensors").is_file():
-        return load_classifier(directory)[0]
-    spec = {"arch": "mlp", "num_classes": digits.num_classes, "hidden": config.hidden}
-    torch.manual_seed(config.seed)
-    model = build_classifier(spec)
-    data = (digits.x_train, digits.y_train)
-    if isinstance(train, CertifiedTrainConfig):
-        train_certified(model, data, replace(train, seed=config.seed))
-    else:
-        train_classifier(model, data, replace(train, seed=config.seed))
-    save_classifier(model, spec, directory)
-    return model.eval()
+# ----------------------------------------------------------------------------- networks
+def network_config(method: str, eps: float = 0.1, sigma: float = 0.25, epochs: int = 40,
+                   seed: int = 0) -> ClassifierTrainConfig:
+    """How ``safetylab verify train`` trains one network by ``method`` (one of :data:`METHODS`): IBP and
+    CROWN-IBP with :func:`~.training.certified_config`'s schedule, ε ramped over half the epochs."""
+    require_choice(method, "method", METHODS)
+    if method in ("ibp", "crown-ibp"):
+        return certified_config(method, eps=eps, epochs=epochs, ramp_epochs=epochs // 2, seed=seed)
+    return ClassifierTrainConfig(method=method, eps=eps, sigma=sigma, epochs=epochs, seed=seed)
 
 
-def study_models(config: VerifySuiteConfig, digits: Digits, run: RunDir, model: Path | None = None,
-                 ) -> dict[str, nn.Module]:
-    """The classifier saved in ``model`` (a ``verify train`` or ``robust train`` run) alone when given,
-    else one network per training of ``config``, saved under ``artifacts/models/NAME``."""
-    if model is not None:
-        return {"given model": load_classifier(model)[0]}
-    return {name: train_or_load(name, config.training(name), config, digits, run.artifacts / "models" / name)
-            for name in config.trainings}
+def train_network(directory: str | Path, train: ClassifierTrainConfig, hidden: int, digits: Digits,
+                  run: RunDir | None = None) -> nn.Module:
+    """The MLP saved in ``directory``, or a new one trained by ``train`` (from ``train.seed``) and saved there."""
+    spec = {"arch": "mlp", "num_classes": digits.num_classes, "hidden": hidden}
+    return train_or_load(directory, spec, (digits.x_train, digits.y_train), train, LOSSES, run=run)
 
 
-# ----------------------------------------------------------------------------- sections
-def bounds_section(models: dict[str, nn.Module], digits: Digits, config: VerifySuiteConfig, run: RunDir) -> Section:
+def digits(ctx: Context) -> Digits:
+    return ctx.cached("digits", lambda: load_digits(ctx.config.seed))
+
+
+def network(ctx: Context, name: str, train: ClassifierTrainConfig) -> nn.Module:
+    """The network ``name`` of this run, trained from ``derive_seed(seed, "train", name)`` or loaded."""
+    return ctx.cached(f"network {name}", lambda: train_network(
+        ctx.run.artifacts / "models" / name, replace(train, seed=derive_seed(ctx.config.seed, "train", name)),
+        ctx.config.hidden, digits(ctx)))
+
+
+def networks(ctx: Context) -> dict[str, nn.Module]:
+    """The classifier of ``ctx.inputs["model"]`` (a ``verify train`` or ``robust train`` run) alone when
+    given, else one network per training of the config."""
+    given = ctx.inputs.get("model")
+    if given is not None:
+        return {"given model": ctx.cached("given model", lambda: load_classifier(given)[0])}
+    return {name: network(ctx, name, ctx.config.training(name)) for name in ctx.config.trainings}
+
+
+# ----------------------------------------------------------------------------- stages
+def bounds_stage(ctx: Context) -> Section:
     """Mean width of the margins' bounds, share verified and seconds per method, at ``bounds_eps``."""
-    x, y = digits.x_test[:config.examples], digits.y_test[:config.examples]
-    region, spec = linf_ball(x, config.bounds_eps), margin_spec(y, digits.num_classes)
+    config, data, found_networks = ctx.config, digits(ctx), networks(ctx)
+    x, y = data.x_test[:config.examples], data.y_test[:config.examples]
+    region, spec = linf_ball(x, config.bounds_eps), margin_spec(y, data.num_classes)
     rows = []
-    for name, model in models.items():
+    for name, model in found_networks.items():
         for method in BOUND_METHODS:
             start = time.perf_counter()
             found = compute_bounds(model, region, spec, method, **_options(method, config))
@@ -164,23 +178,26 @@ def bounds_section(models: dict[str, nn.Module], digits: Digits, config: VerifyS
                          "lower": found.lower.mean().item(), "verified": found.verified().float().mean().item(),
                          "seconds": seconds})
     columns = ["model", "method", "width", "lower", "verified", "seconds"]
-    best = {name: min((r for r in rows if r["model"] == name), key=lambda r: r["width"])["method"] for name in models}
-    return {"title": f"Bounds on the margins at eps {config.bounds_eps:g}",
-            "summary": "; ".join(f"{name}: tightest {method}" for name, method in best.items()),
-            "tables": [{"title": f"Margins' bounds over {len(x)} test digits, L∞ eps {config.bounds_eps:g}: mean "
-                                 "width (upper − lower), mean lower bound, share verified, seconds",
-                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [], "data": {"rows": rows}}
+    best = {name: min((r for r in rows if r["model"] == name), key=lambda r: r["width"])["method"]
+            for name in found_networks}
+    return Section(
+        title=f"Bounds on the margins at eps {config.bounds_eps:g}",
+        summary="; ".join(f"{name}: tightest {method}" for name, method in best.items()),
+        tables=[Table(f"Margins' bounds over {len(x)} test digits, L∞ eps {config.bounds_eps:g}: mean width "
+                      "(upper − lower), mean lower bound, share verified, seconds",
+                      columns, [[r[c] for c in columns] for r in rows])],
+        data={"rows": rows})
 
 
-def certify_section(models: dict[str, nn.Module], digits: Digits, config: VerifySuiteConfig, run: RunDir) -> Section:
+def certify_stage(ctx: Context) -> Section:
     """Certified accuracy against ε per model and method, PGD's robust accuracy beside it; exact
     verification after PGD (an attack that succeeds decides a digit without a program)."""
-    x, y = digits.x_test[:config.examples], digits.y_test[:config.examples]
-    spec = margin_spec(y, digits.num_classes)
+    config, data = ctx.config, digits(ctx)
+    x, y = data.x_test[:config.examples], data.y_test[:config.examples]
+    spec = margin_spec(y, data.num_classes)
     rows, seconds = [], {}
-    generator = torch.Generator().manual_seed(config.seed)
-    for name, model in models.items():
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, "certify", "pgd"))
+    for name, model in networks(ctx).items():
         clean = accuracy(model, x, y)
         for eps in config.eps:
             region = linf_ball(x, eps)
@@ -195,21 +212,21 @@ def certify_section(models: dict[str, nn.Module], digits: Digits, config: Verify
                 seconds[method] = seconds.get(method, 0.0) + time.perf_counter() - start
             start = time.perf_counter()
             row["exact"], row["exact unknown"] = _exact(model, x, y, eps, attacked, config.exact_time_limit,
-                                                        digits.num_classes)
+                                                        data.num_classes)
             seconds["exact"] = seconds.get("exact", 0.0) + time.perf_counter() - start
             rows.append(row)
     columns = ["model", "eps", "clean", "pgd", *BOUND_METHODS, "exact", "exact unknown"]
-    path = _plot_certified(rows, run.plots / "certified_accuracy.png")
+    path = _plot_certified(rows, ctx.stage_dir("certify") / "certified_accuracy.png")
     at = min(config.eps, key=lambda e: abs(e - config.ibp.eps))  # the radius the certified networks train for
     summary = "; ".join(f"{r['model']}: PGD {r['pgd']:.2f}, IBP {r['ibp']:.2f}, CROWN {r['crown']:.2f}, "
                         f"α-CROWN {r['alpha-crown']:.2f}, exact {r['exact']:.2f}" for r in rows if r["eps"] == at)
-    return {"title": "Certified accuracy against ε (L∞)",
-            "summary": f"at eps {at:g}: {summary}",
-            "tables": [{"title": f"Share of {len(x)} test digits classified correctly on the whole L∞ ball, by "
-                                 f"method (exact: a MILP, at most {config.exact_time_limit:g} s a digit; 'exact "
-                                 "unknown': the time limit reached); pgd: robust accuracy under PGD, an upper bound",
-                        "columns": columns, "rows": [[r[c] for c in columns] for r in rows]}],
-            "plots": [run.relative(path)], "data": {"rows": rows, "seconds": seconds}}
+    return Section(
+        title="Certified accuracy against ε (L∞)", summary=f"at eps {at:g}: {summary}",
+        tables=[Table(f"Share of {len(x)} test digits classified correctly on the whole L∞ ball, by method (exact: "
+                      f"a MILP, at most {config.exact_time_limit:g} s a digit; 'exact unknown': the time limit "
+                      "reached); pgd: robust accuracy under PGD, an upper bound",
+                      columns, [[r[c] for c in columns] for r in rows])],
+        plots=[ctx.run.relative(path)], data={"rows": rows, "seconds": seconds})
 
 
 def _exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, attacked: torch.Tensor,
@@ -223,64 +240,40 @@ def _exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, attac
     return (sum(r.status == "verified" for r in results) / len(x), sum(r.status == "unknown" for r in results) / len(x))
 
 
-def smooth_section(digits: Digits, config: VerifySuiteConfig, run: RunDir, standard: nn.Module | None) -> Section:
+def smooth_stage(ctx: Context) -> Section:
     """Randomized smoothing's certified accuracy against the L2 radius, one base MLP trained under each σ's
-    noise; and CROWN's deterministic L2 certificates of ``standard`` at the same radii."""
-    x, y = digits.x_test[:config.smooth_examples], digits.y_test[:config.smooth_examples]
+    noise; and CROWN's deterministic L2 certificates of the standard network (or the given one) at the
+    same radii."""
+    config, data = ctx.config, digits(ctx)
+    x, y = data.x_test[:config.smooth_examples], data.y_test[:config.smooth_examples]
     curves: dict[str, list[float]] = {}
     abstained = {}
     for sigma in config.sigmas:
-        noisy = RobustTrainConfig(method="noise", sigma=sigma, epochs=config.smooth_epochs)
-        model = train_or_load(f"noise-{sigma:g}", noisy, config, digits, run.artifacts / "models" / f"noise-{sigma:g}")
-        smoothed = SmoothedClassifier(model, sigma)
+        noisy = ClassifierTrainConfig(method="noise", sigma=sigma, epochs=config.smooth_epochs)
+        smoothed = SmoothedClassifier(network(ctx, f"noise-{sigma:g}", noisy), sigma)
         found = smoothed.certify_batch(x, y, config.smooth_n0, config.smooth_n, config.smooth_alpha,
-                                       torch.Generator().manual_seed(config.seed))
+                                       torch.Generator().manual_seed(derive_seed(config.seed, "smoothing", sigma)))
         curves[f"smoothing σ={sigma:g}"] = certified_accuracy_at(found.radius, found.correct, config.radii).tolist()
-        abstained[sigma] = (found.radius == 0).float().mean().item()
-    if standard is not None:
-        spec = margin_spec(y, digits.num_classes)
-        curves["CROWN (standard network)"] = [
-            compute_bounds(standard, l2_ball(x, r), spec, "crown").verified().float().mean().item()
-            for r in config.radii]
+        abstained[f"{sigma:g}"] = (found.radius == 0).float().mean().item()
+    given = ctx.inputs.get("model") is not None
+    standard = next(iter(networks(ctx).values())) if given else network(ctx, "standard", config.standard)
+    spec = margin_spec(y, data.num_classes)
+    name = "CROWN (given network)" if given else "CROWN (standard network)"
+    curves[name] = [compute_bounds(standard, l2_ball(x, r), spec, "crown").verified().float().mean().item()
+                    for r in config.radii]
     rows = [[name, r, value] for name, values in curves.items() for r, value in zip(config.radii, values)]
-    path = _plot_smoothing(curves, config.radii, run.plots / "smoothing.png")
+    path = _plot_smoothing(curves, config.radii, ctx.stage_dir("smooth") / "smoothing.png")
     best = [(r, max(curves, key=lambda n: curves[n][i]), i) for i, r in enumerate(config.radii) if r > 0]
-    return {"title": "Randomized smoothing: certified accuracy against the L2 radius",
-            "summary": "; ".join(f"r {r:g}: best {name} {curves[name][i]:.2f}" for r, name, i in best),
-            "tables": [{"title": f"Share of {len(x)} test digits certified correct at L2 radius ≥ r (smoothing: n0 "
-                                 f"{config.smooth_n0}, n {config.smooth_n}, α {config.smooth_alpha:g})",
-                        "columns": ["certificate", "radius", "certified accuracy"], "rows": rows}],
-            "plots": [run.relative(path)], "data": {"curves": curves, "abstained": abstained}}
+    return Section(
+        title="Randomized smoothing: certified accuracy against the L2 radius",
+        summary="; ".join(f"r {r:g}: best {name} {curves[name][i]:.2f}" for r, name, i in best),
+        tables=[Table(f"Share of {len(x)} test digits certified correct at L2 radius ≥ r (smoothing: n0 "
+                      f"{config.smooth_n0}, n {config.smooth_n}, α {config.smooth_alpha:g})",
+                      ["certificate", "radius", "certified accuracy"], rows)],
+        plots=[ctx.run.relative(path)], data={"curves": curves, "abstained": abstained})
 
 
-# ----------------------------------------------------------------------------- the whole study
-def run_suite(config: VerifySuiteConfig, run: RunDir, sections: tuple[str, ...] = SECTIONS,
-              model: Path | None = None, log=print) -> dict[str, Section]:
-    """Train what the sections need (or study the classifier in ``model``), run them, write
-    ``sections.json``."""
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
-        raise SafetylabError(f"sections: unknown {sorted(unknown)}; expected some of {', '.join(SECTIONS)}")
-    seed_everything(config.seed)
-    digits = load_digits(config.seed)
-    models = study_models(config, digits, run, model) if {"bounds", "certify"} & set(sections) else {}
-    out: dict[str, Section] = {}
-    if "bounds" in sections:
-        out["bounds"] = bounds_section(models, digits, config, run)
-    if "certify" in sections:
-        out["certify"] = certify_section(models, digits, config, run)
-    if "smooth" in sections:
-        standard = models.get("standard") or models.get("given model")
-        if standard is None:
-            standard = train_or_load("standard", config.standard, config, digits, run.artifacts / "models" / "standard")
-        out["smooth"] = smooth_section(digits, config, run, standard)
-    for name, section in out.items():
-        log(f"{name}: {section['summary']}")
-    run.write_json("sections.json", out)
-    return out
-
-
-def _options(method: str, config: VerifySuiteConfig) -> dict:
+def _options(method: str, config: VerifyStudyConfig) -> dict:
     return {"iterations": config.alpha_iterations} if method == "alpha-crown" else {}
 
 
@@ -310,3 +303,10 @@ def _plot_smoothing(curves: dict[str, list[float]], radii: tuple[float, ...], pa
     ax.legend(fontsize="x-small")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+STAGES = (
+    Stage("bounds", "bounds on the margins by IBP, CROWN and α-CROWN at one ε", bounds_stage),
+    Stage("certify", "certified accuracy against ε: IBP, CROWN, α-CROWN and exact, beside PGD", certify_stage),
+    Stage("smooth", "randomized smoothing's certified accuracy against the L2 radius", smooth_stage),
+)
