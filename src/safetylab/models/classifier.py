@@ -124,8 +124,9 @@ def load_classifier(directory: str | Path) -> tuple[nn.Sequential, dict]:
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The share of ``x`` that the evaluation-mode ``model`` classifies as ``y``."""
-    return (predict_logits(model, x).argmax(1) == y).double().mean().item()
+    """The share of ``x`` that the evaluation-mode ``model`` classifies as ``y`` (on any device)."""
+    logits = predict_logits(model, x)  # on CPU
+    return (logits.argmax(1) == check_labels(y, logits.shape[1], len(x)).cpu()).double().mean().item()
 
 
 # ----------------------------------------------------------------------------- training
