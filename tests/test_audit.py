@@ -15,14 +15,15 @@ from test_cli import run_main
 
 import safetylab.audit.run as audit_run
 from safetylab.agents.envs import ENVIRONMENTS
-from safetylab.audit import STAGES, Context, Section, Stage, audit_config, run_audit, run_pipeline
+from safetylab.align import study as align_study
+from safetylab.audit import STUDIES, StudyPart, audit_config, run_audit
 from safetylab.audit.report import build_report, write_report
 from safetylab.core.config import config_to_dict
 from safetylab.core.runs import RunDir
+from safetylab.core.study import Context, Section, Stage, Table, run_stages
 from safetylab.evals import EvalConfig, evaluate_policy, summarize
 from safetylab.evals.policy import METRICS
 from safetylab.models import ModelConfig, build_model, train_tokenizer
-from safetylab.robust.training import RobustTrainConfig
 from safetylab.world import KINDS
 from safetylab.world.content import JAILBREAKS
 
@@ -152,55 +153,55 @@ def test_evaluate_policy_without_reference_and_other_reference(world, tiny_polic
 
 
 # ============================================================================ audit
-def tiny_audit_config():
-    config = audit_config(quick=True, seed=0, device="cpu")
-    return replace(
-        config,
-        corpus_conversations=150,
-        demonstrations=60,
-        labeler_pairs=40,
+def tiny_audit_config(seed: int = 0):
+    config = audit_config(quick=True, seed=seed, device="cpu")
+    a = config.align
+    tiny = replace(
+        a, corpus_conversations=150, demonstrations=60, labeler_pairs=40,
         model=ModelConfig(n_layer=1, n_head=2, n_embd=32, n_positions=96),
-        base=replace(config.base, steps=12, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
-        sft=replace(config.sft, steps=8, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
+        base=replace(a.base, steps=12, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
+        sft=replace(a.sft, steps=8, batch_size=8, warmup_steps=2, log_every=4, checkpoint_every=8),
         eval=EvalConfig(per_kind=2, jailbroken=1, max_new_tokens=10),
-        align=replace(
-            config.align, preferences=40, best_of_n=(1, 2), best_of_n_per_kind=1, kl_samples=2,
-            reward=replace(config.align.reward, train=replace(config.align.reward.train, steps=4, batch_size=8,
-                                                              log_every=2, checkpoint_every=2)),
-            dpo=replace(config.align.dpo, train=replace(config.align.dpo.train, steps=4, batch_size=8,
-                                                        log_every=2, checkpoint_every=2)),
-            ppo_prompts_per_kind=2,
-            ppo=replace(config.align.ppo, max_new_tokens=8, train=replace(config.align.ppo.train, steps=8, batch_size=4,
-                                                                          log_every=4, checkpoint_every=4)),
-        ),
+        preferences=40, best_of_n=(1, 2), best_of_n_per_kind=1, kl_samples=2,
+        reward=replace(a.reward, train=replace(a.reward.train, steps=4, batch_size=8, log_every=2, checkpoint_every=2)),
+        dpo=replace(a.dpo, train=replace(a.dpo.train, steps=4, batch_size=8, log_every=2, checkpoint_every=2)),
+        rl_prompts_per_kind=2,
+        ppo=replace(a.ppo, max_new_tokens=8, train=replace(a.ppo.train, steps=8, batch_size=4, log_every=4,
+                                                           checkpoint_every=4)),
+    )
+    return replace(
+        config, align=tiny,
         robust=replace(config.robust, standard=replace(config.robust.standard, epochs=2),
                        adversarial=(replace(config.robust.adversarial[0], epochs=1, steps=2),), eps=(0.0, 0.1),
                        attack_steps=5, square_queries=20, ensemble_members=2, mc_samples=3),
-        gridworlds=replace(config.gridworlds, episodes=60),
-        verify=replace(config.verify, trainings=("standard",), standard=RobustTrainConfig(epochs=1), eps=(0.0, 0.05),
-                       examples=8,
-                       exact_time_limit=0.2, attack_steps=3, alpha_iterations=2, sigmas=(0.25,), smooth_epochs=1,
-                       smooth_examples=4, smooth_n=100, radii=(0.0, 0.25)),
+        agents=replace(config.agents, episodes=60),
+        verify=replace(config.verify, trainings=("standard",), standard=replace(config.verify.standard, epochs=1),
+                       eps=(0.0, 0.05), examples=8, exact_time_limit=0.2, attack_steps=3, alpha_iterations=2,
+                       sigmas=(0.25,), smooth_epochs=1, smooth_examples=4, smooth_n=100, radii=(0.0, 0.25)),
     )
 
 
 CONFIG = tiny_audit_config()
+SECTION_NAMES = [f"{study.name}/{stage.name}" for study in STUDIES for stage in study.stages]
+
+
+def tiny_audit(root, seed: int):
+    """One tiny audit per seed for the whole session, shared by the xdist workers (a file lock makes the
+    first one run it). Tests that write into an audit directory work on a copy."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, common to all workers
+    path = root / f"safetylab-tiny-audit-{seed}"
+    with FileLock(str(root / f"safetylab-tiny-audit-{seed}.lock")):
+        if not (path / "report.json").exists():
+            logs: list[str] = []
+            run_audit(tiny_audit_config(seed), path, log=logs.append)
+            (root / f"safetylab-tiny-audit-{seed}.log").write_text("\n".join(logs) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")
 def audit_dir(tmp_path_factory):
-    """One tiny audit for the whole session, shared by the xdist workers (a file lock makes the
-    first one run it). Tests that write into an audit directory work on a copy."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's directory, common to all workers
-    path = root / "safetylab-tiny-audit"
-    with FileLock(str(root / "safetylab-tiny-audit.lock")):
-        if not (path / "report.json").exists():
-            logs: list[str] = []
-            run_audit(CONFIG, path, log=logs.append)
-            (root / "safetylab-tiny-audit.log").write_text("\n".join(logs) + "\n")
-    return path
+    return tiny_audit(tmp_path_factory.getbasetemp(), 0)
 
 
 @pytest.fixture
@@ -215,34 +216,42 @@ def report(audit_dir) -> dict:
     return json.loads((audit_dir / "report.json").read_text(encoding="utf-8"))
 
 
+def sections_of(report: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in report["sections"]}
+
+
 def test_tiny_config_is_tiny():
-    assert CONFIG.base.steps == 12 and CONFIG.model.n_layer == 1
-    assert CONFIG.world.seed == CONFIG.seed == 0
+    assert CONFIG.align.base.steps == 12 and CONFIG.align.model.n_layer == 1
+    assert CONFIG.align.world.seed == CONFIG.seed == 0
+
+
+def test_audit_composes_every_study_on_its_seed():
+    config = audit_config(quick=True, seed=3)
+    assert config.align.seed == config.robust.seed == config.agents.seed == config.verify.seed == 3
+    assert config.align.world.seed == config.align.base.seed == config.align.ppo.train.seed == 3
+    assert [s.name for s in STUDIES] == ["align", "robust", "agents", "verify"]
 
 
 @pytest.mark.slow
 def test_audit_writes_both_reports(audit_dir, report):
     assert (audit_dir / "report.html").is_file()
-    logs = (audit_dir.parent / "safetylab-tiny-audit.log").read_text().splitlines()
-    for stage in STAGES:  # the first run ran every stage: a start line and a timed end line each
-        assert sum(line.startswith(f"== {stage.name}: ") for line in logs) == 2
+    logs = (audit_dir.parent / "safetylab-tiny-audit-0.log").read_text().splitlines()
+    for name in SECTION_NAMES:  # the first run ran every stage: a start line and a timed end line each
+        assert sum(line.startswith(f"== {name}: ") for line in logs) == 2, name
     assert not any("skipped" in line for line in logs)
-    assert [s["name"] for s in report["sections"]] == ["world", "base", "sft", "evaluate", "align", "robustness",
-                                                        "gridworlds", "verification"]
+    assert [s["name"] for s in report["sections"]] == SECTION_NAMES
+    assert [s["name"] for s in report["studies"]] == [s.name for s in STUDIES]
     assert report["config"] == json.loads(json.dumps(asdict(CONFIG)))
     assert report["safetylab"]
     for section in report["sections"]:
         assert {"title", "summary", "tables", "plots", "transcripts", "data"} <= set(section)
-        assert isinstance(section["tables"], list)
         assert section["summary"]
         for table in section["tables"]:
             assert table["rows"]
             assert all(len(row) == len(table["columns"]) for row in table["rows"])
         for plot in section["plots"]:
             assert (audit_dir / plot).is_file()
-        assert (audit_dir / "stages" / section["name"] / "section.json").is_file()
-    tables = {s["name"]: s["tables"] for s in report["sections"]}
-    assert tables["world"] and tables["evaluate"]
+        assert (audit_dir / section["name"] / "section.json").is_file()
 
 
 @pytest.mark.slow
@@ -250,15 +259,17 @@ def test_audit_html_is_self_contained(audit_dir, report):
     html = (audit_dir / "report.html").read_text(encoding="utf-8")
     for section in report["sections"]:
         assert section["title"] in html
+    for study in STUDIES:
+        assert study.title in html
     plots = sum(len(s["plots"]) for s in report["sections"])
-    assert plots >= 3
+    assert plots >= 10
     assert html.count("data:image/png;base64,") == plots
-    assert 'src="stages/' not in html
+    assert 'src="align/' not in html
 
 
 @pytest.mark.slow
 def test_audit_world_section(report):
-    world = next(s for s in report["sections"] if s["name"] == "world")
+    world = sections_of(report)["align/world"]
     assert [row[0] for row in world["tables"][0]["rows"]] == ["ideal", "careful", "typical"]
     ideal = world["tables"][0]["rows"][0]
     assert ideal[1] == 1.0  # the ideal labeler always agrees with the gold judge
@@ -266,22 +277,22 @@ def test_audit_world_section(report):
 
 @pytest.mark.slow
 def test_audit_training_sections(audit_dir, report):
-    sections = {s["name"]: s for s in report["sections"]}
-    for name, steps in (("base", CONFIG.base.steps), ("sft", CONFIG.sft.steps)):
-        model = audit_dir / sections[name]["data"]["model"]
+    sections = sections_of(report)
+    for name, steps in (("base", CONFIG.align.base.steps), ("sft", CONFIG.align.sft.steps)):
+        model = audit_dir / "align" / sections[f"align/{name}"]["data"]["model"]  # relative to its study's run
         assert list(model.glob("*.safetensors"))
-        lines = (audit_dir / "stages" / name / "metrics.jsonl").read_text().splitlines()
+        lines = (audit_dir / "align" / name / "metrics.jsonl").read_text().splitlines()
         metrics = [json.loads(line) for line in lines]
         assert metrics[-1]["step"] == steps
-        assert sections[name]["data"]["final_loss"] == metrics[-1]["loss"]
+        assert sections[f"align/{name}"]["data"]["final_loss"] == metrics[-1]["loss"]
 
 
 @pytest.mark.slow
 def test_audit_evaluate_tables_rows(report):
-    evaluate = next(s for s in report["sections"] if s["name"] == "evaluate")
+    evaluate = sections_of(report)["align/evaluate"]
     assert len(evaluate["tables"]) == 2  # base and sft
-    expected = {kind: CONFIG.eval.per_kind for kind in KINDS}
-    expected["jailbroken"] = CONFIG.eval.jailbroken * len(JAILBREAKS)
+    expected = {kind: CONFIG.align.eval.per_kind for kind in KINDS}
+    expected["jailbroken"] = CONFIG.align.eval.jailbroken * len(JAILBREAKS)
     for table in evaluate["tables"]:
         assert table["columns"] == ["kind", "n", *METRICS]
         assert [row[0] for row in table["rows"]] == [*KINDS, "jailbroken", "all"]
@@ -298,16 +309,16 @@ def test_audit_evaluate_tables_rows(report):
 
 @pytest.mark.slow
 def test_audit_rerun_skips_finished_stages(audit_copy):
-    before = {p: p.read_bytes() for p in (audit_copy / "stages").rglob("section.json")}
+    before = {p: p.read_bytes() for p in audit_copy.rglob("section.json")}
     logs: list[str] = []
-    json_path, html_path = run_audit(CONFIG, audit_copy, log=logs.append)
-    assert json_path == audit_copy / "report.json" and html_path.is_file()
-    assert len(logs) == len(STAGES)
-    for stage, line in zip(STAGES, logs):
-        assert stage.name in line and "skipped" in line
-    assert {p: p.read_bytes() for p in (audit_copy / "stages").rglob("section.json")} == before
-    report = json.loads(json_path.read_text())
-    assert [s["name"] for s in report["sections"]] == [s.name for s in STAGES]
+    sections = run_audit(CONFIG, audit_copy, log=logs.append)
+    assert list(sections) == SECTION_NAMES
+    assert len(logs) == len(SECTION_NAMES)
+    for name, line in zip(SECTION_NAMES, logs):
+        assert name in line and "skipped" in line
+    assert {p: p.read_bytes() for p in audit_copy.rglob("section.json")} == before
+    report = json.loads((audit_copy / "report.json").read_text())
+    assert [s["name"] for s in report["sections"]] == SECTION_NAMES
 
 
 @pytest.mark.slow
@@ -315,7 +326,19 @@ def test_audit_other_config_in_same_directory_is_refused(audit_copy):
     from safetylab.core.errors import SafetylabError
 
     with pytest.raises(SafetylabError, match="labeler_pairs"):
-        run_audit(replace(CONFIG, labeler_pairs=41), audit_copy, log=lambda s: None)
+        run_audit(replace(CONFIG, align=replace(CONFIG.align, labeler_pairs=41)), audit_copy, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_another_seed_changes_every_stage(tmp_path_factory, report):
+    """``audit --seed 3`` reaches every study: no stage repeats seed 0's numbers."""
+    other = json.loads((tiny_audit(tmp_path_factory.getbasetemp(), 3) / "report.json").read_text())
+    assert other["config"]["seed"] == 3
+    for mine, theirs in zip(report["sections"], other["sections"]):
+        assert mine["name"] == theirs["name"]
+        assert mine["tables"] != theirs["tables"] or mine["data"] != theirs["data"], mine["name"]
+        if mine["name"] not in ("align/world",):  # the world's probe table counts variants: same counts
+            assert mine["data"] != theirs["data"], mine["name"]
 
 
 def test_failing_stage_leaves_no_section_and_no_report(tmp_path, monkeypatch):
@@ -327,26 +350,26 @@ def test_failing_stage_leaves_no_section_and_no_report(tmp_path, monkeypatch):
         calls.append(ctx.sections["world"].title)
         if len(calls) == 1:
             raise RuntimeError("stage failed midway")
-        return Section(title="Flaky", summary="worked the second time",
-                       tables=[{"title": "t", "columns": ["a"], "rows": [[1]]}])
+        return Section(title="Flaky", summary="worked the second time", tables=[Table("t", ["a"], [[1]])])
 
-    monkeypatch.setattr(audit_run, "STAGES", (STAGES[0], Stage("flaky", "a stage that fails once", flaky)))
+    only = (StudyPart("align", "Alignment", (align_study.STAGES[0], Stage("flaky", "fails once", flaky)),
+                      lambda c: c.align),)
+    monkeypatch.setattr(audit_run, "STUDIES", only)
     out = tmp_path / "audit"
     with pytest.raises(RuntimeError, match="midway"):
         run_audit(CONFIG, out, log=lambda s: None)
-    assert (out / "stages" / "world" / "section.json").is_file()
-    assert (out / "stages" / "flaky" / "partial.txt").is_file()
-    assert not (out / "stages" / "flaky" / "section.json").exists()
+    assert (out / "align" / "world" / "section.json").is_file()
+    assert (out / "align" / "flaky" / "partial.txt").is_file()
+    assert not (out / "align" / "flaky" / "section.json").exists()
     assert not (out / "report.json").exists() and not (out / "report.html").exists()
 
     logs: list[str] = []
     run_audit(CONFIG, out, log=logs.append)
-    assert "world" in logs[0] and "skipped" in logs[0]
+    assert "align/world" in logs[0] and "skipped" in logs[0]
     assert not any("flaky" in line and "skipped" in line for line in logs)
     assert calls == ["The assistant world", "The assistant world"]  # the world section was reloaded
     report = json.loads((out / "report.json").read_text())
-    assert [s["name"] for s in report["sections"]] == ["world", "flaky"]
-    assert (out / "stages" / "flaky" / "section.json").is_file()
+    assert [s["name"] for s in report["sections"]] == ["align/world", "align/flaky"]
 
 
 @pytest.mark.slow
@@ -355,28 +378,28 @@ def test_a_custom_stage_is_a_local_addition(audit_copy):
         kl = ctx.sections["evaluate"].data["overall"]["sft"]["kl_to_reference"]
         (ctx.stage_dir("custom") / "note.txt").write_text(f"{kl}")
         return Section(title="Custom check", summary=f"KL {kl:.3f}",
-                       tables=[{"title": "KL", "columns": ["model", "kl"], "rows": [["sft", kl]]}],
-                       data={"kl": kl})
+                       tables=[Table("KL", ["model", "kl"], [["sft", kl]])], data={"kl": kl})
 
-    ctx = Context(config=CONFIG, run=RunDir(audit_copy, config_to_dict(CONFIG)))
+    ctx = Context(CONFIG.align, RunDir(audit_copy / "align", config_to_dict(CONFIG.align)))
     logs: list[str] = []
-    sections = run_pipeline([*STAGES, Stage("custom", "a custom check", kl_summary)], ctx, log=logs.append)
-    assert list(sections) == [*(s.name for s in STAGES), "custom"]
-    assert sum("skipped" in line for line in logs) == len(STAGES)
+    sections = run_stages([*align_study.STAGES, Stage("custom", "a custom check", kl_summary)], ctx, log=logs.append)
+    assert list(sections) == [*(s.name for s in align_study.STAGES), "custom"]
+    assert sum("skipped" in line for line in logs) == len(align_study.STAGES)
     assert sections["custom"].data["kl"] > 0
-    assert (audit_copy / "stages" / "custom" / "section.json").is_file()
-    write_report(audit_copy, build_report(CONFIG, sections))
+    assert (audit_copy / "align" / "custom" / "section.json").is_file()
+    write_report(audit_copy, build_report(CONFIG, {f"align/{k}": v.moved("align") for k, v in sections.items()},
+                                           {"align": "A"}))
     report = json.loads((audit_copy / "report.json").read_text())
     custom = report["sections"][-1]
-    assert custom["name"] == "custom" and custom["tables"][0]["rows"] == [["sft", sections["custom"].data["kl"]]]
+    assert custom["name"] == "align/custom" and custom["tables"][0]["rows"] == [["sft", sections["custom"].data["kl"]]]
     assert "Custom check" in (audit_copy / "report.html").read_text()
 
 
 # ============================================================================ audit CLI config
 @pytest.mark.parametrize("text,names", [
     ("bogus_key: 1\n", ["bogus_key"]),
-    ("base:\n  stepz: 5\n", ["stepz", "base"]),
-    ('{"eval": {"per_kind": 2, "nonsense": true}}\n', ["nonsense", "eval"]),
+    ("align:\n  base:\n    stepz: 5\n", ["stepz", "base"]),
+    ('{"align": {"eval": {"per_kind": 2, "nonsense": true}}}\n', ["nonsense", "eval"]),
     ("seed: not-a-number\n", ["seed"]),
 ])
 def test_audit_config_file_errors(monkeypatch, capsys, tmp_path, text, names):
@@ -399,59 +422,68 @@ def test_audit_config_file_overrides_merge(monkeypatch, capsys, tmp_path):
 
     def fake_run_audit(config, out, log=print):
         seen["config"], seen["out"] = config, out
-        return out / "report.json", out / "report.html"
+        return {}
 
     monkeypatch.setattr(audit_package, "run_audit", fake_run_audit)
     config = tmp_path / "audit.yaml"
-    config.write_text("base:\n  steps: 7\neval:\n  per_kind: 2\nlabeler_pairs: 30\n")
+    config.write_text("align:\n  base:\n    steps: 7\n  eval:\n    per_kind: 2\n  labeler_pairs: 30\n")
     code, out, err = run_main(monkeypatch, capsys, "audit", "--quick", "--seed", "3", "--device", "cpu",
                               "--config", str(config), "--out", str(tmp_path / "run"))
     assert code == 0, err
     chosen = seen["config"]
     quick = audit_config(quick=True, seed=3, device="cpu")
-    assert chosen == replace(quick, base=replace(quick.base, steps=7), eval=replace(quick.eval, per_kind=2),
-                             labeler_pairs=30)
-    assert chosen.base.seed == 3 and chosen.world.seed == 3
+    a = quick.align
+    assert chosen == replace(quick, align=replace(a, base=replace(a.base, steps=7), eval=replace(a.eval, per_kind=2),
+                                                  labeler_pairs=30))
+    assert chosen.align.base.seed == 3 and chosen.align.world.seed == 3
     assert seen["out"] == tmp_path / "run"
     assert "report:" in out
 
 
-def test_audit_align_section(audit_dir, report):
-    align = next(s for s in report["sections"] if s["name"] == "align")
-    reward, curve, policies = align["tables"]
-    assert reward["columns"] == ["pairs", "accuracy", "margin", "gold agreement"]
-    assert 0.0 <= reward["rows"][0][1] <= 1.0
+@pytest.mark.slow
+def test_audit_align_sections(audit_dir, report):
+    sections = sections_of(report)
+    reward = sections["align/reward"]["tables"][0]
+    assert reward["columns"] == ["comparisons of", "pairs", "accuracy", "margin", "gold agreement"]
+    assert 0.0 <= reward["rows"][0][2] <= 1.0
+    curve = sections["align/best-of-n"]["tables"][0]
     assert [row[0] for row in curve["rows"]] == [1, 2]
     bound = curve["columns"].index("kl_bound")
     assert curve["rows"][0][bound] == 0.0 and curve["rows"][1][bound] > 0
-    assert [row[0] for row in policies["rows"]] == ["sft", "dpo", "ppo"]
-    assert policies["rows"][0][policies["columns"].index("kl_to_reference")] == 0.0  # SFT is the reference here
-    assert policies["columns"][:3] == ["model", "proxy_reward", "gold_utility"]
+    policies = sections["align/policies"]
+    table = policies["tables"][0]
+    assert [row[0] for row in table["rows"]] == ["sft", "dpo", "ppo"]
+    assert table["rows"][0][table["columns"].index("kl_to_reference")] == 0.0  # SFT is the reference here
+    assert table["columns"][:4] == ["model", "proxy_reward", "gold_gain", "gold_utility"]
     for name in ("dpo", "ppo"):
-        assert align["data"][name]["kl_to_reference"] > 0  # each moved the policy away from SFT
-        assert (audit_dir / align["data"][f"{name}_model"] / "model.safetensors").is_file()
-    assert all(math.isfinite(row[1]) for row in policies["rows"])  # the reward model's score of each
-    assert (audit_dir / align["plots"][0]).is_file()
+        overall = policies["data"]["overall"][name]
+        assert overall["kl_to_reference"] > 0  # each moved the policy away from SFT
+        assert overall["gold_gain"] == pytest.approx(overall["gold_utility"] - policies["data"]["overall"]["sft"][
+            "gold_utility"])
+        assert (audit_dir / "align" / policies["data"]["models"][name] / "model.safetensors").is_file()
+    assert all(math.isfinite(row[1]) for row in table["rows"])  # the reward model's score of each
 
 
-def test_audit_robustness_section(audit_dir, report):
-    robust = next(s for s in report["sections"] if s["name"] == "robustness")
-    titles = [t["title"] for t in robust["tables"]]
-    for part in ("Adversarial robustness", "calibration", "Out-of-distribution", "Distribution shift",
-                 "Selective prediction"):
-        assert any(part in t for t in titles), part
-    attack = robust["data"]["attack"]["rows"]
+@pytest.mark.slow
+def test_audit_robust_sections(audit_dir, report):
+    sections = sections_of(report)
+    robust = [s for s in report["sections"] if s["study"] == "robust"]
+    assert [s["name"] for s in robust] == ["robust/attack", "robust/calibrate", "robust/ood", "robust/shift",
+                                           "robust/selective"]
+    attack = sections["robust/attack"]["data"]["rows"]
     assert [r["eps"] for r in attack] == [0.0, 0.1, 0.0, 0.1]  # standard, then the PGD-trained model
     for row in attack:
         assert row["ensemble"] <= min(row["fgsm"], row["pgd"]) <= row["clean"]
-    ood = robust["data"]["ood"]["rows"]
+    ood = sections["robust/ood"]["data"]["rows"]
     assert {r["detector"] for r in ood} == set(CONFIG.robust.detectors)
     assert all(0.0 <= r["auroc"] <= 1.0 for r in ood)
-    assert len(robust["plots"]) == 6 and all((audit_dir / p).is_file() for p in robust["plots"])
+    plots = [p for s in robust for p in s["plots"]]
+    assert len(plots) == 6 and all((audit_dir / p).is_file() for p in plots)
 
 
-def test_audit_gridworlds_section(audit_dir, report):
-    grid = next(s for s in report["sections"] if s["name"] == "gridworlds")
+@pytest.mark.slow
+def test_audit_agents_section(audit_dir, report):
+    grid = sections_of(report)["agents/gridworlds"]
     rows = grid["data"]["rows"]
     assert {r["environment"] for r in rows} == set(ENVIRONMENTS)
     assert {(r["agent"], r["mitigation"]) for r in rows if r["environment"] == "IslandNavigation"} == {
@@ -460,12 +492,14 @@ def test_audit_gridworlds_section(audit_dir, report):
     assert all((audit_dir / p).is_file() for p in grid["plots"])
 
 
-def test_audit_verification_section(audit_dir, report):
-    verification = next(s for s in report["sections"] if s["name"] == "verification")
-    rows = verification["data"]["certify"]["rows"]
+@pytest.mark.slow
+def test_audit_verify_sections(audit_dir, report):
+    sections = sections_of(report)
+    rows = sections["verify/certify"]["data"]["rows"]
     assert [(r["model"], r["eps"]) for r in rows] == [("standard", 0.0), ("standard", 0.05)]
     for r in rows:
         assert r["crown"] <= r["exact"] + 1e-6 and r["exact"] <= r["pgd"] + 1e-6
-    assert {r["method"] for r in verification["data"]["bounds"]["rows"]} == {"ibp", "crown", "alpha-crown"}
-    assert set(verification["data"]["smooth"]["curves"]) == {"smoothing σ=0.25", "CROWN (standard network)"}
-    assert len(verification["plots"]) == 2 and all((audit_dir / p).is_file() for p in verification["plots"])
+    assert {r["method"] for r in sections["verify/bounds"]["data"]["rows"]} == {"ibp", "crown", "alpha-crown"}
+    assert set(sections["verify/smooth"]["data"]["curves"]) == {"smoothing σ=0.25", "CROWN (standard network)"}
+    plots = [p for name in ("verify/certify", "verify/smooth") for p in sections[name]["plots"]]
+    assert len(plots) == 2 and all((audit_dir / p).is_file() for p in plots)
