@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from safetylab.core.errors import SafetylabError
+from safetylab.core.tensors import predict_logits
 from safetylab.robust.calibration import (
     ReliabilityBins,
     TemperatureScaled,
@@ -16,7 +17,6 @@ from safetylab.robust.calibration import (
     plot_reliability,
     reliability_bins,
 )
-from safetylab.core.tensors import predict_logits
 
 # Six predictions over 3 classes and 5 bins (0, .2], (.2, .4], (.4, .6], (.6, .8], (.8, 1]:
 # confidence 0.4, 0.6 and 0.8 sit exactly on edges (they go to the bin on their left), 1.0 to the last bin.
