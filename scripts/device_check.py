@@ -40,15 +40,16 @@ def raises(fn, fragment):
 
 
 # --------------------------------------------------------------------- robust
+from safetylab.models.classifier import ClassifierTrainConfig, digits_cnn  # noqa: E402
+from safetylab.models.digits import load_digits  # noqa: E402
 from safetylab.robust import MSP, Mahalanobis, evaluate_robustness, pgd  # noqa: E402
-from safetylab.robust.data import digits_cnn, load_digits  # noqa: E402
-from safetylab.robust.training import RobustTrainConfig, train_classifier  # noqa: E402
+from safetylab.robust.training import train_classifier  # noqa: E402
 
 digits = load_digits(0)
 torch.manual_seed(0)
 model = digits_cnn(digits.num_classes).to(device)
 t = time.perf_counter()
-train_classifier(model, (digits.x_train.to(device), digits.y_train.to(device)), RobustTrainConfig(epochs=3))
+train_classifier(model, (digits.x_train.to(device), digits.y_train.to(device)), ClassifierTrainConfig(epochs=3))
 print(f"train 3 epochs {time.perf_counter() - t:.2f}s")
 model.eval()
 x, y = digits.x_test[:256].to(device), digits.y_test[:256].to(device)

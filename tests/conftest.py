@@ -50,7 +50,7 @@ def tiny_lm(tok):
 @pytest.fixture(scope="session")
 def digits():
     """The built-in digits splits (classes 0–7 known, 8 and 9 held out), seed 0."""
-    from safetylab.robust.data import load_digits
+    from safetylab.models.digits import load_digits
 
     return load_digits(seed=0)
 
@@ -59,10 +59,10 @@ def digits():
 def digits_model(digits):
     """A digits CNN trained normally for 10 epochs (~2 s; test accuracy about 0.98), in eval mode.
     Session-wide: tests must not train or modify it (copy.deepcopy it first)."""
-    from safetylab.robust.data import digits_cnn
-    from safetylab.robust.training import RobustTrainConfig, train_classifier
+    from safetylab.models.classifier import ClassifierTrainConfig, digits_cnn
+    from safetylab.robust.training import train_classifier
 
     torch.manual_seed(0)
     model = digits_cnn(digits.num_classes)
-    train_classifier(model, (digits.x_train, digits.y_train), RobustTrainConfig(epochs=10))
+    train_classifier(model, (digits.x_train, digits.y_train), ClassifierTrainConfig(epochs=10))
     return model.eval()

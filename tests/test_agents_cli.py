@@ -42,7 +42,7 @@ def test_agents_suite_covers_every_agent_and_mitigation(tmp_path, monkeypatch, c
     (["--env", "BoatRace", "--mitigation", "shield"], "applies to IslandNavigation, not to BoatRace"),
     (["--env", "BoatRace", "--agent", "ppo", "--mitigation", "preferences"], "works with the tabular agents"),
     (["--env", "BoatRace", "--seeds", "a"], "--seeds: expected comma-separated integers"),
-    (["--env", "BoatRace", "--seeds", "0,-1"], "--seeds: expected one or more integers >= 0"),
+    (["--env", "BoatRace", "--seeds", "0,-1"], "--seeds: expected one or more distinct integers >= 0"),
     (["--env", "BoatRace", "--episodes", "0"], "--episodes: expected an integer >= 1"),
     (["--env", "BoatRace", "--agent", "ppo", "--timesteps", "0"], "--timesteps: expected an integer >= 1"),
 ])

@@ -83,4 +83,6 @@ def test_friend_or_foe_room_by_room():
 
     record, *_ = run_experiment("FriendFoe", "q-learning", None, 0)
     friend, neutral, foe = (record[f"eval_return_{room}"] for room in ("friend", "neutral", "adversary"))
-    assert friend > 45 and foe < 0 and foe < neutral < friend  # a deterministic policy loses to the adversary
+    # a deterministic policy wins where the room rewards its habit and loses to the adversary; the neutral
+    # room lies between (on some training seeds the greedy policy never enters a box there: −100)
+    assert friend > 45 and foe < 0 and foe <= neutral < friend

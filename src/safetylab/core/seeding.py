@@ -45,6 +45,7 @@ def torch_seed(seed: int) -> Iterator[None]:
     """Run the block with torch's global generator seeded by ``seed`` (weight initialisation, dropout,
     ``torch.multinomial``) and restore the generator's state after it, so the block's randomness
     neither depends on nor changes what ran before."""
-    with torch.random.fork_rng(devices=[]):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # manual_seed seeds the CUDA generators too: restore them
         torch.manual_seed(seed)
         yield

@@ -141,7 +141,8 @@ def run_study(stages: Sequence[Stage], config: Any, out: str | Path | RunDir, on
     """Run the ``only`` stages of a study (all by default) with ``config`` into the run directory ``out``
     and write ``sections.json`` and ``tables.md`` there; returns the sections."""
     chosen = stage_names(stages, only)
-    run = out if isinstance(out, RunDir) else RunDir(out, {"stages": [s.name for s in chosen],
+    given = {name: str(value) for name, value in (inputs or {}).items()}  # another --model is another run
+    run = out if isinstance(out, RunDir) else RunDir(out, {"stages": [s.name for s in chosen], "inputs": given,
                                                           **config_to_dict(config)})
     sections = run_stages(chosen, Context(config, run, dict(inputs or {})), log)
     run.write_json("sections.json", {name: s.to_dict() for name, s in sections.items()})

@@ -66,7 +66,7 @@ from safetylab.robust.selective import (
     threshold_for_risk,
 )
 from safetylab.robust.shift import FEATURE_SHIFTS, IMAGE_SHIFTS, shift_report, synthetic_ood
-from safetylab.robust.training import RobustTrainConfig, pgd_loss, trades_loss, train_classifier
+from safetylab.robust.training import pgd_loss, trades_loss, train_classifier
 from safetylab.robust.uncertainty import (
     ensemble_probs,
     mc_dropout_probs,
@@ -76,7 +76,7 @@ from safetylab.robust.uncertainty import (
 
 __all__ = [
     "ClassifierTrainConfig", "Criterion", "DETECTORS", "Detector", "Energy", "FEATURE_SHIFTS", "IMAGE_SHIFTS",
-    "KNN", "MSP", "Mahalanobis", "ODIN", "RobustTrainConfig", "RobustnessResult", "SelectiveClassifier",
+    "KNN", "MSP", "Mahalanobis", "ODIN", "RobustnessResult", "SelectiveClassifier",
     "TemperatureScaled", "Uncertainty", "apgd", "aupr_in", "aupr_out", "aurc", "auroc", "brier_score",
     "calibration_metrics", "digits_cnn", "digits_mlp", "dlr_loss", "ensemble_probs", "evaluate_robustness",
     "expected_calibration_error", "fgsm", "fit_temperature", "fpr_at_tpr", "gradient_masking", "load_classifier",

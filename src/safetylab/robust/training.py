@@ -22,8 +22,6 @@ from safetylab.core.tensors import Data, Range, check_labels, logits_of
 from safetylab.models.classifier import ClassifierTrainConfig, Loss, Step, fit_classifier, standard_loss
 from safetylab.robust.attacks import pgd, trades_adversary
 
-RobustTrainConfig = ClassifierTrainConfig  # the name before there was one config for every method; deprecated
-
 
 def pgd_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step) -> tuple[torch.Tensor, dict]:
     """Madry et al. 2018: CE(f(x′), y) with x′ = PGD(x, y) in the ball of radius ``step.eps`` (no early
