@@ -15,12 +15,12 @@ from typing import Annotated
 
 import typer
 
+from safetylab.cli.common import RunOut as Out
 from safetylab.cli.common import Seeds, numbers, options, study_report
 
 robust_app = typer.Typer(help="Robustness of a classifier on the built-in digits: attacks, adversarial training, "
                               "calibration, OOD detection, distribution shift, abstention.", no_args_is_help=True)
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 Seed = Annotated[int, typer.Option(help="Random seed (data split, training and attacks).")]
 Model = Annotated[Path | None, typer.Option(help="A `robust train` run directory (default: train a standard "
                                                 "classifier here).")]

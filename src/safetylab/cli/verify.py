@@ -16,12 +16,12 @@ from typing import Annotated
 
 import typer
 
+from safetylab.cli.common import RunOut as Out
 from safetylab.cli.common import Seeds, numbers, options, study_report
 
 verify_app = typer.Typer(help="Verification of a classifier on the built-in digits: IBP, CROWN, α-CROWN and exact "
                               "bounds, randomized smoothing, certified training.", no_args_is_help=True)
 
-Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory.")]
 Seed = Annotated[int, typer.Option(help="Random seed (data split, training, attacks and noise).")]
 Model = Annotated[Path | None, typer.Option(help="A `verify train` run directory (default: train the study's "
                                                 "standard, PGD, IBP and CROWN-IBP networks here).")]
