@@ -22,7 +22,7 @@ from safetylab.world import World, WorldConfig
 
 def main(audit: Path) -> None:
     config = json.loads((audit / "config.json").read_text())
-    world = World(WorldConfig(**config["world"]))
+    world = World(WorldConfig(**config["align"]["world"]))
     out = {}
     for path in sorted((audit / "align").glob("*/samples-*.jsonl")):
         records = []
