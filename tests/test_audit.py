@@ -503,3 +503,31 @@ def test_audit_verify_sections(audit_dir, report):
     assert set(sections["verify/smooth"]["data"]["curves"]) == {"smoothing σ=0.25", "CROWN (standard network)"}
     plots = [p for name in ("verify/certify", "verify/smooth") for p in sections[name]["plots"]]
     assert len(plots) == 2 and all((audit_dir / p).is_file() for p in plots)
+
+
+@pytest.mark.slow
+def test_align_study_from_a_given_sft_with_on_policy_comparisons_and_every_method(audit_dir, tmp_path):
+    """`safetylab align report --sft DIR --preset ideal`-style: the reward, best-of-n and policies stages from
+    an SFT model handed in, the labeler comparing the SFT model's own samples, DPO, RPO, PPO and RLOO."""
+    from safetylab.core.study import run_study
+
+    a = CONFIG.align
+    config = replace(a, labeler="ideal", on_policy_per_kind=1, on_policy_samples=3, methods=align_study.METHODS,
+                     rloo=replace(a.rloo, max_new_tokens=8, train=replace(a.rloo.train, steps=2, batch_size=4,
+                                                                          log_every=1, checkpoint_every=2)))
+    sft = audit_dir / "align" / "sft" / "artifacts" / "model"
+    sections = run_study(align_study.STAGES, config, tmp_path / "align", only=align_study.FROM_SFT,
+                         inputs={"sft": str(sft)}, log=lambda line: None)
+    assert list(sections) == ["reward", "best-of-n", "policies"]
+    reward = sections["reward"]
+    assert [row[0] for row in reward.tables[0].rows] == ["written styles", "SFT samples"]
+    assert reward.data["pairs"]["sampled"] >= 1
+    sampled = (tmp_path / "align" / "reward" / "sampled-train.jsonl").read_text().splitlines()
+    assert len(sampled) == reward.data["pairs"]["sampled"]
+    table = sections["policies"].tables[0]
+    assert [row[0] for row in table.rows] == ["sft", "dpo", "rpo", "ppo", "rloo"]
+    assert "on-policy comparisons" in table.title
+    for name in align_study.METHODS:
+        assert (tmp_path / "align" / sections["policies"].data["models"][name] / "model.safetensors").is_file()
+    config_json = json.loads((tmp_path / "align" / "config.json").read_text())
+    assert config_json["inputs"] == {"sft": str(sft)} and config_json["stages"] == list(align_study.FROM_SFT)

@@ -135,6 +135,18 @@ TABLE = [
     ("verify smooth", ["--samples", "0"], "--samples: expected an integer >= 1"),
     ("verify certify", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     ("verify report", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    # the studies and the audit
+    ("align report", ["--preset", "huge"], "--preset: expected one of default, quick, ideal"),
+    ("align report", ["--methods", "dpo,grpo"], "--methods: expected one or more of dpo, rpo, ppo, rloo"),
+    ("align report", ["--labeler", "lazy"], "--labeler: expected one of"),
+    ("align report", ["--hedging", "1.5"], "--hedging: expected a share in [0, 1]"),
+    ("align report", ["--eval-per-kind", "0"], "--eval-per-kind: expected an integer >= 1"),
+    ("align report", ["--sft", "no/such/model"], "--sft: expected a saved model directory"),
+    ("align report", ["--seeds", "0,0"], "--seeds: expected one or more distinct integers >= 0"),
+    ("agents report", ["--episodes", "0"], "--episodes: expected an integer >= 1"),
+    ("agents report", ["--seeds", "x"], "--seeds: expected comma-separated integers"),
+    ("audit", ["--seeds", "1,-2"], "--seeds: expected one or more distinct integers >= 0"),
+    ("audit", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     # values of the wrong type, caught by the command line itself
     ("train dpo", [*MODEL, "--steps", "abc"], "Invalid value for '--steps'"),
     ("world sample", ["--bogus", "1"], "No such option: --bogus"),

@@ -175,12 +175,13 @@ def policy_preferences(policy, tokenizer, world: World, requests: Sequence[Reque
     is what reward models and DPO learn from best (Tajwar et al. 2024, "Preference fine-tuning of LLMs
     should leverage suboptimal, on-policy data"; Xu et al. 2024, "Is DPO superior to PPO for LLM
     alignment?"). A sample that ran out of tokens before its eos is left out (DPO would train on it with
-    an eos it never produced), and so is a pair of equal gold utility, so the result can hold fewer
-    than k(k − 1)/2 pairs per request."""
+    an eos it never produced), and so is an empty one (no text to compare) and a pair of equal gold
+    utility, so the result can hold fewer than k(k − 1)/2 pairs per request."""
     if k < 2:
         raise SafetylabError(f"policy_preferences: k must be at least 2 samples per request, got {k}")
     prompts = [r.prompt for r in requests]
     draws = [sample(policy, tokenizer, prompts, max_new_tokens) for _ in range(k)]
+    kept = [[bool(d.finished[n]) and d.texts[n].strip() != "" for n in range(len(requests))] for d in draws]
     pairs = [(r, a.texts[n], b.texts[n]) for n, r in enumerate(requests) for i, a in enumerate(draws)
-             for b in draws[i + 1:] if a.finished[n] and b.finished[n]]
+             for j, b in enumerate(draws[i + 1:], i + 1) if kept[i][n] and kept[j][n]]
     return world.compare(*map(list, zip(*pairs)), labeler, seed) if pairs else []

@@ -94,4 +94,4 @@ def report(
         config = study_config(quick, s)
         return config if episodes is None else replace(config, episodes=episodes)
 
-    study_report(STAGES, make_config, out, seed, seeds)
+    study_report(STAGES, make_config, out, seed, seeds, names={"episodes": "--episodes"})
