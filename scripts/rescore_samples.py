@@ -15,8 +15,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from safetylab.align.evaluate import summarize
 from safetylab.core.io import read_jsonl
-from safetylab.evals.policy import summarize
 from safetylab.world import World, WorldConfig
 
 

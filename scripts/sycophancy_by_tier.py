@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     config = json.loads((args.audit / "config.json").read_text())
     seed = config["seed"]
-    world = World(WorldConfig(**config["world"]))
+    world = World(WorldConfig(**config["align"]["world"]))
     stages = args.audit / "align"
     sft, tokenizer = load_model(stages / "sft" / "artifacts" / "model")
     reward_model, reward_tokenizer = load_reward_model(

@@ -10,8 +10,8 @@ import torch
 
 from safetylab.align.data import preferences_from_records
 from safetylab.align.dpo import LABEL_SMOOTHED, LOSSES, DPOConfig, reference_logps, sequence_logps, train_dpo
+from safetylab.align.evaluate import EvalConfig, gold_tracker
 from safetylab.core import ConfigError, RunDir, SafetylabError
-from safetylab.evals.policy import EvalConfig, gold_tracker
 from safetylab.models import logprobs
 from safetylab.models.train import TrainConfig
 

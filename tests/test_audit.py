@@ -1,4 +1,4 @@
-"""safetylab.evals (summarize, evaluate_policy) and safetylab.audit (pipeline, stages, report, CLI config)."""
+"""safetylab.align.evaluate (summarize, evaluate_policy) and safetylab.audit (studies, report, CLI config)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ from test_cli import run_main
 import safetylab.audit.run as audit_run
 from safetylab.agents.envs import ENVIRONMENTS
 from safetylab.align import study as align_study
+from safetylab.align.evaluate import METRICS, EvalConfig, evaluate_policy, summarize
 from safetylab.audit import STUDIES, StudyPart, audit_config, run_audit
 from safetylab.audit.report import build_report, write_report
 from safetylab.core.config import config_to_dict
 from safetylab.core.runs import RunDir
 from safetylab.core.study import Context, Section, Stage, Table, run_stages
-from safetylab.evals import EvalConfig, evaluate_policy, summarize
-from safetylab.evals.policy import METRICS
 from safetylab.models import ModelConfig, build_model, train_tokenizer
 from safetylab.world import KINDS
 from safetylab.world.content import JAILBREAKS
@@ -530,4 +529,21 @@ def test_align_study_from_a_given_sft_with_on_policy_comparisons_and_every_metho
     for name in align_study.METHODS:
         assert (tmp_path / "align" / sections["policies"].data["models"][name] / "model.safetensors").is_file()
     config_json = json.loads((tmp_path / "align" / "config.json").read_text())
-    assert config_json["inputs"] == {"sft": str(sft)} and config_json["stages"] == list(align_study.FROM_SFT)
+    assert config_json["inputs"] == {"sft": str(sft)}
+
+
+def test_one_root_seed_per_audit(monkeypatch, capsys, tmp_path):
+    """A config file's top-level seed and device reach every study; a hand-built config whose studies
+    disagree with its seed is refused."""
+    from safetylab.audit import AuditConfig, with_seed
+    from safetylab.cli.audit import _config
+    from safetylab.core.errors import ConfigError
+
+    path = tmp_path / "audit.yaml"
+    path.write_text("seed: 5\ndevice: cpu\n")
+    config = _config(True, 0, "auto", path)
+    assert config.seed == config.align.seed == config.align.world.seed == config.align.sft.seed == 5
+    assert config.robust.seed == config.agents.seed == config.verify.seed == 5 and config.align.device == "cpu"
+    with pytest.raises(ConfigError, match="one root seed"):
+        AuditConfig(seed=4)
+    assert with_seed(AuditConfig(), 4).verify.seed == 4

@@ -32,7 +32,7 @@ def draw_stage(ctx: Context) -> Section:
 
 
 def sum_stage(ctx: Context) -> Section:
-    total = sum(ctx.sections["draw"].data["values"]) * ctx.config.n
+    total = sum(ctx.section("draw").data["values"]) * ctx.config.n
     return Section("Sum", f"{total:.3f}", [Table("sum", ["what", "n", "total"], [["draws", ctx.config.n, total]])],
                    data={"total": total})
 
@@ -150,3 +150,11 @@ def test_torch_seed_restores_the_global_generator():
     assert torch.equal(torch.rand(3), expected)
     with torch_seed(123):
         assert torch.equal(torch.rand(3), inside)
+
+
+def test_a_stage_alone_reads_earlier_sections_from_the_run_or_says_what_it_needs(tmp_path):
+    with pytest.raises(SafetylabError, match="needs the 'draw' stage's results"):
+        run_study(STAGES, Config(), tmp_path / "a", only=["sum"], log=lambda line: None)
+    first = run_study(STAGES, Config(), tmp_path / "b", only=["draw"], log=lambda line: None)
+    then = run_study(STAGES, Config(), tmp_path / "b", only=["sum"], log=lambda line: None)  # same directory
+    assert then["sum"].data["total"] == pytest.approx(sum(first["draw"].data["values"]) * 5)

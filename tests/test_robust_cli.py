@@ -62,7 +62,7 @@ def test_attack_writes_tables_and_plots(trained, tmp_path, monkeypatch, capsys):
     assert json.loads((out / "attack" / "section.json").read_text()) == sections["attack"]
     assert "| model | eps | clean | fgsm | pgd | ensemble |" in (out / "tables.md").read_text()
     config = json.loads((out / "config.json").read_text())
-    assert config["stages"] == ["attack"] and config["attack_steps"] == 5 and config["eps"] == [0.0, 0.1]
+    assert "model" in config["inputs"] and config["attack_steps"] == 5 and config["eps"] == [0.0, 0.1]
     assert "tables:" in stdout
 
 

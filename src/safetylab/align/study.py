@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 
 from safetylab.align.data import preferences_from_records, read_preferences
 from safetylab.align.dpo import DPOConfig, policy_preferences, train_dpo
+from safetylab.align.evaluate import METRICS, EvalConfig, evaluate_policy, gold_tracker
+from safetylab.align.goodhart import best_of_n_curve, plot_curve
 from safetylab.align.ppo import PPOConfig, train_ppo
 from safetylab.align.reward import (
     RewardConfig,
@@ -42,8 +44,6 @@ from safetylab.core.io import atomic_write_text, save_figure, write_jsonl
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import seed_everything
 from safetylab.core.study import Context, Section, Stage, Table
-from safetylab.evals.goodhart import best_of_n_curve, plot_curve
-from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy, gold_tracker
 from safetylab.models.lm import ModelConfig, load_model, save_model
 from safetylab.models.train import TrainConfig, finetune, pretrain
 from safetylab.world.labelers import PRESETS, measure_labeler
@@ -154,19 +154,23 @@ PRESETS_BY_NAME = {"default": AlignStudyConfig(), "quick": QUICK, "ideal": IDEAL
 
 def study_config(preset: str = "default", seed: int = 0, device: str = "auto", **changes) -> AlignStudyConfig:
     """The preset (``default``: the audit's sizes; ``quick``; ``ideal``) for ``seed`` on ``device``, with
-    ``changes`` to its fields; every training config gets the study's seed and device."""
+    ``changes`` to its fields."""
     require_choice(preset, "preset", PRESETS_BY_NAME)
-    size = replace(PRESETS_BY_NAME[preset], **changes)
+    return seeded(replace(PRESETS_BY_NAME[preset], **changes), seed, device)
 
-    def seeded(train: TrainConfig) -> TrainConfig:
-        return replace(train, seed=seed, device=device)
 
-    return replace(size, seed=seed, device=device, world=replace(size.world, seed=seed),
-                   base=seeded(size.base), sft=seeded(size.sft),
-                   reward=replace(size.reward, train=seeded(size.reward.train)),
-                   dpo=replace(size.dpo, train=seeded(size.dpo.train)),
-                   ppo=replace(size.ppo, train=seeded(size.ppo.train)),
-                   rloo=replace(size.rloo, train=seeded(size.rloo.train)))
+def seeded(config: AlignStudyConfig, seed: int, device: str) -> AlignStudyConfig:
+    """``config`` with the study, its world and every training config on ``seed`` and ``device``."""
+
+    def train(t: TrainConfig) -> TrainConfig:
+        return replace(t, seed=seed, device=device)
+
+    return replace(config, seed=seed, device=device, world=replace(config.world, seed=seed),
+                   base=train(config.base), sft=train(config.sft),
+                   reward=replace(config.reward, train=train(config.reward.train)),
+                   dpo=replace(config.dpo, train=train(config.dpo.train)),
+                   ppo=replace(config.ppo, train=train(config.ppo.train)),
+                   rloo=replace(config.rloo, train=train(config.rloo.train)))
 
 
 def world_of(ctx: Context) -> World:
@@ -177,7 +181,7 @@ def model_path(ctx: Context, name: str) -> Path:
     """The model of stage ``name`` ("base" or "sft"): handed in as an input, or saved by that stage."""
     if name in ctx.inputs:
         return Path(ctx.inputs[name])
-    return ctx.path(ctx.sections[name].data["model"])
+    return ctx.path(ctx.section(name).data["model"])
 
 
 # ---------------------------------------------------------------------------- stages
@@ -213,7 +217,7 @@ def world_stage(ctx: Context) -> Section:
 def base_stage(ctx: Context) -> Section:
     """Pre-train the base model on the world corpus."""
     cfg = ctx.config
-    corpus = ctx.path(ctx.sections["world"].data["corpus"]).read_text(encoding="utf-8").splitlines()
+    corpus = ctx.path(ctx.section("world").data["corpus"]).read_text(encoding="utf-8").splitlines()
     run = RunDir(ctx.stage_dir("base"), {"model": asdict(cfg.model), "train": asdict(cfg.base), "lines": len(corpus)})
     model, _ = pretrain(corpus, cfg.model, cfg.base, run)
     return _training_section(ctx, "base", "Base model (pre-training)", run, model)
@@ -224,8 +228,8 @@ def sft_stage(ctx: Context) -> Section:
     cfg = ctx.config
     base, tokenizer = load_model(model_path(ctx, "base"), select_device(cfg.device))
     demos = [json.loads(line) for line in
-             ctx.path(ctx.sections["world"].data["demonstrations"]).read_text(encoding="utf-8").splitlines()]
-    corpus = ctx.path(ctx.sections["world"].data["corpus"]).read_text(encoding="utf-8").splitlines()
+             ctx.path(ctx.section("world").data["demonstrations"]).read_text(encoding="utf-8").splitlines()]
+    corpus = ctx.path(ctx.section("world").data["corpus"]).read_text(encoding="utf-8").splitlines()
     knowledge = [line for line in corpus if not line.startswith("<user>")]  # replay knowledge, not behaviour
     replay = knowledge[: round(cfg.sft_replay * len(demos))]  # the corpus is shuffled: a prefix is a sample
     run = RunDir(ctx.stage_dir("sft"), {"train": asdict(cfg.sft), "demonstrations": len(demos), "replay": len(replay)})
@@ -330,7 +334,7 @@ def reward_fn(ctx: Context):
 
     def load():
         device = select_device(ctx.config.device)
-        loaded = [load_reward_model(ctx.path(p), device) for p in ctx.sections["reward"].data["members"]]
+        loaded = [load_reward_model(ctx.path(p), device) for p in ctx.section("reward").data["members"]]
         model = loaded[0][0] if len(loaded) == 1 else RewardEnsemble([m for m, _ in loaded])
         tokenizer = loaded[0][1]
         return (lambda prompts, responses: score(model, tokenizer, prompts, responses)), model, tokenizer

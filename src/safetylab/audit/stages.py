@@ -40,6 +40,9 @@ class AuditConfig:
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
+        seeds = {name: getattr(self, name).seed for name in ("align", "robust", "agents", "verify")}
+        require(set(seeds.values()) == {self.seed}, "seed", f"the seed of every study ({seeds}): one root seed "
+                "per audit; with_seed(config, seed) sets it everywhere", self.seed)
 
 
 QUICK = AuditConfig(align=align.QUICK, robust=robust.QUICK, agents=agents.QUICK, verify=verify.QUICK)
@@ -55,7 +58,13 @@ STUDIES = (
 
 def audit_config(quick: bool = False, seed: int = 0, device: str = "auto") -> AuditConfig:
     """The default audit, or with ``quick`` the same stages at a smaller size, every study on ``seed``."""
-    size = QUICK if quick else AuditConfig()
-    sized = align.study_config("quick" if quick else "default", seed, device)
-    return replace(size, seed=seed, device=device, align=sized, robust=replace(size.robust, seed=seed),
-                   agents=replace(size.agents, seed=seed), verify=replace(size.verify, seed=seed))
+    return with_seed(QUICK if quick else AuditConfig(), seed, device)
+
+
+def with_seed(config: AuditConfig, seed: int, device: str | None = None) -> AuditConfig:
+    """``config`` with every study on the root ``seed`` (and the align study on ``device``, when given: the
+    digits studies and the gridworlds run on the CPU)."""
+    device = config.device if device is None else device
+    return AuditConfig(seed=seed, device=device, align=align.seeded(config.align, seed, device),
+                       robust=replace(config.robust, seed=seed), agents=replace(config.agents, seed=seed),
+                       verify=replace(config.verify, seed=seed))

@@ -1,8 +1,9 @@
 """``safetylab agents …``: agents on the safety gridworlds, observed reward against hidden performance.
 
-Both commands write a run directory: ``records.jsonl`` (one record per run and seed), ``summary.json``
-and ``table.md`` (mean ± sd over seeds), learning curves of return and performance, and strips and GIFs
-of a greedy episode.
+``run`` and ``suite`` write a run directory: ``records.jsonl`` (one record per run and seed),
+``summary.json`` and ``table.md`` (mean ± sd over seeds), learning curves of return and performance, and
+strips and GIFs of a greedy episode. ``report`` runs the audit's gridworld study (``tables.md``; with
+``--seeds``, one study per seed and ``summary.md``).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def suite_command(
 
 @agents_app.command("report")
 def report(
-    out: Out = Path("runs/agents"),
+    out: Out = Path("runs/agents-report"),
     quick: Annotated[bool, typer.Option(help="400 episodes a run.")] = False,
     episodes: Episodes = None,
     seed: Seed = 0,

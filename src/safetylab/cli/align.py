@@ -79,10 +79,10 @@ def sample_best_of_n(
 ) -> None:
     """Best-of-n on held-out world prompts for each n: proxy reward and gold utility of the kept
     responses, and the KL spent (the analytic bound and an estimate): Goodhart's law, measured."""
+    from safetylab.align.goodhart import best_of_n_curve, plot_curve
     from safetylab.align.reward import load_reward_model, score
     from safetylab.core.devices import select_device
     from safetylab.core.runs import RunDir
-    from safetylab.evals.goodhart import best_of_n_curve, plot_curve
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 

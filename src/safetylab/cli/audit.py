@@ -37,15 +37,21 @@ def audit(
 
 
 def _config(quick: bool, seed: int, device: str, path: Path | None):
-    """The audit's config for ``seed``, with the fields of the file at ``path`` (YAML or JSON) over it."""
-    from safetylab.audit import AuditConfig, audit_config
+    """The audit's config for ``seed``, with the fields of the file at ``path`` (YAML or JSON) over it; the
+    root ``seed`` and ``device`` (the option's or the file's) reach every study."""
+    from safetylab.audit import AuditConfig, audit_config, with_seed
     from safetylab.core.config import config_from_dict, config_to_dict, read_config_file
 
     with options("seed", "device"):
         chosen = audit_config(quick=quick, seed=seed, device=device)
     if path is None:
         return chosen
-    return config_from_dict(AuditConfig, _merge(config_to_dict(chosen), read_config_file(path)), where=str(path))
+    data = _merge(config_to_dict(chosen), read_config_file(path))
+    for study in ("align", "robust", "agents", "verify"):  # one root seed: the file's top-level one
+        if isinstance(data.get(study), dict):
+            data[study]["seed"] = data.get("seed")
+    config = config_from_dict(AuditConfig, data, where=str(path))
+    return with_seed(config, config.seed, config.device)
 
 
 def _merge(base: dict, override: dict) -> dict:

@@ -110,3 +110,25 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: st
     for row in rows:
         table.add_row(*(cell(v) for v in row))
     Console().print(table)
+
+
+def given_model(model: Path | None, seed: int, seeds: str | None) -> dict[str, str] | None:
+    """The study's inputs for a classifier handed in with ``--model`` (a ``robust train`` or ``verify train``
+    run), checked before any directory is made: it loads, and it was trained on this seed's split of the
+    digits (another seed, or several, would test it on digits it trained on)."""
+    import json
+
+    from safetylab.models.classifier import load_classifier
+
+    if model is None:
+        return None
+    if seeds is not None:
+        raise SafetylabError("--model with --seeds: each seed splits the digits differently, so a given "
+                             "classifier would be tested on digits it trained on; drop one of them")
+    load_classifier(model)
+    saved = Path(model) / "config.json"
+    trained = json.loads(saved.read_text(encoding="utf-8")).get("seed") if saved.is_file() else None
+    if trained is not None and trained != seed:
+        raise SafetylabError(f"--model {model} was trained on the digits split of seed {trained}; study it with "
+                             f"--seed {trained}, or it would be tested on digits it trained on")
+    return {"model": str(model)}

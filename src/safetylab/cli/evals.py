@@ -23,9 +23,9 @@ def evaluate(
     out: Out = None,
 ) -> None:
     """Evaluate a policy on held-out world prompts with the gold judge, by request kind."""
+    from safetylab.align.evaluate import METRICS, EvalConfig, evaluate_policy
     from safetylab.core.devices import select_device
     from safetylab.core.seeding import seed_everything
-    from safetylab.evals.policy import METRICS, EvalConfig, evaluate_policy
     from safetylab.models.lm import load_model
     from safetylab.world import World, WorldConfig
 

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 
 from safetylab.cli.common import RunOut as Out
-from safetylab.cli.common import Seeds, numbers, options, study_report
+from safetylab.cli.common import Seeds, given_model, numbers, options, study_report
 
 robust_app = typer.Typer(help="Robustness of a classifier on the built-in digits: attacks, adversarial training, "
                               "calibration, OOD detection, distribution shift, abstention.", no_args_is_help=True)
@@ -34,8 +34,6 @@ NAMES = {"eps": "--eps", "attack_steps": "--steps", "square_queries": "--queries
 def _study(out: Path, seed: int, only: tuple[str, ...] | None, model: Path | None = None, quick: bool = False,
            seeds: str | None = None, trainings: str | None = None, **changes) -> None:
     """Run the ``only`` stages (all when None) of the robustness study with ``changes`` to its config."""
-    from safetylab.core.errors import SafetylabError
-    from safetylab.models.classifier import load_classifier
     from safetylab.robust.study import STAGES, study_config, with_trainings
 
     methods = None if trainings is None else [m.strip() for m in trainings.split(",") if m.strip()]
@@ -44,12 +42,8 @@ def _study(out: Path, seed: int, only: tuple[str, ...] | None, model: Path | Non
         config = replace(study_config(quick, s), **changes)
         return config if methods is None else with_trainings(config, methods)
 
-    if model is not None:
-        if seeds is not None:
-            raise SafetylabError("--model with --seeds: each seed splits the digits differently, so a given "
-                                 "classifier would be tested on digits it trained on; drop one of them")
-        load_classifier(model)  # a bad --model fails before any directory is made
-    study_report(STAGES, make_config, out, seed, seeds, only, {"model": model} if model else None, NAMES)
+    inputs = given_model(model, seed, seeds)
+    study_report(STAGES, make_config, out, seed, seeds, only, inputs, NAMES)
 
 
 @robust_app.command("train")

@@ -115,6 +115,7 @@ def train_rm(
     from safetylab.align.reward import (
         RewardConfig,
         RewardEnsemble,
+        backbone_path,
         evaluate_reward_model,
         fit_reward_models,
     )
@@ -127,6 +128,9 @@ def train_rm(
         _check_preference_source(preferences, labeler, n)
     from safetylab.world import World, WorldConfig
 
+    with options("base"):
+        require((backbone_path(base) / "config.json").is_file(), "base",
+                "a saved model directory (with config.json) or minilm", str(base))
     train_rows, held_out, source, skipped = _preference_rows(World(WorldConfig(seed=seed)), preferences, labeler, n)
     run = RunDir(out, {"base": str(base), "preferences": source, "reward": asdict(config)})
     models, tokenizer = fit_reward_models(base, train_rows, config, run, select_device(device))
@@ -280,8 +284,8 @@ def _reinforce(name: str, config, base: Path, reward: Path, prompts_per_kind: in
 
 
 def _compare(name: str, run, base: Path, reference, tokenizer, world, device, seed: int, train) -> None:
+    from safetylab.align.evaluate import METRICS
     from safetylab.align.study import train_and_compare
-    from safetylab.evals.policy import METRICS
 
     results = train_and_compare(name, run, base, reference, tokenizer, world, device, seed, train)
     print_table(["metric", *results], [[m, *(r[m] for r in results.values())] for m in METRICS],

@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from safetylab.cli.common import RunOut as Out
-from safetylab.cli.common import Seeds, numbers, options, study_report
+from safetylab.cli.common import Seeds, given_model, numbers, options, study_report
 
 verify_app = typer.Typer(help="Verification of a classifier on the built-in digits: IBP, CROWN, α-CROWN and exact "
                               "bounds, randomized smoothing, certified training.", no_args_is_help=True)
@@ -33,17 +33,11 @@ NAMES = {"eps": "--eps", "bounds_eps": "--eps", "exact_time_limit": "--time-limi
 def _study(out: Path, seed: int, only: tuple[str, ...] | None, model: Path | None = None, quick: bool = False,
            seeds: str | None = None, **changes) -> None:
     """Run the ``only`` stages (all when None) of the verification study with ``changes`` to its config."""
-    from safetylab.core.errors import SafetylabError
-    from safetylab.models.classifier import load_classifier
     from safetylab.verify.study import STAGES, study_config
 
-    if model is not None:
-        if seeds is not None:
-            raise SafetylabError("--model with --seeds: each seed splits the digits differently, so a given "
-                                 "classifier would be tested on digits it trained on; drop one of them")
-        load_classifier(model)  # a bad --model fails before any directory is made
+    inputs = given_model(model, seed, seeds)
     study_report(STAGES, lambda s: replace(study_config(quick, s), **changes), out, seed, seeds, only,
-                 {"model": model} if model else None, NAMES)
+                 inputs, NAMES)
 
 
 @verify_app.command("train")

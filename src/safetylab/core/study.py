@@ -97,6 +97,17 @@ class Context:
             self.cache[key] = make()
         return self.cache[key]
 
+    def section(self, name: str) -> Section:
+        """The section of the earlier stage ``name``: from this run, or saved in the run directory by an
+        earlier one; a stage that never ran here is an error that says so."""
+        if name not in self.sections:
+            saved = self.run.path / name / "section.json"
+            if not saved.is_file():
+                raise SafetylabError(f"{self.run.path}: this stage needs the {name!r} stage's results; run the study "
+                                     f"with that stage (or hand in what it makes)")
+            self.sections[name] = Section.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+        return self.sections[name]
+
     def path(self, relative: str) -> Path:
         """A path that a section records relative to the run directory, made absolute."""
         return self.run.path / relative
@@ -142,8 +153,7 @@ def run_study(stages: Sequence[Stage], config: Any, out: str | Path | RunDir, on
     and write ``sections.json`` and ``tables.md`` there; returns the sections."""
     chosen = stage_names(stages, only)
     given = {name: str(value) for name, value in (inputs or {}).items()}  # another --model is another run
-    run = out if isinstance(out, RunDir) else RunDir(out, {"stages": [s.name for s in chosen], "inputs": given,
-                                                          **config_to_dict(config)})
+    run = out if isinstance(out, RunDir) else RunDir(out, {"inputs": given, **config_to_dict(config)})
     sections = run_stages(chosen, Context(config, run, dict(inputs or {})), log)
     run.write_json("sections.json", {name: s.to_dict() for name, s in sections.items()})
     atomic_write_text(run.path / "tables.md", tables_markdown(sections))

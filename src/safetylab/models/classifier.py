@@ -6,7 +6,7 @@
   method; the loop takes the per-batch loss from a table ``{method: loss}`` the caller hands in, so it
   knows no method itself. :func:`standard_loss` lives here; the adversarial losses (``pgd``, ``trades``)
   in :mod:`safetylab.robust.training`, the certified ones (``ibp``, ``crown-ibp``) in
-  :mod:`safetylab.verify.training` and the smoothing base's (``noise``) in :mod:`safetylab.verify.smoothing`.
+  :mod:`safetylab.verify.training` and the smoothing base's (``noise``) there too.
   :func:`safetylab.robust.train_classifier` and :func:`safetylab.verify.train_certified` call the loop
   with their tables.
 

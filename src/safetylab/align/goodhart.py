@@ -9,9 +9,9 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from safetylab.align.best_of_n import RewardFn, best_of_n
+from safetylab.align.evaluate import summarize
 from safetylab.core.io import save_figure
 from safetylab.core.seeding import seed_everything
-from safetylab.evals.policy import summarize
 from safetylab.world.judge import GoldJudge
 from safetylab.world.requests import Request
 
