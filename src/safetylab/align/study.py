@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -282,9 +283,8 @@ def reward_stage(ctx: Context) -> Section:
     """Fit the reward model on the labeler's comparisons; measure it on held-out ones."""
     cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("reward")
     sft_path = model_path(ctx, "sft")
-    styles = preferences_from_records(world.preferences(cfg.preferences, cfg.labeler)).rows
-    held_out = {"written styles": preferences_from_records(
-        world.preferences(max(cfg.preferences // 5, 100), cfg.labeler, split="test")).rows}
+    styles, held_styles, _, _ = preference_split(world, None, cfg.labeler, cfg.preferences)
+    held_out = {"written styles": held_styles}
     sampled = on_policy_comparisons(ctx)
     if sampled:
         held_out["SFT samples"] = sampled["test"]
@@ -370,11 +370,9 @@ def policies_stage(ctx: Context) -> Section:
     sft, tokenizer = load_model(sft_path, device)
     reward, reward_model, reward_tokenizer = reward_fn(ctx)
     sampled = on_policy_comparisons(ctx)
-    pairs = sampled["train"] if sampled else preferences_from_records(
-        world.preferences(cfg.preferences, cfg.labeler)).rows
+    pairs = sampled["train"] if sampled else preference_split(world, None, cfg.labeler, cfg.preferences)[0]
     prompts = [r.prompt for kind in KINDS for r in world.requests(kind, "train", cfg.rl_prompts_per_kind)]
-    tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), sft,
-                           EvalConfig(per_kind=10, jailbroken=2))
+    tracker = small_gold_tracker(world, tokenizer, sft)
     rl_reward = policy_reward(reward_model, reward_tokenizer, tokenizer)
     trainers = {
         "dpo": (cfg.dpo, lambda policy, run: train_dpo(policy, tokenizer, pairs, cfg.dpo, run, sft, evaluate=tracker)),
@@ -390,10 +388,7 @@ def policies_stage(ctx: Context) -> Section:
         config, train = trainers[name]
         run = RunDir(out / name, {"base": str(sft_path), name: asdict(config),
                                   "data": len(prompts) if name in ("ppo", "rloo") else len(pairs)})
-        paths[name] = run.artifacts / "model"
-        if not paths[name].exists():
-            save_model(train(load_model(sft_path, device)[0], run), tokenizer, paths[name])
-        policies[name] = load_model(paths[name], device)[0]
+        policies[name], paths[name] = trained_policy(run, sft_path, partial(train, run=run), tokenizer, device)
     requests = world.evaluation_set(cfg.eval.per_kind, cfg.eval.jailbroken)
     overall = {}
     for name, policy in policies.items():  # SFT first
@@ -482,14 +477,8 @@ def train_and_compare(name: str, run: RunDir, base: Path, reference, tokenizer, 
     (the gold judge tracked on a small held-out set), save it in ``run``'s ``artifacts/model`` (a finished
     run's policy is loaded instead), and compare it with the starting model on held-out world prompts,
     both with the same draws. Writes ``eval.json``; returns ``{"start": metrics, name: metrics}``."""
-    final = run.artifacts / "model"
-    if final.exists():
-        policy = load_model(final, device)[0]
-    else:
-        tracker = gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
-                               EvalConfig(per_kind=10, jailbroken=2))
-        policy = train(load_model(base, device)[0], tracker)
-        save_model(policy, tokenizer, final)
+    tracker = small_gold_tracker(world, tokenizer, reference)
+    policy, _ = trained_policy(run, base, lambda start: train(start, tracker), tokenizer, device)
     requests = world.evaluation_set(60, 12)
     results = {}
     for label, model in (("start", reference), (name, policy)):
@@ -497,3 +486,19 @@ def train_and_compare(name: str, run: RunDir, base: Path, reference, tokenizer, 
         results[label] = evaluate_policy(model, tokenizer, world.judge, requests, reference)["overall"]
     run.write_json("eval.json", results)
     return results
+
+
+def trained_policy(run: RunDir, start: Path, train, tokenizer, device):
+    """``(policy, path)``: the policy a finished ``run`` saved in ``artifacts/model``, or
+    ``train(the model at start)``, saved there first."""
+    path = run.artifacts / "model"
+    if not path.exists():
+        save_model(train(load_model(start, device)[0]), tokenizer, path)
+    return load_model(path, device)[0], path
+
+
+def small_gold_tracker(world: World, tokenizer, reference):
+    """The gold judge tracked during training on a small held-out set (10 prompts a kind, 2 jailbroken per
+    wrapper) against ``reference``, for the policy trainers' ``evaluate=``."""
+    return gold_tracker(tokenizer, world.judge, world.evaluation_set(10, 2, seed=1), reference,
+                        EvalConfig(per_kind=10, jailbroken=2))
