@@ -139,6 +139,7 @@ TABLE = [
     ("align report", ["--preset", "huge"], "--preset: expected one of default, quick, ideal"),
     ("align report", ["--methods", "dpo,grpo"], "--methods: expected one or more of dpo, rpo, ppo, rloo"),
     ("align report", ["--labeler", "lazy"], "--labeler: expected one of"),
+    ("align report", ["--methods", "dpo,dpo"], "--methods: expected one or more of dpo, rpo, ppo, rloo, each once"),
     ("align report", ["--hedging", "1.5"], "--hedging: expected a share in [0, 1]"),
     ("align report", ["--eval-per-kind", "0"], "--eval-per-kind: expected an integer >= 1"),
     ("align report", ["--sft", "no/such/model"], "--sft: expected a saved model directory"),

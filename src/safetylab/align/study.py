@@ -109,11 +109,12 @@ class AlignStudyConfig:
         require_choice(self.labeler, "labeler", PRESETS)
         require(self.on_policy_per_kind >= 0, "on_policy_per_kind", "an integer >= 0", self.on_policy_per_kind)
         require(self.on_policy_samples >= 2, "on_policy_samples", "an integer >= 2", self.on_policy_samples)
-        require(len(self.best_of_n) > 0 and min(self.best_of_n) >= 1, "best_of_n", "one or more integers >= 1",
-                self.best_of_n)
+        require(len(self.best_of_n) > 0 and all(isinstance(n, int) and n >= 1 for n in self.best_of_n),
+                "best_of_n", "one or more integers >= 1", self.best_of_n)
         require(self.kl_samples >= 0, "kl_samples", "an integer >= 0", self.kl_samples)
-        require(len(self.methods) > 0 and set(self.methods) <= set(METHODS), "methods",
-                f"one or more of {', '.join(METHODS)}", self.methods)
+        require(len(self.methods) > 0 and set(self.methods) <= set(METHODS)
+                and len(set(self.methods)) == len(self.methods), "methods",
+                f"one or more of {', '.join(METHODS)}, each once", self.methods)
         require(self.rpo_alpha > 0, "rpo_alpha", "a number > 0", self.rpo_alpha)
 
 

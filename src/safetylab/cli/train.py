@@ -31,7 +31,8 @@ Lr = Annotated[float | None, typer.Option(help="Peak learning rate.")]
 def train_base(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/base"),
     steps: Annotated[int | None, typer.Option(help="Training steps.")] = None,
-    conversations: Annotated[int, typer.Option(help="Conversations in the corpus.")] = 12_000,
+    conversations: Annotated[int | None, typer.Option(help="Conversations in the corpus (default: the align "
+                                                           "study's, 12,000; 4,000 with --quick).")] = None,
     quick: Annotated[bool, typer.Option(help="The quick study's model size.")] = False,
     seed: Seed = 0,
     device: Device = "auto",
@@ -42,13 +43,13 @@ def train_base(
     from safetylab.models.train import pretrain
     from safetylab.world import World
 
-    with options("steps", "conversations", "seed", "device"):
-        cfg = study_config("quick" if quick else "default", seed, device)
+    with options("steps", "seed", "device", corpus_conversations="--conversations"):
+        cfg = study_config("quick" if quick else "default", seed, device,
+                           **({} if conversations is None else {"corpus_conversations": conversations}))
         train = overridden(cfg.base, steps=steps)
-        require(conversations >= 1, "conversations", "an integer >= 1", conversations)
-    lines = World(cfg.world).corpus(conversations)
+    lines = World(cfg.world).corpus(cfg.corpus_conversations)
     run = RunDir(out, {"model": asdict(cfg.model), "train": asdict(train), "world": asdict(cfg.world),
-                       "conversations": conversations})
+                       "conversations": cfg.corpus_conversations})
     pretrain(lines, cfg.model, train, run)
     print(f"model: {run.artifacts / 'model'}")
 
@@ -61,7 +62,8 @@ def train_sft(
     demonstrations: Annotated[
         Path | None, typer.Option(help='JSONL of {"prompt","response"} (default: the world\'s).')
     ] = None,
-    n: Annotated[int, typer.Option(help="Number of world demonstrations when no file is given.")] = 3_000,
+    n: Annotated[int | None, typer.Option(help="World demonstrations when no file is given (default: the align "
+                                                "study's, 3,000).")] = None,
     seed: Seed = 0,
     device: Device = "auto",
 ) -> None:
@@ -73,16 +75,16 @@ def train_sft(
     from safetylab.models.train import finetune
     from safetylab.world import World
 
-    with options("steps", "n", "seed", "device"):
-        cfg = study_config("default", seed, device)
+    with options("steps", "seed", "device", demonstrations="--n"):
+        cfg = study_config("default", seed, device, **({} if n is None else {"demonstrations": n}))
         train = overridden(cfg.sft, steps=steps)
-        require(n >= 1, "n", "an integer >= 1", n)
     if demonstrations is not None:
         pairs = [(d["prompt"], d["response"]) for d in read_jsonl(demonstrations, required=("prompt", "response"))]
     else:
-        pairs = [(d["prompt"], d["response"]) for d in World(cfg.world).demonstrations(n)]
+        pairs = [(d["prompt"], d["response"]) for d in World(cfg.world).demonstrations(cfg.demonstrations)]
     model, tokenizer = load_model(base)
-    run = RunDir(out, {"base": str(base), "train": asdict(train), "demonstrations": str(demonstrations or n)})
+    run = RunDir(out, {"base": str(base), "train": asdict(train),
+                       "demonstrations": str(demonstrations or cfg.demonstrations)})
     finetune(model, tokenizer, pairs, train, run)
     print(f"model: {run.artifacts / 'model'}")
 

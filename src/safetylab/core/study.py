@@ -45,8 +45,10 @@ class Table:
 
 @dataclass
 class Section:
-    """What a stage contributes to a report. ``plots`` are paths relative to the study's run directory;
-    ``data`` holds the numbers later stages and readers use."""
+    """What a stage contributes to a report. ``plots`` are paths relative to the study's run directory
+    (:meth:`moved` re-roots them when a study runs inside another's directory, as in the audit); ``data``
+    holds the numbers later stages and readers use, and any file paths in it stay relative to the
+    study's own run directory (``RUN/align`` in an audit)."""
 
     title: str
     summary: str

@@ -35,7 +35,7 @@ from safetylab.core.io import save_figure
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import derive_seed
 from safetylab.core.study import Context, Section, Stage, Table
-from safetylab.core.tensors import predict_logits
+from safetylab.core.tensors import is_count, predict_logits
 from safetylab.models.classifier import ClassifierTrainConfig, Loss, accuracy, load_classifier, train_or_load
 from safetylab.models.digits import Digits, load_digits
 from safetylab.robust import pgd, pgd_loss, trades_loss
@@ -81,15 +81,16 @@ class VerifyStudyConfig:
     radii: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 
     def __post_init__(self):
-        require(len(self.trainings) > 0 and set(self.trainings) <= set(TRAININGS), "trainings",
-                f"one or more of {', '.join(TRAININGS)}", self.trainings)
+        require(len(self.trainings) > 0 and set(self.trainings) <= set(TRAININGS)
+                and len(set(self.trainings)) == len(self.trainings), "trainings",
+                f"one or more of {', '.join(TRAININGS)}, each once", self.trainings)
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         for name in TRAININGS:
             method = self.training(name).method
             require(method == name, name.replace("-", "_"), f"a config with method {name}", method)
         for name in ("hidden", "examples", "attack_steps", "alpha_iterations", "smooth_epochs", "smooth_examples",
                      "smooth_n0", "smooth_n"):
-            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+            require(is_count(getattr(self, name)), name, "an integer >= 1", getattr(self, name))
         for name in ("eps", "radii"):
             require(_radii(getattr(self, name)), name, "one or more finite numbers >= 0", getattr(self, name))
         require(_radii(self.sigmas) and min(self.sigmas) > 0, "sigmas", "one or more finite noise levels > 0",
