@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -82,9 +83,8 @@ def _sample_batch(model, tokenizer, prompts: Sequence[str], start: int, max_new_
     if context is not None and input_ids.shape[1] + max_new_tokens > context:
         _context_error(mask.sum(1), start, max_new_tokens, context)
     positions = (mask.cumsum(1) - 1).clamp_min(0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    cache = out.cache
+    out, cache = _forward(model, None, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          logits_to_keep=1)
     if len(distinct) < len(prompts):
         cache.reorder_cache(index)  # each prompt's keys and values, once for each of its samples
     logits, mask, position = out.logits[index, -1], mask[index], positions[index, -1:]
@@ -101,9 +101,18 @@ def _sample_batch(model, tokenizer, prompts: Sequence[str], start: int, max_new_
             break
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
         position = position + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        out, cache = _forward(model, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position)
+        logits = out.logits[:, -1]
     return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def _forward(model, cache, **inputs):
+    """``(output, its key/value cache)`` of a forward that extends ``cache``: recent transformers 5 releases
+    name the cache ``cache`` (in and out), earlier ones ``past_key_values``; a name the model does not take
+    would be swallowed and the cache silently dropped, so ask its signature."""
+    name = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    out = model(**inputs, **({} if cache is None else {name: cache}), use_cache=True)
+    return out, out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 def _left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
