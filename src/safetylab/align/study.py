@@ -312,21 +312,26 @@ def reward_stage(ctx: Context) -> Section:
 
 def on_policy_comparisons(ctx: Context) -> dict[str, list]:
     """The labeler's comparisons of the SFT model's own samples, on train and test prompts (none without
-    ``on_policy_per_kind``); made once, kept in the reward stage's directory."""
+    ``on_policy_per_kind``); made once, kept in the reward stage's directory (the SFT model is loaded only
+    to make a missing file)."""
     cfg = ctx.config
     if not cfg.on_policy_per_kind:
         return {}
-    world, out = world_of(ctx), ctx.stage_dir("reward")
-    sft, tokenizer = load_model(model_path(ctx, "sft"), select_device(cfg.device))
-    found = {}
-    for split, per_kind in (("train", cfg.on_policy_per_kind), ("test", max(cfg.on_policy_per_kind // 4, 1))):
-        path = out / f"sampled-{split}.jsonl"
-        if not path.exists():
-            requests = [r for kind in KINDS for r in world.requests(kind, split, per_kind)]
-            write_jsonl(path, policy_preferences(sft, tokenizer, world, requests, cfg.labeler, cfg.on_policy_samples,
-                                                 cfg.seed))
-        found[split] = read_preferences(path).rows
-    return found
+
+    def make() -> dict[str, list]:
+        world, out, found, loaded = world_of(ctx), ctx.stage_dir("reward"), {}, None
+        for split, per_kind in (("train", cfg.on_policy_per_kind), ("test", max(cfg.on_policy_per_kind // 4, 1))):
+            path = out / f"sampled-{split}.jsonl"
+            if not path.exists():
+                loaded = loaded or load_model(model_path(ctx, "sft"), select_device(cfg.device))
+                sft, tokenizer = loaded
+                requests = [r for kind in KINDS for r in world.requests(kind, split, per_kind)]
+                write_jsonl(path, policy_preferences(sft, tokenizer, world, requests, cfg.labeler,
+                                                     cfg.on_policy_samples, cfg.seed))
+            found[split] = read_preferences(path).rows
+        return found
+
+    return ctx.cached("on-policy", make)
 
 
 def reward_fn(ctx: Context):

@@ -64,6 +64,11 @@ class Section:
     def from_dict(cls, data: dict[str, Any]) -> Section:
         return cls(**{**data, "tables": [Table(**t) for t in data.get("tables", [])]})
 
+    @classmethod
+    def load(cls, path: Path) -> Section:
+        """The section a finished stage saved at ``path``."""
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
     def moved(self, prefix: str) -> Section:
         """The section with its plots' paths under ``prefix`` (a study run inside another's directory)."""
         return Section(self.title, self.summary, self.tables, [f"{prefix}/{p}" for p in self.plots],
@@ -107,7 +112,7 @@ class Context:
             if not saved.is_file():
                 raise SafetylabError(f"{self.run.path}: this stage needs the {name!r} stage's results; run the study "
                                      f"with that stage (or hand in what it makes)")
-            self.sections[name] = Section.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+            self.sections[name] = Section.load(saved)
         return self.sections[name]
 
     def path(self, relative: str) -> Path:
@@ -135,7 +140,7 @@ def run_stages(stages: Sequence[Stage], ctx: Context, log: Callable[[str], None]
     for stage in stages:
         saved = ctx.run.path / stage.name / "section.json"
         if saved.exists():
-            ctx.sections[stage.name] = Section.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+            ctx.sections[stage.name] = Section.load(saved)
             log(f"== {prefix}{stage.name}: done earlier, skipped")
             continue
         log(f"== {prefix}{stage.name}: {stage.title}")
