@@ -39,8 +39,6 @@ def options(*fields: str, **renamed: str) -> Iterator[None]:
 
 def numbers(text: str, option: str, what: str = "numbers") -> tuple[float, ...]:
     """The comma-separated ``text`` of ``option`` as finite numbers >= 0 (``what`` names them in errors)."""
-    from safetylab.core.errors import SafetylabError
-
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
