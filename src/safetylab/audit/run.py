@@ -21,7 +21,8 @@ def run_audit(config: AuditConfig, out: str | os.PathLike, log: Callable[[str], 
     sections: dict[str, Section] = {}
     for study in STUDIES:
         study_config = study.config_of(config)
-        ctx = Context(study_config, RunDir(run.path / study.name, config_to_dict(study_config)))
+        inputs = {name: str(run.path / path) for name, path in study.inputs_of(sections).items()}
+        ctx = Context(study_config, RunDir(run.path / study.name, config_to_dict(study_config)), inputs)
         for name, section in run_stages(study.stages, ctx, log, prefix=f"{study.name}/").items():
             sections[f"{study.name}/{name}"] = section.moved(study.name)
     write_report(run.path, build_report(config, sections, {s.name: s.title for s in STUDIES}))

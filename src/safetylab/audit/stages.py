@@ -10,19 +10,22 @@ from safetylab.agents import study as agents
 from safetylab.align import study as align
 from safetylab.core.config import require
 from safetylab.core.devices import check_device_name
-from safetylab.core.study import Stage
+from safetylab.core.study import Section, Stage
+from safetylab.interp import study as interp
 from safetylab.robust import study as robust
 from safetylab.verify import study as verify
 
 
 @dataclass(frozen=True)
 class StudyPart:
-    """A study as the audit runs it: in ``RUN/NAME`` with the config ``config_of(audit config)``."""
+    """A study as the audit runs it: in ``RUN/NAME`` with the config ``config_of(audit config)`` and the inputs
+    ``inputs_of(sections so far, by "study/stage")``, paths relative to the audit's run directory."""
 
     name: str
     title: str
     stages: Sequence[Stage]
     config_of: Callable[[Any], Any]
+    inputs_of: Callable[[dict[str, Section]], dict[str, str]] = lambda sections: {}
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class AuditConfig:
     device: str = "auto"
     align: align.AlignStudyConfig = field(default_factory=align.AlignStudyConfig)
     robust: robust.RobustStudyConfig = field(default_factory=robust.RobustStudyConfig)
+    interp: interp.InterpStudyConfig = field(default_factory=interp.InterpStudyConfig)
     agents: agents.AgentsStudyConfig = field(default_factory=agents.AgentsStudyConfig)
     # the verification study with exact verification held to 1 s a digit and ε to 0.1 (about a minute; the
     # full study, `safetylab verify report`, takes 10)
@@ -40,16 +44,20 @@ class AuditConfig:
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
-        seeds = {name: getattr(self, name).seed for name in ("align", "robust", "agents", "verify")}
+        seeds = {name: getattr(self, name).seed for name in ("align", "interp", "robust", "agents", "verify")}
         require(set(seeds.values()) == {self.seed}, "seed", f"the seed of every study ({seeds}): one root seed "
                 "per audit; with_seed(config, seed) sets it everywhere", self.seed)
 
 
-QUICK = AuditConfig(align=align.QUICK, robust=robust.QUICK, agents=agents.QUICK, verify=verify.QUICK)
+QUICK = AuditConfig(align=align.QUICK, interp=interp.QUICK, robust=robust.QUICK, agents=agents.QUICK,
+                    verify=verify.QUICK)
 
 STUDIES = (
     StudyPart("align", "Alignment: SFT, reward model, best-of-n, DPO and PPO against the gold judge", align.STAGES,
               lambda c: c.align),
+    StudyPart("interp", "Interpretability of the SFT model: logit lens, probes, sparse autoencoders, steering, "
+              "patching and monitors", interp.STAGES, lambda c: c.interp,
+              lambda sections: {"model": f"align/{sections['align/sft'].data['model']}"}),
     StudyPart("robust", "Robustness of a classifier (digits)", robust.STAGES, lambda c: c.robust),
     StudyPart("agents", "Safety gridworlds", agents.STAGES, lambda c: c.agents),
     StudyPart("verify", "Verification of a classifier (digits)", verify.STAGES, lambda c: c.verify),
@@ -62,9 +70,9 @@ def audit_config(quick: bool = False, seed: int = 0, device: str = "auto") -> Au
 
 
 def with_seed(config: AuditConfig, seed: int, device: str | None = None) -> AuditConfig:
-    """``config`` with every study on the root ``seed`` (and the align study on ``device``, when given: the
-    digits studies and the gridworlds run on the CPU)."""
+    """``config`` with every study on the root ``seed`` (and the language-model studies on ``device``, when
+    given: the digits studies and the gridworlds run on the CPU)."""
     device = config.device if device is None else device
     return AuditConfig(seed=seed, device=device, align=align.seeded(config.align, seed, device),
-                       robust=replace(config.robust, seed=seed), agents=replace(config.agents, seed=seed),
+                       interp=interp.seeded(config.interp, seed, device), robust=replace(config.robust, seed=seed), agents=replace(config.agents, seed=seed),
                        verify=replace(config.verify, seed=seed))

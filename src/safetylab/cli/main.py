@@ -12,6 +12,7 @@ from safetylab.cli.agents import agents_app
 from safetylab.cli.align import align_app, sample_app
 from safetylab.cli.audit import audit
 from safetylab.cli.evals import evaluate
+from safetylab.cli.interp import interp_app
 from safetylab.cli.robust import robust_app
 from safetylab.cli.train import train_app
 from safetylab.cli.verify import verify_app
@@ -23,7 +24,7 @@ app = typer.Typer(help="safetylab: measure and manage the safety of ML models.",
 app.command()(audit)
 app.command("eval")(evaluate)
 for name, sub in (("world", world_app), ("train", train_app), ("sample", sample_app), ("align", align_app),
-                  ("robust", robust_app), ("agents", agents_app), ("verify", verify_app)):
+                  ("interp", interp_app), ("robust", robust_app), ("agents", agents_app), ("verify", verify_app)):
     app.add_typer(sub, name=name)
 
 

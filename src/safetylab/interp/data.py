@@ -7,13 +7,20 @@ last real token does not depend on the padding, and position ids need no care.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from safetylab.core.errors import SafetylabError
-from safetylab.interp.hooks import Hooks
+from safetylab.core.io import atomic_write_bytes
+from safetylab.interp.hooks import Hooks, model_signature
 from safetylab.models.conversation import encode_conversation
 
 
@@ -84,3 +91,25 @@ def prompt_activations(hooks: Hooks, tokenizer, prompts: Sequence[str], names: I
         for name in names:
             out[name].append(cache[name][rows, enc.last].float().cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def save_activations(hooks: Hooks, tokenizer, prompts: Sequence[str], names: Iterable[str] | str,
+                     path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """:func:`prompt_activations` written atomically to the safetensors file ``path``: one tensor per hook
+    point, and in the metadata the prompts, the model's signature and ``extra`` (JSON)."""
+    acts = prompt_activations(hooks, tokenizer, prompts, names)
+    meta = {"prompts": list(prompts), "signature": model_signature(hooks.model), **(extra or {})}
+    path = Path(path)
+    atomic_write_bytes(path, save(acts, metadata={"safetylab": json.dumps(meta)}))
+    return path
+
+
+def load_activations(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(activations by hook name, metadata)`` of a file :func:`save_activations` wrote."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+        meta = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["safetylab"])
+        return load(data), meta
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise SafetylabError(f"{path}: not an activation file written by safetylab interp cache ({e})") from None
