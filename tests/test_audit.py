@@ -173,6 +173,7 @@ def tiny_audit_config(seed: int = 0):
         robust=replace(config.robust, standard=replace(config.robust.standard, epochs=2),
                        adversarial=(replace(config.robust.adversarial[0], epochs=1, steps=2),), eps=(0.0, 0.1),
                        attack_steps=5, square_queries=20, ensemble_members=2, mc_samples=3),
+        interp=replace(config.interp, lens_questions=10),
         agents=replace(config.agents, episodes=60),
         verify=replace(config.verify, trainings=("standard",), standard=replace(config.verify.standard, epochs=1),
                        eps=(0.0, 0.05), examples=8, exact_time_limit=0.2, attack_steps=3, alpha_iterations=2,
@@ -228,7 +229,8 @@ def test_audit_composes_every_study_on_its_seed():
     config = audit_config(quick=True, seed=3)
     assert config.align.seed == config.robust.seed == config.agents.seed == config.verify.seed == 3
     assert config.align.world.seed == config.align.base.seed == config.align.ppo.train.seed == 3
-    assert [s.name for s in STUDIES] == ["align", "robust", "agents", "verify"]
+    assert config.interp.seed == config.interp.world.seed == 3
+    assert [s.name for s in STUDIES] == ["align", "interp", "robust", "agents", "verify"]
 
 
 @pytest.mark.slow
@@ -478,6 +480,18 @@ def test_audit_robust_sections(audit_dir, report):
     assert all(0.0 <= r["auroc"] <= 1.0 for r in ood)
     plots = [p for s in robust for p in s["plots"]]
     assert len(plots) == 6 and all((audit_dir / p).is_file() for p in plots)
+
+
+@pytest.mark.slow
+def test_audit_interp_sections_study_the_align_sft_model(audit_dir, report):
+    sections = sections_of(report)
+    model = sections["interp/model"]
+    assert model["summary"].endswith("handed in")
+    assert (audit_dir / model["data"]["model"]).resolve() == (audit_dir / "align/sft/artifacts/model").resolve()
+    assert model["data"]["signature"]["n_layers"] == CONFIG.align.model.n_layer
+    lens = sections["interp/lens"]["data"]["facts"]
+    assert len(lens["prob"]) == CONFIG.align.model.n_layer + 1 and all(0 <= p <= 1 for p in lens["prob"])
+    assert all((audit_dir / p).is_file() for p in sections["interp/lens"]["plots"])
 
 
 @pytest.mark.slow
