@@ -353,3 +353,21 @@ def test_validation_split_keeps_every_wrapping_of_a_core_on_one_side(world):
     fit, held = split_by_core(harmful_intent(world, "train", SMALL), 0.25, 0)
     assert not {r.core for r in fit.requests} & {r.core for r in held.requests}
     assert len(held) > 0 and len(fit) > len(held)
+
+
+def test_harmful_intent_monitor_end_to_end(world, tok, tiny_lm):
+    from safetylab.interp.monitors import HarmfulMonitorConfig, harmful_intent_monitor
+
+    hooks = Hooks(tiny_lm("gpt2").eval())
+    config = HarmfulMonitorConfig(n=12, n_eval=2, samples=1, max_new_tokens=4, fpr=0.2)
+    result = harmful_intent_monitor(hooks, tok, world, config)
+    monitor = result.monitor
+    assert result.hook == "blocks.0.resid_post" and monitor.probe.hook == result.hook
+    assert result.threshold == monitor.threshold and result.report.threshold == monitor.threshold
+    controls = [r.prompt for r in dict.fromkeys(world.benign_controls(2, "test", 0))]
+    assert result.report.n_negatives == len(set(controls))
+    fired = (monitor.score(list(dict.fromkeys(controls))) > monitor.threshold).double().mean().item()
+    assert result.report.fpr == pytest.approx(fired)
+    assert result.validation_fpr <= 0.2 and 0 <= result.compliance_rate <= 1
+    assert (result.tpr_complied is None) == (result.complied == 0)
+    assert set(result.to_dict()) >= {"auroc", "tpr", "fpr", "fpr_at_95_tpr", "tpr_complied", "fpr_plain_benign"}
