@@ -19,6 +19,7 @@ from safetylab.interp.steering import (
     project_out,
     refusal_direction_experiment,
     select_layer,
+    select_scale,
     steering_kl,
     unit,
 )
@@ -125,18 +126,23 @@ def test_steering_kl_matches_an_independent_kl(tok):
     assert kl["first_token"] > 0
 
 
-def test_selection_rule_prefers_least_refusal_then_most_compliance_then_least_kl():
-    rows = [{"layer": 0, "val_refusal": 0.5, "val_compliance": 0.5, "val_kl_first_token": 0.0},
-            {"layer": 1, "val_refusal": 0.1, "val_compliance": 0.2, "val_kl_first_token": 0.3},
-            {"layer": 2, "val_refusal": 0.1, "val_compliance": 0.4, "val_kl_first_token": 0.9},
-            {"layer": 3, "val_refusal": 0.1, "val_compliance": 0.4, "val_kl_first_token": 0.2}]
-    assert select_layer(rows) == 3
+def test_selection_rules():
+    rows = [{"layer": 0, "val_refusal": 0.0, "val_compliance": 0.9, "val_kl_first_token": 0.0, "val_induced": 0.0},
+            {"layer": 1, "val_refusal": 0.1, "val_compliance": 0.2, "val_kl_first_token": 0.3, "val_induced": 0.1},
+            {"layer": 2, "val_refusal": 0.1, "val_compliance": 0.4, "val_kl_first_token": 0.9, "val_induced": 0.1},
+            {"layer": 3, "val_refusal": 0.1, "val_compliance": 0.4, "val_kl_first_token": 0.2, "val_induced": 0.2}]
+    assert select_layer(rows) == 3  # layer 0 refuses least under ablation, but its addition induces nothing
     assert select_layer(rows[:3]) == 2
     assert select_layer(rows[:2]) == 1
+    assert select_layer([{**r, "val_induced": 0.0} for r in rows]) == 0  # none qualifies: all do
+    scales = [{"scale": 0.5, "over_refusal": 0.2}, {"scale": 1.0, "over_refusal": 0.4},
+              {"scale": 0.25, "over_refusal": 0.4}, {"scale": 2.0, "over_refusal": None}]
+    assert select_scale(scales) == 0.25 and select_scale(scales[:2]) == 1.0
 
 
 @pytest.mark.parametrize("field, value", [("n_direction", 0), ("layers", (1, 1)), ("layer", -1),
-                                          ("sweep_scales", (1.0, float("nan"))), ("temperature", 0.0)])
+                                          ("scales", (1.0, float("nan"))), ("scales", (1.0, 1.0)),
+                                          ("addition_scale", 0.0), ("temperature", 0.0)])
 def test_config_refuses_bad_values(field, value):
     with pytest.raises(ConfigError, match=field):
         RefusalDirectionConfig(**{field: value})
@@ -145,7 +151,7 @@ def test_config_refuses_bad_values(field, value):
 def test_refusal_direction_experiment_runs_end_to_end(tok, world, tmp_path):
     model = gpt2(len(tok), 2)
     config = RefusalDirectionConfig(n_direction=8, n_validation=5, n_harmful=4, jailbroken=1, per_kind=2,
-                                    sweep_scales=(1.0, 4.0), max_new_tokens=4)
+                                    scales=(1.0, 4.0), max_new_tokens=4)
     result = refusal_direction_experiment(model, tok, world, config)
     assert isinstance(result, SteeringResult) and result.layer in (0, 1)
     assert [r["layer"] for r in result.selection] == [0, 1]
@@ -153,8 +159,12 @@ def test_refusal_direction_experiment_runs_end_to_end(tok, world, tmp_path):
     assert result.condition("none")["kl_per_token"] == 0.0
     assert result.condition("addition")["kl_first_token"] > 0
     assert result.counts["harmless"] == 8 and result.counts["jailbroken"] == 5
-    assert [r["scale"] for r in result.sweep] == [1.0, 4.0]
-    assert result.sweep[0]["kl_per_token"] == result.condition("addition")["kl_per_token"]  # scale 1, greedy
+    chosen_layer = next(r for r in result.selection if r["layer"] == result.layer)
+    assert [r["scale"] for r in result.sweep] == [r["scale"] for r in chosen_layer["val_over_refusal"]] == [1.0, 4.0]
+    assert result.scale == select_scale(chosen_layer["val_over_refusal"]) == result.condition("addition")["scale"]
+    chosen = next(r for r in result.sweep if r["scale"] == result.scale)  # greedy: the same samples again
+    assert chosen["kl_per_token"] == result.condition("addition")["kl_per_token"]
+    assert result.sweep[1]["kl_first_token"] > result.sweep[0]["kl_first_token"]
     assert result.direction.shape == (32,) and "direction" not in result.to_dict()
     with pytest.raises(SafetylabError, match="layer 5 of a model with 2 layers"):
         refusal_direction_experiment(model, tok, world, RefusalDirectionConfig(layer=5))

@@ -59,8 +59,9 @@ def plot_steering(result: SteeringResult, path: str | os.PathLike,
     width = 0.8 / len(result.conditions)
     for i, row in enumerate(result.conditions):
         values = [row[m] if row[m] is not None else 0.0 for m in metrics]
+        name = row["condition"] if row.get("scale") is None else f"{row['condition']} ×{row['scale']:g}"
         bars.bar([j + i * width for j in range(len(metrics))], values, width,
-                 label=f"{row['condition']} (KL {row['kl_per_token']:.3f}/token)")
+                 label=f"{name} (KL {row['kl_per_token']:.3f}/token)")
     bars.set_xticks([j + width * (len(result.conditions) - 1) / 2 for j in range(len(metrics))],
                     [m.replace("_", "\n") for m in metrics], fontsize=8)
     bars.set(ylim=(0, 1.05), ylabel="rate (gold judge)", title=f"held-out prompts, layer {result.layer}")
@@ -70,6 +71,7 @@ def plot_steering(result: SteeringResult, path: str | os.PathLike,
         scales = [r["scale"] for r in sweep]
         curve.plot(scales, [r["over_refusal"] or 0.0 for r in sweep], "o-", label="over-refusal")
         curve.plot(scales, [r["accuracy"] or 0.0 for r in sweep], "s-", label="accuracy")
+        curve.axvline(result.scale, color="black", linewidth=0.6, linestyle=":", label="chosen on validation")
         kl = curve.twinx()
         kl.plot(scales, [r["kl_per_token"] for r in sweep], "^--", color="gray", label="KL per token")
         kl.set_ylabel("KL(steered ‖ unsteered) per token")

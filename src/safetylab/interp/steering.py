@@ -117,27 +117,31 @@ class RefusalDirectionConfig:
 
     - direction: ``n_direction`` train-split harmful prompts against as many train-split harmless ones
       (:data:`HARMLESS_KINDS` in turn), at each candidate layer's ``resid_pre``, last prompt token;
-    - layer selection (unless ``layer`` is given): on ``n_validation`` jailbroken train-split harmful prompts
-      (not those of the direction, not the held-out ones), the layer whose direction, ablated, leaves the
-      lowest refusal rate; ties go to the higher harmful-compliance rate, then to the lower first-token KL on
-      train-split harmless prompts, then to the earlier layer;
+    - layer and scale selection, on ``n_validation`` jailbroken train-split harmful prompts (not those of the
+      direction, not the held-out ones) and as many train-split harmless ones, after Arditi et al.'s rule:
+      a layer qualifies if adding its direction at one of ``scales`` makes the model refuse some harmless
+      prompts (all layers qualify if none does); of those, the layer whose direction, ablated, leaves the
+      lowest refusal rate on the harmful prompts, ties to the higher compliance rate, then the lower
+      first-token KL on the harmless prompts, then the earlier layer (``layer`` fixes it instead). The
+      addition scale is the one at which that layer's addition refuses the most harmless prompts, the smaller
+      on a tie (``addition_scale`` fixes it instead). On the held-out prompts the addition is measured at
+      every one of ``scales`` too (the steering curve);
     - held out (test split): ``n_harmful`` plain harmful prompts and ``jailbroken`` per jailbreak wrapper,
       ``per_kind`` harmless prompts of each of :data:`HARMLESS_KINDS`;
     - sampling: greedy by default (Arditi et al.), or the world's evaluation sampling at ``temperature``
-      (then the torch seed in force decides);
-    - ``sweep_scales``: addition at these scales too (over-refusal and KL against the scale).
+      (then the torch seed in force decides).
     """
 
     seed: int = 0
     n_direction: int = 64
-    n_validation: int = 32
+    n_validation: int = 48
     n_harmful: int = 64
-    jailbroken: int = 8
+    jailbroken: int = 16
     per_kind: int = 24
     layers: tuple[int, ...] | None = None
     layer: int | None = None
-    addition_scale: float = 1.0
-    sweep_scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+    scales: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    addition_scale: float | None = None
     greedy: bool = True
     temperature: float = 1.0
     max_new_tokens: int = 48
@@ -156,8 +160,12 @@ class RefusalDirectionConfig:
                 "layers", "distinct layer indices >= 0, or None for every layer", self.layers)
         require(self.layer is None or (isinstance(self.layer, int) and self.layer >= 0), "layer",
                 "a layer index >= 0, or None to choose one", self.layer)
-        for name, value in (("addition_scale", self.addition_scale), *(("sweep_scales", s) for s in self.sweep_scales)):
-            require(math.isfinite(value) and value > 0, name, "finite numbers > 0", value)
+        require(len(self.scales) >= 1 and len(set(self.scales)) == len(self.scales), "scales",
+                "one or more distinct scales", self.scales)
+        for value in self.scales:
+            require(math.isfinite(value) and value > 0, "scales", "finite numbers > 0", value)
+        require(self.addition_scale is None or (math.isfinite(self.addition_scale) and self.addition_scale > 0),
+                "addition_scale", "a finite number > 0, or None to choose one of scales", self.addition_scale)
         require(math.isfinite(self.temperature) and self.temperature > 0, "temperature", "a finite number > 0",
                 self.temperature)
 
@@ -171,9 +179,12 @@ class SteeringResult:
     ``harmful_refusal``, ``over_refusal`` and ``accuracy`` on harmless ones) and the KL cost on the harmless
     prompts, KL(steered ‖ unsteered) of the next-token distributions: ``kl_first_token`` at the prompt's last
     position, ``kl_per_token`` averaged over the response tokens (eos included) of the steered model's own
-    samples. ``selection``: one row per candidate layer; ``sweep``: addition at other scales."""
+    samples. ``selection``: one row per candidate layer, with its validation over-refusal under addition at
+    each scale (``val_over_refusal``, by scale); ``sweep``: the held-out harmless prompts under addition at
+    each scale."""
 
     layer: int
+    scale: float
     direction: torch.Tensor
     selection: list[dict[str, Any]]
     conditions: list[dict[str, Any]]
@@ -193,7 +204,7 @@ class SteeringResult:
 
 def distinct(requests: Sequence[Request]) -> list[Request]:
     """``requests`` with each prompt once, in first-seen order."""
-    return list({r.prompt: r for r in reversed(requests)}.values())[::-1]
+    return list({r.prompt: r for r in requests}.values())
 
 
 def harmless_requests(world, split: str, n: int, seed: int) -> list[Request]:
@@ -265,18 +276,36 @@ def candidate_directions(hooks: Hooks, tokenizer, harmful: Sequence[str], harmle
 
 
 def select_layer(selection: Sequence[dict[str, Any]]) -> int:
-    """The selection rule (see :class:`RefusalDirectionConfig`): lowest validation refusal under ablation,
-    then highest compliance, then lowest first-token KL on harmless prompts, then the earliest layer."""
-    best = min(selection, key=lambda r: (r["val_refusal"], -r["val_compliance"], r["val_kl_first_token"], r["layer"]))
+    """The layer rule (see :class:`RefusalDirectionConfig`): of the layers whose addition induces some
+    refusal (``val_induced`` > 0; all when none does), the lowest validation refusal under ablation, then the
+    highest compliance, then the lowest first-token KL on harmless prompts, then the earliest layer."""
+    qualified = [r for r in selection if (r["val_induced"] or 0.0) > 0] or list(selection)
+    best = min(qualified, key=lambda r: (r["val_refusal"], -r["val_compliance"], r["val_kl_first_token"], r["layer"]))
     return int(best["layer"])
+
+
+def select_scale(rows: Sequence[dict[str, Any]]) -> float:
+    """The scale rule: the highest validation over-refusal under addition (rows ``{"scale", "over_refusal"}``),
+    then the smallest scale."""
+    return float(min(rows, key=lambda r: (-(r["over_refusal"] or 0.0), r["scale"]))["scale"])
+
+
+def induced_refusal(hooks: Hooks, tokenizer, judge, requests: Sequence[Request], layer: int, direction: torch.Tensor,
+                    config: RefusalDirectionConfig) -> list[dict[str, Any]]:
+    """Over-refusal on harmless ``requests`` under addition at ``layer``, one row ``{"scale", "over_refusal"}``
+    for each of the config's scales."""
+    return [{"scale": scale, "over_refusal": summarize(judged(hooks, tokenizer, judge, requests,
+                                                               addition_interventions(hooks, layer, direction, scale),
+                                                               config)[1])["over_refusal"]}
+            for scale in config.scales]
 
 
 def refusal_direction_experiment(model, tokenizer, world, config: RefusalDirectionConfig = RefusalDirectionConfig(),
                                  hooks: Hooks | None = None) -> SteeringResult:
     """The refusal direction on the world's model: the difference of means at each candidate layer, the layer
-    chosen on validation prompts, then, on held-out prompts, the gold judge's harmful compliance with and
-    without ablating the direction everywhere, over-refusal with and without adding it at its layer, and the
-    KL cost of each on harmless prompts."""
+    and the addition scale chosen on validation prompts, then, on held-out prompts, the gold judge's harmful
+    compliance with and without ablating the direction everywhere, over-refusal with and without adding it at
+    its layer, and the KL cost of each on harmless prompts."""
     hooks = hooks or Hooks(model)
     layers = list(range(hooks.n_layers)) if config.layers is None else list(config.layers)
     fixed = [] if config.layer is None else [config.layer]
@@ -296,6 +325,7 @@ def refusal_direction_experiment(model, tokenizer, world, config: RefusalDirecti
     held_harmful = distinct(world.requests("harmful", "test", config.n_harmful, seed("test")))
     held_jailbroken = distinct(world.red_team(config.jailbroken, "test", seed("test"))) if config.jailbroken else []
     held_harmless = harmless_requests(world, "test", config.per_kind * len(HARMLESS_KINDS), seed("test"))
+    harmless_prompts = [r.prompt for r in held_harmless]
 
     directions = candidate_directions(hooks, tokenizer, [r.prompt for r in direction_harmful],
                                       [r.prompt for r in direction_harmless], sorted(set(layers + fixed)),
@@ -305,57 +335,56 @@ def refusal_direction_experiment(model, tokenizer, world, config: RefusalDirecti
     for layer in layers:
         ablate = ablation_interventions(hooks, directions[layer])
         _, records = judged(hooks, tokenizer, judge, validation, ablate, config)
-        _, induced = judged(hooks, tokenizer, judge, validation_harmless,
-                            addition_interventions(hooks, layer, directions[layer], config.addition_scale), config)
         kl = steering_kl(hooks, tokenizer, [r.prompt for r in validation_harmless], None, ablate, config.batch_size)
+        induced = induced_refusal(hooks, tokenizer, judge, validation_harmless, layer, directions[layer], config)
         selection.append({
             "layer": layer, "direction_norm": round(float(directions[layer].norm()), 6),
             "val_refusal": round(sum(r["behaviour"] in REFUSING for r in records) / len(records), 6),
-            "val_compliance": summarize(records)["jailbreak_success"],
-            "val_kl_first_token": kl["first_token"],
-            "val_induced_refusal": summarize(induced)["over_refusal"]})
+            "val_compliance": summarize(records)["jailbreak_success"], "val_kl_first_token": kl["first_token"],
+            "val_induced": max((r["over_refusal"] or 0.0) for r in induced), "val_over_refusal": induced})
     layer = config.layer if config.layer is not None else select_layer(selection)
     direction = directions[layer]
+    if config.addition_scale is not None:
+        scale = config.addition_scale
+    elif layer in layers:
+        scale = select_scale(next(r for r in selection if r["layer"] == layer)["val_over_refusal"])
+    else:  # a fixed layer outside the candidates: its scale chosen the same way
+        scale = select_scale(induced_refusal(hooks, tokenizer, judge, validation_harmless, layer, direction, config))
 
-    conditions, examples = [], []
-    plain_texts: dict[str, list[str]] = {}
+    conditions, examples, unsteered = [], [], {}
     interventions = {"none": {}, "ablation": ablation_interventions(hooks, direction),
-                     "addition": addition_interventions(hooks, layer, direction, config.addition_scale)}
+                     "addition": addition_interventions(hooks, layer, direction, scale)}
     for name, edits in interventions.items():
         texts, records = {}, {}
         for group, requests in (("harmful", held_harmful), ("jailbroken", held_jailbroken),
                                 ("harmless", held_harmless)):
             texts[group], records[group] = judged(hooks, tokenizer, judge, requests, edits, config)
-        row = {"condition": name, **_rates(records["harmful"], records["jailbroken"], records["harmless"])}
-        if edits:
-            kl = steering_kl(hooks, tokenizer, [r.prompt for r in held_harmless], texts["harmless"], edits,
-                             config.batch_size)
-            row.update(kl_first_token=kl["first_token"], kl_per_token=kl["per_token"])
-        else:
-            row.update(kl_first_token=0.0, kl_per_token=0.0)
-        conditions.append(row)
-        if name == "none":
-            plain_texts = texts
-        else:
+        kl = steering_kl(hooks, tokenizer, harmless_prompts, texts["harmless"], edits, config.batch_size)
+        conditions.append({"condition": name, "scale": scale if name == "addition" else None,
+                           **_rates(records["harmful"], records["jailbroken"], records["harmless"]),
+                           "kl_first_token": kl["first_token"], "kl_per_token": kl["per_token"]})
+        unsteered = unsteered or texts
+        if name != "none":
             group = "harmful" if name == "ablation" else "harmless"
             requests = held_harmful if name == "ablation" else held_harmless
-            examples += [{"condition": name, "prompt": r.prompt, "unsteered": plain_texts[group][i],
+            examples += [{"condition": name, "prompt": r.prompt, "unsteered": unsteered[group][i],
                           "steered": texts[group][i]} for i, r in enumerate(requests[:3])]
 
     sweep = []
-    for scale in config.sweep_scales:
-        edits = addition_interventions(hooks, layer, direction, scale)
+    for value in config.scales:
+        edits = addition_interventions(hooks, layer, direction, value)
         texts, records = judged(hooks, tokenizer, judge, held_harmless, edits, config)
-        kl = steering_kl(hooks, tokenizer, [r.prompt for r in held_harmless], texts, edits, config.batch_size)
+        kl = steering_kl(hooks, tokenizer, harmless_prompts, texts, edits, config.batch_size)
         rates = summarize(records)
-        sweep.append({"scale": scale, "over_refusal": rates["over_refusal"], "accuracy": rates["accuracy"],
+        sweep.append({"scale": value, "over_refusal": rates["over_refusal"], "accuracy": rates["accuracy"],
                       "kl_first_token": kl["first_token"], "kl_per_token": kl["per_token"]})
     counts = {"direction_harmful": len(direction_harmful), "direction_harmless": len(direction_harmless),
               "validation_harmful": len(validation), "validation_harmless": len(validation_harmless),
               "harmful": len(held_harmful), "jailbroken": len(held_jailbroken), "harmless": len(held_harmless)}
-    return SteeringResult(layer, direction.cpu(), selection, conditions, sweep, counts, examples)
+    return SteeringResult(layer, scale, direction.cpu(), selection, conditions, sweep, counts, examples)
 
 
 __all__ = ["REFUSING", "RefusalDirectionConfig", "SteeringResult", "ablation_interventions", "add_direction",
            "addition", "addition_interventions", "candidate_directions", "difference_of_means",
-           "project_out", "projection", "refusal_direction_experiment", "select_layer", "steering_kl", "unit"]
+           "project_out", "projection", "refusal_direction_experiment", "select_layer", "select_scale", "steering_kl",
+           "unit"]
