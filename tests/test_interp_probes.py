@@ -90,6 +90,7 @@ def test_selectivity_is_zero_for_a_representation_that_is_the_type():
                          ProbeConfig(c=100.0))["h"]
     assert score.accuracy == 1.0 and score.control_accuracy == 1.0 and score.selectivity == 0.0
     assert score.majority == pytest.approx(sum(rule[t] == 0 for t in types_test) / 120)
+    assert score.types == 12 and score.seen_types == 1.0
 
 
 def test_selectivity_against_a_hand_count_when_the_representation_holds_only_the_label():
@@ -98,7 +99,7 @@ def test_selectivity_against_a_hand_count_when_the_representation_holds_only_the
     rng = np.random.default_rng(1)
     n_types = 40
     types_train = [f"t{i % n_types}" for i in range(400)]
-    types_test = [f"t{(7 * i) % n_types}" for i in range(200)]
+    types_test = [f"t{(7 * i) % (n_types + 10)}" for i in range(200)]  # a quarter of them unseen in training
     y_train = torch.tensor([(i // n_types) % 2 for i in range(400)])  # each type with both task labels
     y_test = torch.tensor([i % 2 for i in range(200)])
     x = lambda y: torch.tensor(y[:, None].numpy() + 0.001 * rng.standard_normal((len(y), 1)),  # noqa: E731
@@ -109,7 +110,7 @@ def test_selectivity_against_a_hand_count_when_the_representation_holds_only_the
     c_test = control_labels(types_test, [0.5, 0.5], 5)
     best = {y: Counter(c_train[y_train == y].tolist()).most_common(1)[0][0] for y in (0, 1)}
     expected = sum(best[int(y)] == int(c) for y, c in zip(y_test, c_test)) / len(y_test)
-    assert score.accuracy == 1.0
+    assert score.accuracy == 1.0 and score.types == n_types and score.seen_types == pytest.approx(0.8)
     assert score.control_accuracy == pytest.approx(expected)
     assert score.selectivity == pytest.approx(1.0 - expected)
     assert 0.3 < expected < 0.7  # the control task is at chance here, so selectivity is high

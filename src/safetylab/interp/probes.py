@@ -243,7 +243,9 @@ def majority_baseline(train_labels: torch.Tensor, test_labels: torch.Tensor) -> 
 class LayerScore:
     """One hook point's probe: held-out ``accuracy``, ``control_accuracy`` (the same probe recipe on the
     control task), ``selectivity`` (their difference), ``majority`` (the majority-class baseline),
-    ``train_accuracy``, and the task probe itself."""
+    ``train_accuracy``, and the task probe itself. ``types`` is the number of distinct training types and
+    ``seen_types`` the share of test prompts whose type occurs in training: with few types the control task
+    rests on few draws, and on unseen types it is at chance by construction."""
 
     hook: str
     accuracy: float
@@ -251,12 +253,15 @@ class LayerScore:
     selectivity: float
     majority: float
     train_accuracy: float
+    types: int
+    seen_types: float
     probe: Probe = field(repr=False, compare=False)
 
-    def to_dict(self) -> dict[str, float | str]:
+    def to_dict(self) -> dict[str, float | int | str]:
         return {"hook": self.hook, "accuracy": round(self.accuracy, 6),
                 "control_accuracy": round(self.control_accuracy, 6), "selectivity": round(self.selectivity, 6),
-                "majority": round(self.majority, 6), "train_accuracy": round(self.train_accuracy, 6)}
+                "majority": round(self.majority, 6), "train_accuracy": round(self.train_accuracy, 6),
+                "types": self.types, "seen_types": round(self.seen_types, 6)}
 
 
 def score_layers(train_acts: Mapping[str, torch.Tensor], test_acts: Mapping[str, torch.Tensor], train: Concept,
@@ -273,6 +278,8 @@ def score_layers(train_acts: Mapping[str, torch.Tensor], test_acts: Mapping[str,
     distribution = label_distribution(train.y, len(train.label_names))
     control_train = control_labels(train.types, distribution, config.control_seed)
     control_test = control_labels(test.types, distribution, config.control_seed)
+    train_types = set(train.types)
+    seen = sum(t in train_types for t in test.types) / len(test)
     scores = {}
     for hook, x_train in train_acts.items():
         if hook not in test_acts:
@@ -282,7 +289,8 @@ def score_layers(train_acts: Mapping[str, torch.Tensor], test_acts: Mapping[str,
         task_acc = probe.score(x_test, test.y)
         control_acc = control_accuracy(x_train, control_train, x_test, control_test, config)
         scores[hook] = LayerScore(hook, task_acc, control_acc, selectivity(task_acc, control_acc),
-                                  majority_baseline(train.y, test.y), probe.score(x_train, train.y), probe)
+                                  majority_baseline(train.y, test.y), probe.score(x_train, train.y),
+                                  len(train_types), seen, probe)
     return scores
 
 
