@@ -85,7 +85,10 @@ def test_position_map_is_one_where_the_prompts_differ_and_at_the_end(model):
     # the stream entering block 0 differs only at the replaced token; the last stream acts only at the last
     torch.testing.assert_close(first, torch.eye(6)[2], atol=1e-4, rtol=0)
     torch.testing.assert_close(last, torch.eye(6)[5], atol=1e-4, rtol=0)
-    assert result.top(1)[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert result.top(1)[0] == {"name": "blocks.0.resid_pre", "position": 2, "score": pytest.approx(1.0, abs=1e-4)}
+    noised = patch_by_position(hooks, CLEAN, CORRUPT, ["blocks.0.resid_pre"], metric, mode="noise")
+    torch.testing.assert_close(noised.scores[0], 1 - torch.eye(6)[2], atol=1e-4, rtol=0)  # the clean answer is lost
+    assert noised.top(1)[0] == {"name": "blocks.0.resid_pre", "position": 2, "score": pytest.approx(0.0, abs=1e-4)}
 
 
 @pytest.mark.parametrize("mode", ["denoise", "noise"])

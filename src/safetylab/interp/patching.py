@@ -106,9 +106,10 @@ class PatchingResult:
         return normalised_score(self.patched.mean(-1), self.clean.mean(), self.corrupt.mean())
 
     def top(self, k: int = 3) -> list[dict[str, Any]]:
-        """The ``k`` cells of highest score: ``{"name", axis, "score"}``."""
+        """The ``k`` cells that matter most, ``{"name", axis, "score"}``: of highest score when denoising (the
+        patch restores the clean answer), of lowest when noising (the clean answer is lost without it)."""
         scores = self.scores
-        order = scores.flatten().argsort(descending=True)[:k]
+        order = scores.flatten().argsort(descending=self.mode == "denoise")[:k]
         return [{"name": self.names[int(i) // scores.shape[1]], self.axis: int(i) % scores.shape[1],
                  "score": round(float(scores.flatten()[i]), 6)} for i in order]
 

@@ -53,7 +53,7 @@ def plot_steering(result: SteeringResult, path: str | os.PathLike,
     """Left: the gold judge's rates (harmful compliance, jailbreak success, over-refusal, accuracy) with no
     steering, with the direction ablated and with it added. Right: over-refusal and accuracy (left axis) and
     the per-token KL cost (right axis) against the addition scale."""
-    fig = Figure(figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 4.2))
     bars, curve = fig.subplots(1, 2)
     metrics = ("harmful_compliance", "jailbreak_success", "harmful_refusal", "over_refusal", "accuracy")
     width = 0.8 / len(result.conditions)
@@ -65,7 +65,7 @@ def plot_steering(result: SteeringResult, path: str | os.PathLike,
     bars.set_xticks([j + width * (len(result.conditions) - 1) / 2 for j in range(len(metrics))],
                     [m.replace("_", "\n") for m in metrics], fontsize=8)
     bars.set(ylim=(0, 1.05), ylabel="rate (gold judge)", title=f"held-out prompts, layer {result.layer}")
-    bars.legend(fontsize=7)
+    bars.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(result.conditions))
     sweep = sorted(result.sweep, key=lambda r: r["scale"])
     if sweep:
         scales = [r["scale"] for r in sweep]
