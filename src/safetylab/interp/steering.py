@@ -235,6 +235,8 @@ def steering_kl(hooks: Hooks, tokenizer, prompts: Sequence[str], responses: Sequ
     """Mean next-token KL(steered ‖ unsteered): ``first_token`` at each prompt's last position, and, when
     ``responses`` are given (the steered model's own samples), ``per_token`` over all their tokens (eos
     included), each position's full KL (:func:`~safetylab.models.logprobs.full_kl`)."""
+    if not prompts:
+        raise SafetylabError("steering_kl: no prompts; expected one or more")
     model = hooks.model
     device = next(model.parameters()).device
     answers = list(responses) if responses is not None else [""] * len(prompts)
@@ -280,7 +282,8 @@ def select_layer(selection: Sequence[dict[str, Any]]) -> int:
     refusal (``val_induced`` > 0; all when none does), the lowest validation refusal under ablation, then the
     highest compliance, then the lowest first-token KL on harmless prompts, then the earliest layer."""
     qualified = [r for r in selection if (r["val_induced"] or 0.0) > 0] or list(selection)
-    best = min(qualified, key=lambda r: (r["val_refusal"], -r["val_compliance"], r["val_kl_first_token"], r["layer"]))
+    best = min(qualified, key=lambda r: (r["val_refusal"], -(r["val_compliance"] or 0.0), r["val_kl_first_token"],
+                                         r["layer"]))
     return int(best["layer"])
 
 
