@@ -6,7 +6,14 @@ the align study's SFT model.
 
 - ``model``: the model under study (handed in, or pre-trained on the world corpus and fine-tuned on
   demonstrations), its hook points;
-- ``lens``: the logit lens on held-out fact and arithmetic questions: at which layer the answer is decided.
+- ``lens``: the logit lens on held-out fact and arithmetic questions: at which layer the answer is decided;
+- ``probes``: linear probes for world concepts at every layer, with control tasks (selectivity);
+- ``steer``: the refusal direction (Arditi et al. 2024): ablated everywhere and added at one layer, measured by
+  the gold judge with its KL cost;
+- ``patch``: activation patching of fact recall (Meng et al. 2022): where the world's model recalls a country's
+  facts, by layer × position, attention against MLP, and by head;
+- ``monitor``: the harmful-intent probe as a monitor, calibrated to a target FPR on benign prompts and rated
+  on held-out jailbroken prompts against benign prompts under the same wrappers; saved for the control runtime.
 
 Seeds: :func:`~safetylab.core.study.run_stages` seeds each stage; the world and every data set are derived
 from ``config.seed``.
@@ -19,15 +26,22 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from safetylab.core.config import require
+from safetylab.core.config import require, require_choice
 from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.io import save_figure
 from safetylab.core.runs import RunDir
 from safetylab.core.study import Context, Section, Stage, Table
+from safetylab.interp.concepts import CONCEPTS, NEEDS_MODEL, ConceptConfig, concept
 from safetylab.interp.hooks import Hooks, describe_names, model_signature
 from safetylab.interp.lens import LensResult, world_lens
+from safetylab.interp.monitors import HarmfulMonitorConfig, harmful_intent_monitor, save_monitor
+from safetylab.interp.patching import FactPatchingConfig, fact_recall_patching
+from safetylab.interp.plots import plot_patching, plot_steering
+from safetylab.interp.probes import probe_by_layer
+from safetylab.interp.steering import RefusalDirectionConfig, refusal_direction_experiment
 from safetylab.models.lm import ModelConfig, load_model
 from safetylab.models.train import TrainConfig, finetune, pretrain
+from safetylab.world.requests import RELATIONS
 from safetylab.world.world import World, WorldConfig
 
 
@@ -44,12 +58,29 @@ class InterpStudyConfig:
     sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
     # the logit lens
     lens_questions: int = 300  # held-out questions per kind
+    # probes: each concept's prompts (per group, train and test split) and the answers that label some of them
+    concepts: tuple[str, ...] = CONCEPTS
+    concept: ConceptConfig = field(default_factory=ConceptConfig)
+    # the refusal direction
+    steering: RefusalDirectionConfig = field(default_factory=RefusalDirectionConfig)
+    # fact-recall patching, one heat map per relation
+    patching: FactPatchingConfig = field(default_factory=FactPatchingConfig)
+    patch_relations: tuple[str, ...] = tuple(RELATIONS)
+    # the harmful-intent monitor
+    monitor: HarmfulMonitorConfig = field(default_factory=HarmfulMonitorConfig)
 
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
         for name in ("corpus_conversations", "demonstrations", "lens_questions"):
             require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(len(self.concepts) > 0, "concepts", f"one or more of {', '.join(CONCEPTS)}", self.concepts)
+        for name in self.concepts:
+            require_choice(name, "concepts", CONCEPTS)
+        require(len(self.patch_relations) > 0, "patch_relations", f"one or more of {', '.join(RELATIONS)}",
+                self.patch_relations)
+        for name in self.patch_relations:
+            require_choice(name, "patch_relations", RELATIONS)
 
 
 QUICK = InterpStudyConfig(
@@ -58,6 +89,12 @@ QUICK = InterpStudyConfig(
     base=TrainConfig(steps=300, batch_size=32, lr=5e-3),
     sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10),
     lens_questions=100,
+    concept=ConceptConfig(n=30),
+    steering=RefusalDirectionConfig(n_direction=32, n_validation=24, n_harmful=24, jailbroken=6, per_kind=10,
+                                    scales=(0.5, 0.75)),
+    patching=FactPatchingConfig(n_pairs=24),
+    patch_relations=("capital",),
+    monitor=HarmfulMonitorConfig(n=120, n_eval=30, samples=2),
 )
 
 
@@ -70,7 +107,9 @@ def seeded(config: InterpStudyConfig, seed: int, device: str) -> InterpStudyConf
     """``config`` with the study, its world and its trainings on ``seed`` and ``device``."""
     return replace(config, seed=seed, device=device, world=replace(config.world, seed=seed),
                    base=replace(config.base, seed=seed, device=device),
-                   sft=replace(config.sft, seed=seed, device=device))
+                   sft=replace(config.sft, seed=seed, device=device), concept=replace(config.concept, seed=seed),
+                   steering=replace(config.steering, seed=seed), patching=replace(config.patching, seed=seed),
+                   monitor=replace(config.monitor, seed=seed))
 
 
 # ---------------------------------------------------------------------------- shared objects
@@ -148,6 +187,134 @@ def lens_stage(ctx: Context) -> Section:
     )
 
 
+def probes_stage(ctx: Context) -> Section:
+    """A probe per concept and layer (``resid_post``), fitted on the train split and scored on the test split,
+    beside the same recipe on the concept's control task."""
+    cfg = ctx.config
+    model, tokenizer, hooks = loaded(ctx)
+    world, names = world_of(ctx), hooks.names_like("resid_post")
+    rows, data, unprobed = [], {}, []
+    for name in cfg.concepts:
+        splits = {split: concept(name, world, split, cfg.concept, model, tokenizer) for split in ("train", "test")}
+        missing = [f"no {split} prompt labelled {label}" for split, c in splits.items()
+                   for label, n in c.counts().items() if n == 0]
+        if missing:  # an SFT model that never complies leaves will_comply with one label
+            unprobed.append(f"{name} ({'; '.join(missing)})")
+            continue
+        scores = probe_by_layer(hooks, tokenizer, splits["train"], splits["test"], names)
+        data[name] = {hook: score.to_dict() for hook, score in scores.items()}
+        rows += [[name, hook, s.accuracy, s.control_accuracy, s.selectivity, s.majority, len(splits["test"])]
+                 for hook, s in scores.items()]
+    best = {name: max(layers.values(), key=lambda s: s["selectivity"]) for name, layers in data.items()}
+    summary = "; ".join(f"{name} {b['accuracy']:.2f} (selectivity {b['selectivity']:.2f}, {b['hook']})"
+                        for name, b in best.items())
+    return Section(
+        title="Linear probes for world concepts, by layer, with control tasks",
+        summary=f"held-out probe accuracy at the most selective layer: {summary}"
+                + (f"; not probed: {', '.join(unprobed)}" if unprobed else ""),
+        tables=[Table("Probe accuracy on the test split; control: the same probe on random labels per prompt type "
+                      "(Hewitt & Liang 2019); selectivity = accuracy − control"
+                      + (f" ({', '.join(NEEDS_MODEL)}: labels from the model's own answers, gold judge)"),
+                      ["concept", "stream", "accuracy", "control accuracy", "selectivity", "majority class",
+                       "test prompts"], rows)],
+        data={"probes": data, "unprobed": unprobed},
+    )
+
+
+def steer_stage(ctx: Context) -> Section:
+    """The refusal direction: a difference of means, its layer chosen on validation prompts; ablated from every
+    write to the stream and added at its layer; harmful compliance, over-refusal and KL by the gold judge."""
+    cfg, out = ctx.config, ctx.stage_dir("steer")
+    model, tokenizer, hooks = loaded(ctx)
+    result = refusal_direction_experiment(model, tokenizer, world_of(ctx), cfg.steering, hooks)
+    plot_steering(result, out / "steering.png")
+    none, ablated, added = (result.condition(c) for c in ("none", "ablation", "addition"))
+    columns = ["harmful_compliance", "jailbreak_success", "harmful_refusal", "over_refusal", "accuracy",
+               "kl_first_token", "kl_per_token"]
+    return Section(
+        title="The refusal direction: ablation and addition",
+        summary=f"the direction of layer {result.layer} ablated: harmful refusal {none['harmful_refusal']:.2f} → "
+                f"{ablated['harmful_refusal']:.2f}, harmful compliance {none['harmful_compliance']:.2f} → "
+                f"{ablated['harmful_compliance']:.2f}, jailbreak success {none['jailbreak_success']:.2f} → "
+                f"{ablated['jailbreak_success']:.2f} (KL {ablated['kl_per_token']:.3f} a token); added at ×"
+                f"{result.scale:g}: over-refusal {none['over_refusal']:.2f} → {added['over_refusal']:.2f} "
+                f"(KL {added['kl_per_token']:.2f} a token)",
+        tables=[Table("Held-out prompts under each condition (gold judge; KL(steered ‖ unsteered) on harmless "
+                      "prompts, at the first response token and per token of the steered model's own answers)",
+                      ["condition", "scale", *columns], [[r["condition"], r["scale"], *(r[c] for c in columns)]
+                                                         for r in result.conditions]),
+                Table("Addition at each scale, held-out harmless prompts", ["scale", "over_refusal", "accuracy",
+                      "kl_per_token"], [[r["scale"], r["over_refusal"], r["accuracy"], r["kl_per_token"]]
+                                        for r in result.sweep]),
+                Table("Prompts", ["set", "n"], [[k, v] for k, v in result.counts.items()])],
+        plots=[ctx.run.relative(out / "steering.png")],
+        transcripts=result.examples,
+        data={k: v for k, v in result.to_dict().items() if k != "examples"},
+    )
+
+
+def patch_stage(ctx: Context) -> Section:
+    """Causal tracing of fact recall, one relation at a time: clean into corrupted (another country)."""
+    cfg, out = ctx.config, ctx.stage_dir("patch")
+    _, tokenizer, hooks = loaded(ctx)
+    results = {relation: fact_recall_patching(hooks, tokenizer, world_of(ctx), replace(cfg.patching, relation=relation))
+               for relation in cfg.patch_relations}
+    plots = []
+    for relation, r in results.items():
+        parts = {"residual stream": r.resid, "attention out": r.attn, "MLP out": r.mlp}
+        plots.append(plot_patching(parts, out / f"{relation}.png", f"Where the {relation} is recalled "
+                                   f"({cfg.patching.mode})", r.tokens))
+        if r.heads is not None:
+            plots.append(plot_patching({"heads (all positions)": r.heads}, out / f"{relation}-heads.png"))
+    rows = []
+    for relation, r in results.items():
+        top = r.summary()
+        for part in ("top_resid", "top_attn", "top_mlp", "top_heads"):
+            best = top[part][0] if top[part] else None
+            if best is not None:
+                where = best.get("token", f"head {best.get('head')}")
+                rows.append([relation, part.removeprefix("top_"), best["name"], where, best["score"]])
+    first = next(iter(results.values())).summary()
+    attn, mlp = first["top_attn"][0], first["top_mlp"][0]
+    return Section(
+        title="Activation patching: where facts are recalled",
+        summary=f"{first['relation']} ({first['pairs']} country pairs, logit difference {first['ld_clean']:.1f} clean, "
+                f"{first['ld_corrupt']:.1f} corrupted): attention writes most at {attn['name']} on "
+                f"{attn['token']!r} ({attn['score']:.2f}), the MLP at {mlp['name']} on {mlp['token']!r} "
+                f"({mlp['score']:.2f})",
+        tables=[Table(f"The cell of highest normalised score ({cfg.patching.mode}: 1 = the clean run's logit "
+                      "difference, 0 = the corrupted run's)", ["relation", "part", "hook point", "token or head",
+                                                                "score"], rows)],
+        plots=[ctx.run.relative(p) for p in plots],
+        data={relation: r.summary() for relation, r in results.items()},
+    )
+
+
+def monitor_stage(ctx: Context) -> Section:
+    """The harmful-intent probe monitor: fitted, calibrated to the target FPR, rated on held-out jailbreaks."""
+    cfg, out = ctx.config, ctx.stage_dir("monitor")
+    _, tokenizer, hooks = loaded(ctx)
+    result = harmful_intent_monitor(hooks, tokenizer, world_of(ctx), cfg.monitor)
+    save_monitor(result.monitor, out / "harmful-intent")
+    r, m = result.report, result.to_dict()
+    complied = ("the model complied with none of them" if result.tpr_complied is None else
+                f"it flags {result.tpr_complied:.0%} of the {result.complied} the model complied with (gold judge)")
+    rows = [["AUROC", r.auroc], ["TPR at the threshold", r.tpr], ["FPR at the threshold (wrapped benign)", r.fpr],
+            ["FPR on plain benign prompts", result.fpr_plain_benign], ["FPR at 95 % TPR", r.fpr_at_95_tpr],
+            ["validation FPR", result.validation_fpr], ["jailbroken prompts complied with", result.complied],
+            ["TPR on those", result.tpr_complied], ["layer", result.hook], ["threshold (log-odds)", r.threshold],
+            ["jailbroken / benign wrapped test prompts", f"{r.n_positives} / {r.n_negatives}"]]
+    return Section(
+        title="A probe monitor for harmful intent",
+        summary=f"calibrated to {cfg.monitor.fpr:.0%} FPR, it catches {r.tpr:.0%} of held-out jailbroken harmful "
+                f"prompts at {r.fpr:.1%} FPR on benign prompts under the same wrappers (AUROC {r.auroc:.3f}); "
+                + complied,
+        tables=[Table("The harmful-intent monitor on the test split (positives: jailbroken harmful requests; "
+                      "negatives: benign requests under the same wrappers)", ["measure", "value"], rows)],
+        data={**m, "monitor": ctx.run.relative(out / "harmful-intent")},
+    )
+
+
 def plot_lens(results: dict[str, LensResult]) -> Figure:
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
@@ -166,4 +333,8 @@ def plot_lens(results: dict[str, LensResult]) -> Figure:
 STAGES = (
     Stage("model", "the model under study", model_stage),
     Stage("lens", "the logit lens on held-out questions", lens_stage),
+    Stage("probes", "linear probes by layer with control tasks", probes_stage),
+    Stage("steer", "the refusal direction, ablated and added", steer_stage),
+    Stage("patch", "activation patching of fact recall", patch_stage),
+    Stage("monitor", "the harmful-intent probe monitor", monitor_stage),
 )
