@@ -381,6 +381,9 @@ def sae_sides(kind: str, batches, steps: int, sides) -> dict[str, Callable]:
         config = ours_config(kind, steps)
         run["safetylab"] = lambda: train_sae(itertools.cycle(batches), config)[0]
     if "saelens" in sides:
+        import sae_lens.config  # noqa: F401 - imported here, not in the timed call (nor in a memory baseline)
+        import sae_lens.training.sae_trainer  # noqa: F401
+
         def saelens():
             sae, trainer = saelens_trainer(kind, steps, itertools.cycle(batches))
             trainer.activation_scaler.scaling_factor = D_IN ** 0.5 / batches[0].norm(dim=-1).mean().item()
@@ -400,7 +403,7 @@ def run_sae(args) -> dict:
     print(f"\nSAE training: d {D_IN}, {D_IN * EXPANSION} latents, batch {SAE_BATCH}, {args.sae_steps} steps per call "
           f"on {args.sae_batches} fixed synthetic batches; lr {LR}, ReLU lambda {L1}, TopK k {K}", flush=True)
     results = {}
-    for kind in SAE_KINDS:
+    for kind in args.kind or SAE_KINDS:
         run = sae_sides(kind, batches, args.sae_steps, set(SAE_SIDES))
         for fn in run.values():
             fn()
@@ -447,13 +450,16 @@ def run_recovery(args) -> list[dict]:
     print(f"\nrecovery: synthetic benchmark ({data.n_features} directions in d {data.d}, p {data.p}, noise "
           f"{data.noise}), {steps} steps of {SAE_BATCH} fresh samples per side", flush=True)
     rows = []
-    for kind in SAE_KINDS:
+    for kind in args.kind or SAE_KINDS:
         config = ours_config(kind, steps)
-        print(f"  {kind}: safetylab ... ({load()})", flush=True)
-        _, ours = run_benchmark(config, data)
-        rows.append({"kind": kind, "side": "safetylab", "cosine": ours["mean_best_cosine"], "l0": ours["l0"],
-                     "fvu": ours["fvu"], "seconds": ours["seconds"]})
-        print(f"    {rows[-1]}", flush=True)
+        if "safetylab" in (args.recovery_side or ("safetylab",)):
+            print(f"  {kind}: safetylab ... ({load()})", flush=True)
+            _, ours = run_benchmark(config, data)
+            rows.append({"kind": kind, "side": "safetylab", "cosine": ours["mean_best_cosine"], "l0": ours["l0"],
+                         "fvu": ours["fvu"], "seconds": ours["seconds"]})
+            print(f"    {rows[-1]}", flush=True)
+        if "saelens" not in (args.recovery_side or ("saelens",)):
+            continue
         print(f"  {kind}: SAELens ... ({load()})", flush=True)
         sae, trainer = saelens_trainer(kind, steps, features.batches(SAE_BATCH, config.seed))
         start = time.perf_counter()
@@ -480,6 +486,8 @@ def report_recovery(args, rows) -> None:
               f"{row['seconds']:>8.0f} {args.recovery_steps * SAE_BATCH / row['seconds']:>10,.0f}")
     for kind in SAE_KINDS:
         by = {r["side"]: r for r in rows if r["kind"] == kind}
+        if len(by) < 2:
+            continue
         delta = by["safetylab"]["cosine"] - by["saelens"]["cosine"]
         print(f"  {kind}: safetylab - SAELens {delta:+.4f} ({'equal or better' if delta >= -0.005 else 'WORSE'})")
 
@@ -542,6 +550,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--sae-steps", type=int, default=10, help="training steps per timed SAE call (default 10)")
     parser.add_argument("--sae-batches", type=int, default=4, help="fixed activation batches, cycled (default 4)")
+    parser.add_argument("--kind", choices=SAE_KINDS, action="append",
+                        help="sae and recovery: only this SAE kind (repeatable; default both)")
+    parser.add_argument("--recovery-side", choices=("safetylab", "saelens"), action="append",
+                        help="recovery: only this side (repeatable; default both)")
     parser.add_argument("--recovery-steps", type=int, default=5000, help="steps of the recovery runs (default 5000)")
     parser.add_argument("--mem-calls", type=int, default=2, help="calls in each memory subprocess (default 2)")
     parser.add_argument("--mem-repeats", type=int, default=2, help="memory subprocesses per side (default 2)")
@@ -586,7 +598,8 @@ def main() -> None:
         sae = run_sae(args)
         if not args.no_memory:
             print("\npeak memory: one fresh subprocess per SAE side ...", flush=True)
-            sae_memory = {kind: memory_runs(args, {s: f"sae:{s}:{kind}" for s in SAE_SIDES}) for kind in SAE_KINDS}
+            sae_memory = {kind: memory_runs(args, {s: f"sae:{s}:{kind}" for s in SAE_SIDES})
+                          for kind in args.kind or SAE_KINDS}
     if "recovery" in parts:
         recovery = run_recovery(args)
     print(f"\nend: {load()}")
