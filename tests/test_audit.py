@@ -173,7 +173,14 @@ def tiny_audit_config(seed: int = 0):
         robust=replace(config.robust, standard=replace(config.robust.standard, epochs=2),
                        adversarial=(replace(config.robust.adversarial[0], epochs=1, steps=2),), eps=(0.0, 0.1),
                        attack_steps=5, square_queries=20, ensemble_members=2, mc_samples=3),
-        interp=replace(config.interp, lens_questions=10),
+        interp=replace(config.interp, lens_questions=10, concepts=("request_kind", "will_comply"),
+                       concept=replace(config.interp.concept, n=8, max_new_tokens=8),
+                       sae=replace(config.interp.sae, steps=20, batch_size=256), sae_corpus=100, sae_demonstrations=50,
+                       dashboard_features=3,
+                       steering=replace(config.interp.steering, n_direction=8, n_validation=6, n_harmful=6,
+                                        jailbroken=1, per_kind=3, max_new_tokens=8),
+                       patching=replace(config.interp.patching, n_pairs=4, known_only=False, heads=False),
+                       monitor=replace(config.interp.monitor, n=40, n_eval=5, samples=1, max_new_tokens=8)),
         agents=replace(config.agents, episodes=60),
         verify=replace(config.verify, trainings=("standard",), standard=replace(config.verify.standard, epochs=1),
                        eps=(0.0, 0.05), examples=8, exact_time_limit=0.2, attack_steps=3, alpha_iterations=2,
@@ -491,7 +498,14 @@ def test_audit_interp_sections_study_the_align_sft_model(audit_dir, report):
     assert model["data"]["signature"]["n_layers"] == CONFIG.align.model.n_layer
     lens = sections["interp/lens"]["data"]["facts"]
     assert len(lens["prob"]) == CONFIG.align.model.n_layer + 1 and all(0 <= p <= 1 for p in lens["prob"])
-    assert all((audit_dir / p).is_file() for p in sections["interp/lens"]["plots"])
+    assert all((audit_dir / p).is_file() for s in sections for p in sections[s]["plots"] if s.startswith("interp/"))
+    sae = sections["interp/sae"]["data"]
+    assert sae["hook"] == "blocks.0.resid_post" and (audit_dir / "interp" / sae["dashboard"]).is_file()
+    assert 0 <= sae["topk"]["metrics"]["l0"] <= CONFIG.interp.sae.k
+    steer = {r["condition"]: r for r in sections["interp/steer"]["data"]["conditions"]}
+    assert set(steer) == {"none", "ablation", "addition"} and steer["none"]["kl_per_token"] == 0
+    monitor = sections["interp/monitor"]["data"]
+    assert 0 <= monitor["auroc"] <= 1 and (audit_dir / "interp" / monitor["monitor"] / "monitor.json").is_file()
 
 
 @pytest.mark.slow

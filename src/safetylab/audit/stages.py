@@ -34,7 +34,10 @@ class AuditConfig:
     device: str = "auto"
     align: align.AlignStudyConfig = field(default_factory=align.AlignStudyConfig)
     robust: robust.RobustStudyConfig = field(default_factory=robust.RobustStudyConfig)
-    interp: interp.InterpStudyConfig = field(default_factory=interp.InterpStudyConfig)
+    # the interpretability study with one SAE kind (TopK) trained for fewer steps and one fact relation patched
+    # (the full study, `safetylab interp report`, trains all three kinds and patches four relations)
+    interp: interp.InterpStudyConfig = field(default_factory=lambda: interp.InterpStudyConfig(
+        sae_kinds=("topk",), sae=interp.SAEConfig(batch_size=2048, steps=1000), patch_relations=("capital",)))
     agents: agents.AgentsStudyConfig = field(default_factory=agents.AgentsStudyConfig)
     # the verification study with exact verification held to 1 s a digit and ε to 0.1 (about a minute; the
     # full study, `safetylab verify report`, takes 10)
@@ -74,5 +77,5 @@ def with_seed(config: AuditConfig, seed: int, device: str | None = None) -> Audi
     given: the digits studies and the gridworlds run on the CPU)."""
     device = config.device if device is None else device
     return AuditConfig(seed=seed, device=device, align=align.seeded(config.align, seed, device),
-                       interp=interp.seeded(config.interp, seed, device), robust=replace(config.robust, seed=seed), agents=replace(config.agents, seed=seed),
-                       verify=replace(config.verify, seed=seed))
+                       interp=interp.seeded(config.interp, seed, device), robust=replace(config.robust, seed=seed),
+                       agents=replace(config.agents, seed=seed), verify=replace(config.verify, seed=seed))

@@ -64,6 +64,67 @@ def lens(out: Out = Path("runs/interp-lens"), model: Model = None, quick: Quick 
         _study(out, seed, ("lens",), model, quick, device, **_given(lens_questions=questions))
 
 
+def _names(text: str | None, option: str) -> tuple[str, ...] | None:
+    """A comma-separated option as a tuple (None when not given; the config checks the names)."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise SafetylabError(f"{option}: expected one or more comma-separated names, got {text!r}")
+    return names
+
+
+@interp_app.command("probe")
+def probe(out: Out = Path("runs/interp-probe"), model: Model = None, quick: Quick = False, seed: Seed = 0,
+          device: Device = "auto",
+          concepts: Annotated[str | None, typer.Option(help="Comma-separated: request_kind, harmful_intent, "
+                                                            "jailbreak, will_comply, will_be_wrong (default all).")
+                              ] = None) -> None:
+    """Linear probes for world concepts at every layer, with control tasks (selectivity)."""
+    with options("concepts"):
+        _study(out, seed, ("probes",), model, quick, device, **_given(concepts=_names(concepts, "--concepts")))
+
+
+@interp_app.command("sae")
+def sae(out: Out = Path("runs/interp-sae"), model: Model = None, quick: Quick = False, seed: Seed = 0,
+        device: Device = "auto",
+        kinds: Annotated[str | None, typer.Option(help="Comma-separated SAE kinds: relu, topk, jumprelu "
+                                                       "(default all).")] = None,
+        hook: Annotated[str | None, typer.Option(help="Hook point (default: the middle block's resid_post).")
+                        ] = None) -> None:
+    """Sparse autoencoders on a residual stream: L0, explained variance, CE loss recovered, dead and dense
+    latents, and a feature dashboard (sae/dashboard.html)."""
+    with options(sae_kinds="--kinds", sae_hook="--hook"):
+        _study(out, seed, ("sae",), model, quick, device, **_given(sae_kinds=_names(kinds, "--kinds"), sae_hook=hook))
+
+
+@interp_app.command("steer")
+def steer(out: Out = Path("runs/interp-steer"), model: Model = None, quick: Quick = False, seed: Seed = 0,
+          device: Device = "auto") -> None:
+    """The refusal direction: ablated from every write to the residual stream and added at one layer; harmful
+    compliance, over-refusal and the KL cost, by the gold judge."""
+    _study(out, seed, ("steer",), model, quick, device)
+
+
+@interp_app.command("patch")
+def patch(out: Out = Path("runs/interp-patch"), model: Model = None, quick: Quick = False, seed: Seed = 0,
+          device: Device = "auto",
+          relations: Annotated[str | None, typer.Option(help="Comma-separated: capital, river, animal, language "
+                                                             "(default all).")] = None) -> None:
+    """Activation patching of fact recall: where the model recalls a country's facts, by layer × position."""
+    with options(patch_relations="--relations"):
+        _study(out, seed, ("patch",), model, quick, device,
+               **_given(patch_relations=_names(relations, "--relations")))
+
+
+@interp_app.command("monitor")
+def monitor(out: Out = Path("runs/interp-monitor"), model: Model = None, quick: Quick = False, seed: Seed = 0,
+            device: Device = "auto") -> None:
+    """The harmful-intent probe monitor, calibrated on benign prompts and rated on held-out jailbreaks; saved in
+    monitor/harmful-intent for the control runtime."""
+    _study(out, seed, ("monitor",), model, quick, device)
+
+
 @interp_app.command("cache")
 def cache(
     model: Annotated[Path, typer.Option(help="A model directory (HF save_pretrained).")],

@@ -8,6 +8,8 @@ the align study's SFT model.
   demonstrations), its hook points;
 - ``lens``: the logit lens on held-out fact and arithmetic questions: at which layer the answer is decided;
 - ``probes``: linear probes for world concepts at every layer, with control tasks (selectivity);
+- ``sae``: sparse autoencoders of each kind (ReLU-L1, TopK, JumpReLU) on a residual stream, with L0, explained
+  variance, CE loss recovered, dead and dense latents, and a feature dashboard (HTML);
 - ``steer``: the refusal direction (Arditi et al. 2024): ablated everywhere and added at one layer, measured by
   the gold judge with its KL cost;
 - ``patch``: activation patching of fact recall (Meng et al. 2022): where the world's model recalls a country's
@@ -32,13 +34,17 @@ from safetylab.core.io import save_figure
 from safetylab.core.runs import RunDir
 from safetylab.core.study import Context, Section, Stage, Table
 from safetylab.interp.concepts import CONCEPTS, NEEDS_MODEL, ConceptConfig, concept
+from safetylab.interp.dashboard import feature_dashboard
 from safetylab.interp.hooks import Hooks, describe_names, model_signature
 from safetylab.interp.lens import LensResult, world_lens
 from safetylab.interp.monitors import HarmfulMonitorConfig, harmful_intent_monitor, save_monitor
 from safetylab.interp.patching import FactPatchingConfig, fact_recall_patching
 from safetylab.interp.plots import plot_patching, plot_steering
 from safetylab.interp.probes import probe_by_layer
+from safetylab.interp.sae import KINDS as SAE_KINDS
+from safetylab.interp.sae import SAEConfig, ce_loss_recovered, feature_density, sae_metrics, train_sae
 from safetylab.interp.steering import RefusalDirectionConfig, refusal_direction_experiment
+from safetylab.interp.store import collect_activations, world_batches
 from safetylab.models.lm import ModelConfig, load_model
 from safetylab.models.train import TrainConfig, finetune, pretrain
 from safetylab.world.requests import RELATIONS
@@ -61,6 +67,14 @@ class InterpStudyConfig:
     # probes: each concept's prompts (per group, train and test split) and the answers that label some of them
     concepts: tuple[str, ...] = CONCEPTS
     concept: ConceptConfig = field(default_factory=ConceptConfig)
+    # sparse autoencoders on ``sae_hook`` (None: the middle block's resid_post), one of each kind; the text is the
+    # world's corpus and demonstrations (``sae_corpus`` and ``sae_demonstrations`` rows, a tenth held out)
+    sae_hook: str | None = None
+    sae_kinds: tuple[str, ...] = SAE_KINDS
+    sae: SAEConfig = field(default_factory=lambda: SAEConfig(batch_size=4096, steps=2000))
+    sae_corpus: int = 8000
+    sae_demonstrations: int = 4000
+    dashboard_features: int = 12
     # the refusal direction
     steering: RefusalDirectionConfig = field(default_factory=RefusalDirectionConfig)
     # fact-recall patching, one heat map per relation
@@ -81,6 +95,11 @@ class InterpStudyConfig:
                 self.patch_relations)
         for name in self.patch_relations:
             require_choice(name, "patch_relations", RELATIONS)
+        require(len(self.sae_kinds) > 0, "sae_kinds", f"one or more of {', '.join(SAE_KINDS)}", self.sae_kinds)
+        for name in self.sae_kinds:
+            require_choice(name, "sae_kinds", SAE_KINDS)
+        for name in ("sae_corpus", "sae_demonstrations", "dashboard_features"):
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
 
 
 QUICK = InterpStudyConfig(
@@ -90,8 +109,11 @@ QUICK = InterpStudyConfig(
     sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10),
     lens_questions=100,
     concept=ConceptConfig(n=30),
+    sae_kinds=("topk",),
+    sae=SAEConfig(batch_size=1024, steps=300, log_every=100),
+    sae_corpus=2000, sae_demonstrations=1000,
     steering=RefusalDirectionConfig(n_direction=32, n_validation=24, n_harmful=24, jailbroken=6, per_kind=10,
-                                    scales=(0.5, 0.75)),
+                                    scales=(0.75,)),
     patching=FactPatchingConfig(n_pairs=24),
     patch_relations=("capital",),
     monitor=HarmfulMonitorConfig(n=120, n_eval=30, samples=2),
@@ -108,6 +130,7 @@ def seeded(config: InterpStudyConfig, seed: int, device: str) -> InterpStudyConf
     return replace(config, seed=seed, device=device, world=replace(config.world, seed=seed),
                    base=replace(config.base, seed=seed, device=device),
                    sft=replace(config.sft, seed=seed, device=device), concept=replace(config.concept, seed=seed),
+                   sae=replace(config.sae, seed=seed),
                    steering=replace(config.steering, seed=seed), patching=replace(config.patching, seed=seed),
                    monitor=replace(config.monitor, seed=seed))
 
@@ -218,6 +241,48 @@ def probes_stage(ctx: Context) -> Section:
                       ["concept", "stream", "accuracy", "control accuracy", "selectivity", "majority class",
                        "test prompts"], rows)],
         data={"probes": data, "unprobed": unprobed},
+    )
+
+
+def sae_stage(ctx: Context) -> Section:
+    """One SAE of each kind on the stream at ``sae_hook``, trained on the world's text and measured on held-out
+    text; each saved, and the last kind's densest live latents as a dashboard. The world's text fits in memory,
+    so its activations are read once and every kind trains on them in shuffled minibatches (a model whose text
+    does not fit streams through :class:`~safetylab.interp.store.ActivationStore` instead)."""
+    cfg, out = ctx.config, ctx.stage_dir("sae")
+    _, tokenizer, hooks = loaded(ctx)
+    name = cfg.sae_hook or f"blocks.{hooks.n_layers // 2}.resid_post"
+    hooks.check_name(name)
+    train, held = world_batches(world_of(ctx), tokenizer, cfg.sae_corpus, cfg.sae_demonstrations, seed=cfg.seed,
+                                max_length=getattr(hooks.model.config, "max_position_embeddings", None))
+    acts, held_acts = collect_activations(hooks, name, train), collect_activations(hooks, name, held)
+    meta = {"model_signature": model_signature(hooks.model), "hook": name}
+    rows, data = [], {}
+    for kind in cfg.sae_kinds:
+        sae, _ = train_sae(acts, replace(cfg.sae, kind=kind, d_in=acts.shape[-1]))
+        sae.save(out / kind, meta)
+        m, ce = sae_metrics(sae, held_acts).as_dict(), ce_loss_recovered(hooks, sae, name, held)
+        rows.append([kind, sae.config.width, m["l0"], m["explained_variance"], ce["ce_clean"], ce["ce_sae"],
+                     ce["ce_ablated"], ce["recovered"], m["dead"], m["dense"]])
+        data[kind] = {"metrics": m, "ce": ce, "sae": ctx.run.relative(out / kind)}
+    texts = [tokenizer.decode(b.input_ids[i, : b.last[i] + 1]) for b in held[:4] for i in range(len(b.last))]
+    density = feature_density(sae, held_acts)
+    live = [int(i) for i in density.argsort(descending=True) if density[i] > 0]
+    dashboard = feature_dashboard(sae, hooks, name, tokenizer, texts, live[: cfg.dashboard_features],
+                                  out / "dashboard.html", title=f"{sae.config.kind} SAE latents at {name}")
+    best = max(rows, key=lambda r: r[7])
+    return Section(
+        title=f"Sparse autoencoders on {name}",
+        summary=f"{best[0]} recovers {best[7]:.3f} of the CE loss at L0 {best[2]:.1f} ({best[1]} latents, explained "
+                f"variance {best[3]:.3f}); "
+                + ", ".join(f"{r[0]} {r[7]:.3f} at L0 {r[2]:.1f}" for r in rows if r is not best),
+        tables=[Table(f"Held-out world text ({len(held_acts)} tokens; trained on {len(acts)} tokens, "
+                      f"{cfg.sae.steps} steps of {cfg.sae.batch_size}); CE recovered = (CE_ablated − "
+                      "CE_sae) / (CE_ablated − CE_clean), the activation zeroed for CE_ablated; dead: never fired, "
+                      "dense: fired on > 10 % of tokens",
+                      ["kind", "latents", "L0", "explained variance", "CE clean", "CE with SAE", "CE ablated",
+                       "CE recovered", "dead", "dense"], rows)],
+        data={"hook": name, **data, "dashboard": ctx.run.relative(dashboard)},
     )
 
 
@@ -334,6 +399,7 @@ STAGES = (
     Stage("model", "the model under study", model_stage),
     Stage("lens", "the logit lens on held-out questions", lens_stage),
     Stage("probes", "linear probes by layer with control tasks", probes_stage),
+    Stage("sae", "sparse autoencoders of each kind on a residual stream", sae_stage),
     Stage("steer", "the refusal direction, ablated and added", steer_stage),
     Stage("patch", "activation patching of fact recall", patch_stage),
     Stage("monitor", "the harmful-intent probe monitor", monitor_stage),
