@@ -85,6 +85,13 @@ def test_jumprelu_loss_counts_latents_above_threshold():
     loss, l0 = jumprelu_loss(x, x_hat, z, torch.full((3,), 0.1), l0_coefficient=0.3, bandwidth=0.01)
     assert l0.item() == 2
     assert loss.item() == pytest.approx(1.0 + 0.3 * 2)
+    # the pre-activation term: λ_p Σ ReLU(θ − z) ‖W_d,i‖ = 2 · (0.1 − 0.05) · 3
+    z = z.clone().requires_grad_(True)
+    loss, _ = jumprelu_loss(x, x_hat, z, torch.full((3,), 0.1), 0.3, 0.01, pre_act_coefficient=2.0,
+                            decoder_norms=torch.tensor([1.0, 3.0, 1.0]))
+    assert loss.item() == pytest.approx(1.0 + 0.6 + 0.3)
+    loss.backward()
+    assert z.grad[0].tolist() == pytest.approx([0.0, -6.0, 0.0])  # lifts only the latent below its threshold
 
 
 def test_topk_code_keeps_the_k_largest_non_negative():

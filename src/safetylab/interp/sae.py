@@ -80,6 +80,7 @@ class SAEConfig:
     l0_coefficient: float = 1.0  # λ on Σ H(z − θ)
     bandwidth: float = 0.05  # ε of the rectangle kernel, in the units of the scaled input
     threshold_init: float = 0.05  # θ at the start, same units
+    pre_act_coefficient: float = 0.0  # λ_p of Anthropic's pre-activation term (0: the paper's loss alone)
     # training
     sparsity_warmup: float = 0.05  # share of steps over which λ (relu, jumprelu) rises linearly from 0
     lr: float | None = None
@@ -102,7 +103,7 @@ class SAEConfig:
         require(self.kind != "topk" or self.k <= self.width, "k", f"at most d_sae ({self.width})", self.k)
         require(self.aux_k is None or (isinstance(self.aux_k, int) and 1 <= self.aux_k <= self.width), "aux_k",
                 f"an integer in [1, d_sae = {self.width}] (or none: d_in / 2 rounded to a power of two)", self.aux_k)
-        for name in ("l1_coefficient", "aux_coefficient", "l0_coefficient"):
+        for name in ("l1_coefficient", "aux_coefficient", "l0_coefficient", "pre_act_coefficient"):
             value = getattr(self, name)
             require(value >= 0 and math.isfinite(value), name, "a finite number >= 0", value)
         for name in ("decoder_init_norm", "bandwidth", "threshold_init", "grad_clip"):
@@ -219,11 +220,20 @@ def topk_auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, aux_hat: torch.Tensor |
 
 
 def jumprelu_loss(x: torch.Tensor, x_hat: torch.Tensor, z: torch.Tensor, threshold: torch.Tensor,
-                  l0_coefficient: float, bandwidth: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  l0_coefficient: float, bandwidth: float, pre_act_coefficient: float = 0.0,
+                  decoder_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rajamanoharan et al. (2024): ``L = E_x[‖x − x̂‖² + λ Σ_i H(z_i − θ_i)]``, the step through
-    :class:`StepFunction`. Returns ``(L, the L0 term)``."""
+    :class:`StepFunction`; plus, when ``pre_act_coefficient`` λ_p > 0, Anthropic's pre-activation term
+    (Circuits Updates, January 2025) ``λ_p E_x Σ_i ReLU(θ_i − z_i) ‖W_d,i‖`` (θ held fixed in it), which
+    lifts the pre-activations of latents that do not fire, so a latent that has stopped firing everywhere
+    (and so gets no other gradient) comes back. Returns ``(L, the L0 term)``."""
     l0 = StepFunction.apply(z, threshold, bandwidth).sum(-1).mean()
-    return squared_error(x, x_hat) + l0_coefficient * l0, l0
+    loss = squared_error(x, x_hat) + l0_coefficient * l0
+    if pre_act_coefficient > 0:
+        below = (threshold.detach() - z).relu()
+        below = below * decoder_norms if decoder_norms is not None else below
+        loss = loss + pre_act_coefficient * below.sum(-1).mean()
+    return loss, l0
 
 
 def topk_code(z: torch.Tensor, k: int) -> torch.Tensor:
@@ -439,7 +449,7 @@ def _jumprelu_step(sae: SparseAutoencoder, x: torch.Tensor, state: TrainState):
     f = JumpReLUFunction.apply(z, sae.threshold, sae.config.bandwidth)
     x_hat = sae.reconstruct(f)
     loss, _ = jumprelu_loss(x, x_hat, z, sae.threshold, state.sparsity * sae.config.l0_coefficient,
-                            sae.config.bandwidth)
+                            sae.config.bandwidth, sae.config.pre_act_coefficient, sae.W_dec.norm(dim=1))
     return loss, x_hat, f
 
 
@@ -584,6 +594,13 @@ def _ids_and_mask(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.ones_like(ids) if mask is None else mask
 
 
+def splice(sae: SparseAutoencoder, act: torch.Tensor) -> torch.Tensor:
+    """``act`` replaced by the SAE's reconstruction, in its shape and dtype (``attn.z``'s heads flattened for
+    the SAE and split again)."""
+    flat = act.flatten(-2) if act.ndim == 4 else act
+    return sae(flat)[0].to(act.dtype).view_as(act)
+
+
 def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sum of −log p(token_{t+1} | ≤ t), count)`` over the positions whose next token is real: padding
@@ -607,7 +624,7 @@ def ce_loss_recovered(hooks: Hooks, sae: SparseAutoencoder, name: str, batch_ite
     device = next(hooks.model.parameters()).device
     sae = sae.to(device)
     runs: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
-        "clean": None, "sae": lambda act: sae(act)[0].to(act.dtype), "ablated": torch.zeros_like}
+        "clean": None, "sae": lambda act: splice(sae, act), "ablated": torch.zeros_like}
     totals = dict.fromkeys(runs, 0.0)
     count = 0
     for batch in batch_iter:

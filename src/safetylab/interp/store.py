@@ -45,28 +45,46 @@ def token_batches(rows: Sequence[Sequence[int]], batch_size: int, pad_id: int, s
     return [pad_right(ordered[i:i + batch_size], pad_id) for i in range(0, len(ordered), batch_size)]
 
 
+def world_batches(world, tokenizer, corpus: int = 8000, demonstrations: int = 4000, eval_share: float = 0.1,
+                  rows_per_batch: int = 64, max_length: int | None = None, seed: int = 0
+                  ) -> tuple[list[Encoded], list[Encoded]]:
+    """``(train, eval)`` token batches of the world's text: ``world.corpus(corpus)`` and
+    ``world.demonstrations(demonstrations)`` (:func:`world_token_rows`), rows split at random, an
+    ``eval_share`` of them held out."""
+    if not 0 < eval_share < 1:
+        raise SafetylabError(f"world_batches: eval_share {eval_share}; expected a share in (0, 1)")
+    rows = world_token_rows(tokenizer, world.corpus(corpus), world.demonstrations(demonstrations), max_length)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(derive_seed(seed, "world_batches")))
+    n_eval = max(1, int(len(rows) * eval_share))
+    held, kept = order[:n_eval].tolist(), order[n_eval:].tolist()
+    pad = tokenizer.pad_token_id
+    return (token_batches([rows[i] for i in kept], rows_per_batch, pad, seed),
+            token_batches([rows[i] for i in held], rows_per_batch, pad, derive_seed(seed, "eval")))
+
+
 # ============================================================================ the store
 def real_token_activations(hooks: Hooks, name: str, batch: Encoded) -> torch.Tensor:
-    """The activations at ``name`` of ``batch``'s real tokens, ``(tokens, width)`` (padding left out), on the
-    CPU; the forward pass stops after ``name``."""
+    """The activations at ``name`` of ``batch``'s real tokens, ``(tokens, width)`` in float32 (padding left out),
+    on the model's device; the forward pass stops after ``name``."""
     device = next(hooks.model.parameters()).device
     batch = batch.to(device)
     _, cache = hooks.run_with_cache(input_ids=batch.input_ids, attention_mask=batch.attention_mask, names=name,
                                     stop_early=True)
     act = cache[name]
     act = act.flatten(-2) if act.ndim == 4 else act  # attn.z: heads side by side
-    return act[batch.attention_mask.bool()].float().cpu()
+    return act[batch.attention_mask.bool()].float()
 
 
 def collect_activations(hooks: Hooks, name: str, batches: Sequence[Encoded]) -> torch.Tensor:
-    """:func:`real_token_activations` of every batch, concatenated: ``(tokens, width)``."""
-    return torch.cat([real_token_activations(hooks, name, b) for b in batches])
+    """:func:`real_token_activations` of every batch, concatenated on the CPU: ``(tokens, width)``."""
+    return torch.cat([real_token_activations(hooks, name, b).cpu() for b in batches])
 
 
 class ActivationStore:
     """An endless iterator of ``(batch_size, width)`` activations at hook point ``name`` of ``hooks.model``,
     read from ``token_batches`` (cycled, in a new seeded order each pass) through a shuffling buffer of
-    about ``buffer_batches × batch_size`` activations that is refilled when half empty."""
+    about ``buffer_batches × batch_size`` activations that is refilled when half empty. The buffer lives on
+    the model's device."""
 
     def __init__(self, hooks: Hooks, name: str, token_batches: Sequence[Encoded], batch_size: int = 4096,
                  buffer_batches: int = 16, seed: int = 0):
@@ -80,7 +98,7 @@ class ActivationStore:
         self.batch_size, self.buffer_size = batch_size, batch_size * buffer_batches
         self.generator = torch.Generator().manual_seed(derive_seed(seed, "activation_store"))
         self._order: list[int] = []
-        self._buffer = torch.empty(0)
+        self._buffer = torch.empty(0, device=next(hooks.model.parameters()).device)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
@@ -104,7 +122,7 @@ class ActivationStore:
             parts.append(acts)
             held += acts.shape[0]
         buffer = torch.cat([p.reshape(-1, parts[-1].shape[-1]) for p in parts])
-        self._buffer = buffer[torch.randperm(buffer.shape[0], generator=self.generator)]
+        self._buffer = buffer[torch.randperm(buffer.shape[0], generator=self.generator).to(buffer.device)]
 
 
 # ============================================================================ one call: train and measure

@@ -80,6 +80,21 @@ def mean_best_cosine(true_directions: torch.Tensor, decoder: torch.Tensor, signe
     return (cos if signed else cos.abs()).max(dim=1).values.mean().item()
 
 
+# The step budget of the benchmark: SAELens's train_toy_sae default (10M samples at batch 1,024), ≈ 10,000 steps.
+BENCHMARK_STEPS, BENCHMARK_BATCH = 10_000, 1024
+# Each kind's sparsity knob for this data (about 10 features active per sample): the one setting a user tunes
+# to their data; the rest are SAEConfig's defaults.
+BENCHMARK_SPARSITY = {"relu": {"l1_coefficient": 2.0}, "topk": {"k": 16}, "jumprelu": {"l0_coefficient": 1.0}}
+
+
+def benchmark_config(kind: str, data: SyntheticConfig = SyntheticConfig(), **overrides) -> SAEConfig:
+    """The benchmark's SAE of ``kind``: 8 latents per dimension (1,024 for d = 128), the step budget
+    :data:`BENCHMARK_STEPS` × :data:`BENCHMARK_BATCH`, the kind's :data:`BENCHMARK_SPARSITY`."""
+    settings = {"kind": kind, "d_in": data.d, "expansion": 8, "steps": BENCHMARK_STEPS,
+                "batch_size": BENCHMARK_BATCH, **BENCHMARK_SPARSITY.get(kind, {}), **overrides}
+    return SAEConfig(**settings)
+
+
 def run_benchmark(config: SAEConfig, data: SyntheticConfig = SyntheticConfig(), eval_samples: int = 65_536,
                   log=None) -> tuple[SparseAutoencoder, dict[str, float]]:
     """Train an SAE of ``config`` on fresh synthetic batches for ``config.steps`` steps and measure it:
