@@ -68,7 +68,8 @@ Peak memory: torch's CPU allocator is invisible to ``tracemalloc``, so each side
 subprocess (``--mem-repeats`` of them, median) and the growth of its peak RSS over ``--mem-calls`` calls is
 read, from a baseline taken right before the first call after imports, the model or data and the side's
 wrapper are built and after ``malloc_trim`` (``VmHWM`` reset through ``/proc/self/clear_refs``, see
-``peak_memory.py``).
+``peak_memory.py``). Every SAE child imports SAELens first, so the three sides start from the same process state
+(otherwise the allocator reuses the memory SAELens's imports freed, and its growth reads lower).
 
 Targets: caching ≤ 1.05× the plain forward and at least as fast as TransformerLens and nnsight; SAE
 training ≥ 1.3× SAELens's vectors/s and within 1.1× of the floor's time, with equal or better recovery at
@@ -499,6 +500,10 @@ def memory_child(args) -> None:
         model, ids = build_gpt2()
         run = cache_sides(model, ids, {side})[side]
     else:
+        # every SAE child imports SAELens (and so TransformerLens, wandb, …) first: the sides then start from the same
+        # process state, whose freed import memory the allocator may reuse
+        import sae_lens.training.sae_trainer  # noqa: F401
+
         batches = sae_batches(args.sae_batches)
         run = sae_sides(kind, batches, args.sae_steps, {side})[side]
     source = reset_peak_rss(trim=True)
