@@ -28,6 +28,7 @@ from safetylab.align.evaluate import summarize
 from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
 from safetylab.core.seeding import derive_seed
+from safetylab.interp.concepts import distinct
 from safetylab.interp.data import prompt_activations
 from safetylab.interp.hooks import Hooks, Intervention
 from safetylab.models.logprobs import encode_pairs, full_kl
@@ -200,11 +201,6 @@ class SteeringResult:
         out["direction_norm"] = round(float(self.direction.norm()), 6)
         del out["direction"]
         return out
-
-
-def distinct(requests: Sequence[Request]) -> list[Request]:
-    """``requests`` with each prompt once, in first-seen order."""
-    return list({r.prompt: r for r in requests}.values())
 
 
 def harmless_requests(world, split: str, n: int, seed: int) -> list[Request]:
