@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from safetylab.agents import study as agents
@@ -47,7 +47,7 @@ class AuditConfig:
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
-        seeds = {name: getattr(self, name).seed for name in ("align", "interp", "robust", "agents", "verify")}
+        seeds = {f.name: getattr(self, f.name).seed for f in fields(self) if f.name not in ("seed", "device")}
         require(set(seeds.values()) == {self.seed}, "seed", f"the seed of every study ({seeds}): one root seed "
                 "per audit; with_seed(config, seed) sets it everywhere", self.seed)
 

@@ -40,6 +40,7 @@ def _config(quick: bool, seed: int, device: str, path: Path | None):
     """The audit's config for ``seed``, with the fields of the file at ``path`` (YAML or JSON) over it; the
     root ``seed`` and ``device`` (the option's or the file's) reach every study."""
     from safetylab.audit import AuditConfig, audit_config, with_seed
+    from safetylab.audit.stages import STUDIES
     from safetylab.core.config import config_from_dict, config_to_dict, read_config_file
 
     with options("seed", "device"):
@@ -47,7 +48,7 @@ def _config(quick: bool, seed: int, device: str, path: Path | None):
     if path is None:
         return chosen
     data = _merge(config_to_dict(chosen), read_config_file(path))
-    for study in ("align", "robust", "agents", "verify"):  # one root seed: the file's top-level one
+    for study in (s.name for s in STUDIES):  # one root seed: the file's top-level one
         if isinstance(data.get(study), dict):
             data[study]["seed"] = data.get("seed")
     config = config_from_dict(AuditConfig, data, where=str(path))
