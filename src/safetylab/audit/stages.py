@@ -37,7 +37,7 @@ class AuditConfig:
     # the interpretability study with one SAE kind (TopK) trained for fewer steps and one fact relation patched
     # (the full study, `safetylab interp report`, trains all three kinds and patches four relations)
     interp: interp.InterpStudyConfig = field(default_factory=lambda: interp.InterpStudyConfig(
-        sae_kinds=("topk",), sae=interp.SAEConfig(batch_size=2048, steps=1000), patch_relations=("capital",)))
+        sae_kinds=("topk",), sae=interp.SAEConfig(batch_size=1024, steps=500), patch_relations=("capital",)))
     agents: agents.AgentsStudyConfig = field(default_factory=agents.AgentsStudyConfig)
     # the verification study with exact verification held to 1 s a digit and ε to 0.1 (about a minute; the
     # full study, `safetylab verify report`, takes 10)

@@ -71,7 +71,7 @@ class InterpStudyConfig:
     # world's corpus and demonstrations (``sae_corpus`` and ``sae_demonstrations`` rows, a tenth held out)
     sae_hook: str | None = None
     sae_kinds: tuple[str, ...] = SAE_KINDS
-    sae: SAEConfig = field(default_factory=lambda: SAEConfig(batch_size=4096, steps=2000))
+    sae: SAEConfig = field(default_factory=lambda: SAEConfig(batch_size=2048, steps=1000))
     sae_corpus: int = 8000
     sae_demonstrations: int = 4000
     dashboard_features: int = 12
