@@ -13,6 +13,7 @@ from safetylab.interp import Hooks, model_signature
 from safetylab.interp.dashboard import feature_dashboard
 from safetylab.interp.data import conversation_ids, pad_right
 from safetylab.interp.sae import (
+    STEPS,
     JumpReLUFunction,
     SAEConfig,
     SparseAutoencoder,
@@ -158,11 +159,22 @@ def test_auxk_uses_only_dead_latents():
     assert (code[:, ~dead] == 0).all() and (code[:, dead] > 0).any()
     assert torch.equal(code[:, dead], z[:, dead].relu())
 
-    sae = SparseAutoencoder(SAEConfig(kind="topk", d_in=6, d_sae=10, k=2, aux_k=2, aux_coefficient=1.0))
     x = torch.randn(16, 6)
-    from safetylab.interp.sae import STEPS
+    sae = SparseAutoencoder(SAEConfig(kind="topk", d_in=6, d_sae=10, k=2, aux_k=2, aux_coefficient=1.0))
     loss, x_hat, _ = STEPS["topk"](sae, x, TrainState(1.0, dead))
     (loss - normalized_mse(x, x_hat)).backward()  # the AuxK term alone
+    assert (sae.W_dec.grad[~dead] == 0).all() and (sae.W_enc.grad[:, ~dead] == 0).all()
+    assert sae.W_dec.grad[dead].abs().sum() > 0
+
+    # JumpReLU's optional AuxK: the same code, on its unnormalised squared error
+    config = SAEConfig(kind="jumprelu", d_in=6, d_sae=10, aux_k=2, threshold_init=0.5, jumprelu_aux_coefficient=0.5)
+    sae = SparseAutoencoder(config)
+    loss, x_hat, f = STEPS["jumprelu"](sae, x, TrainState(1.0, dead))
+    without, _, _ = STEPS["jumprelu"](sae, x, TrainState(1.0, torch.zeros(10, dtype=torch.bool)))
+    z = sae.pre_activations(x)
+    aux_hat = auxk_code(z, dead, 2) @ sae.W_dec
+    assert (loss - without).item() == pytest.approx(0.5 * ((x - x_hat) - aux_hat).pow(2).sum(1).mean().item(), rel=1e-5)
+    (loss - without).backward()
     assert (sae.W_dec.grad[~dead] == 0).all() and (sae.W_enc.grad[:, ~dead] == 0).all()
     assert sae.W_dec.grad[dead].abs().sum() > 0
 

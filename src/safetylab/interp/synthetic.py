@@ -8,6 +8,17 @@ uniformly from ``[0, 1]`` (as in Sharkey et al. 2022, "Taking features out of su
 autoencoders"), plus Gaussian noise ``n ~ N(0, σ² I)`` with σ = 0.01. Recovery is the mean, over the true
 directions, of the best cosine with any decoder row (Sharkey et al.'s mean max cosine similarity), signed:
 a row pointing against a feature whose magnitudes are positive has not found it.
+
+Measured with :func:`benchmark_config` and :func:`run_benchmark` (1,024 latents, 10,000 steps of 1,024
+samples, seed 0; one CPU thread, 9–18 minutes each on a shared machine):
+
+========  ================  ==============  =====  =====
+kind      mean best cosine  L0 (true 10.2)  FVU    dead
+========  ================  ==============  =====  =====
+relu      0.988             12.5            0.25   0
+topk      0.996             15.7            0.16   0
+jumprelu  0.998             6.1             0.22   0.001
+========  ================  ==============  =====  =====
 """
 
 from __future__ import annotations
@@ -84,7 +95,7 @@ def mean_best_cosine(true_directions: torch.Tensor, decoder: torch.Tensor, signe
 BENCHMARK_STEPS, BENCHMARK_BATCH = 10_000, 1024
 # Each kind's sparsity knob for this data (about 10 features active per sample): the one setting a user tunes
 # to their data; the rest are SAEConfig's defaults.
-BENCHMARK_SPARSITY = {"relu": {"l1_coefficient": 2.0}, "topk": {"k": 16}, "jumprelu": {"l0_coefficient": 1.0}}
+BENCHMARK_SPARSITY = {"relu": {"l1_coefficient": 2.0}, "topk": {"k": 16}, "jumprelu": {"l0_coefficient": 2.0}}
 
 
 def benchmark_config(kind: str, data: SyntheticConfig = SyntheticConfig(), **overrides) -> SAEConfig:
