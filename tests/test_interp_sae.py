@@ -32,7 +32,7 @@ from safetylab.interp.sae import (
     topk_code,
     train_sae,
 )
-from safetylab.interp.store import ActivationStore, token_batches, world_token_rows
+from safetylab.interp.store import ActivationStore, token_batches, train_on_model, world_batches, world_token_rows
 from safetylab.interp.synthetic import SyntheticConfig, SyntheticFeatures, mean_best_cosine, run_benchmark
 
 NAME = "blocks.0.resid_post"
@@ -254,11 +254,31 @@ def test_store_skips_padding_and_shuffles():
     assert not torch.allclose(served, real[:21])  # not in reading order
 
 
-def test_world_rows_follow_the_chat_template(tok):
+def test_train_on_model_reads_the_store_and_measures(tmp_path):
+    model = tiny_gpt2()
+    hooks = Hooks(model)
+    train = token_batches(rows_of([6, 9, 4, 7, 5] * 8), batch_size=8, pad_id=0, seed=0)
+    held = token_batches(rows_of([8, 5, 6], seed=3), batch_size=3, pad_id=0, seed=1)
+    config = SAEConfig(kind="topk", d_in=16, d_sae=64, k=8, batch_size=64, steps=60, lr=1e-2, log_every=20)
+    sae, history, results = train_on_model(hooks, NAME, train, config, held, buffer_batches=4)
+    assert [h["step"] for h in history] == [20, 40, 60] and history[-1]["fvu"] < history[0]["fvu"]
+    assert results["hook"] == NAME and results["model_signature"] == model_signature(model)
+    assert results["metrics"]["tokens"] == 19 and results["metrics"]["l0"] <= 8
+    assert results["ce"]["tokens"] == 16 and math.isfinite(results["ce"]["recovered"])
+    sae.save(tmp_path / "sae", results)
+    assert load_sae(tmp_path / "sae", hooks)[1]["ce"] == results["ce"]
+    with pytest.raises(SafetylabError, match="config.d_in is 8"):
+        train_on_model(hooks, NAME, train, SAEConfig(d_in=8, d_sae=16, k=2, steps=1))
+
+
+def test_world_rows_follow_the_chat_template(tok, world):
     demo = {"prompt": "what is 2 plus 2 ?", "response": "2 plus 2 is 4 ."}
     rows = world_token_rows(tok, ["<user> hi <assistant> hello . <eos>"], [demo])
     assert rows[1] == conversation_ids(tok, demo["prompt"], demo["response"])
     assert rows[0] == tok("<user> hi <assistant> hello . <eos>", add_special_tokens=False)["input_ids"]
+    train, held = world_batches(world, tok, corpus=20, demonstrations=20, rows_per_batch=16)
+    n_train, n_held = sum(b.input_ids.shape[0] for b in train), sum(b.input_ids.shape[0] for b in held)
+    assert n_held == (n_train + n_held) // 10 and all(b.input_ids.shape[0] <= 16 for b in train)
 
 
 # ----------------------------------------------------------------------------- checkpoints
