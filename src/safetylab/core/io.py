@@ -36,6 +36,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document in the file ``path``; invalid JSON is a :class:`SafetylabError` naming the file, what
+    is wrong and the line."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SafetylabError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Render a matplotlib ``Figure`` with the Agg backend (no pyplot, no global backend switch) in the
     format named by the file's suffix (PNG when there is none) and write it atomically."""

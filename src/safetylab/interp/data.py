@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_bytes
@@ -108,8 +108,8 @@ def load_activations(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     """``(activations by hook name, metadata)`` of a file :func:`save_activations` wrote."""
     path = Path(path)
     try:
-        data = path.read_bytes()
-        meta = json.loads(json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]["safetylab"])
-        return load(data), meta
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["safetylab"])
+            return {name: f.get_tensor(name) for name in f.keys()}, meta  # noqa: SIM118 - safe_open has no __iter__
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise SafetylabError(f"{path}: not an activation file written by safetylab interp cache ({e})") from None

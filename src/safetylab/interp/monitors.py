@@ -34,7 +34,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_text
+from safetylab.core.io import atomic_write_text, read_json
 from safetylab.core.seeding import derive_seed, torch_seed
 from safetylab.interp.concepts import Concept, ConceptConfig, distinct, harmful_intent
 from safetylab.interp.data import prompt_activations
@@ -265,10 +265,7 @@ def load_monitor(path: str | os.PathLike, hooks: Hooks, tokenizer) -> Monitor:
     path = Path(path)
     if not (path / META).is_file():
         raise SafetylabError(f"{path}: no {META}; expected a monitor directory written by save_monitor")
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SafetylabError(f"{path / META}: not valid JSON ({e})") from None
+    meta = read_json(path / META)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("kind") not in ("probe", "feature"):
         raise SafetylabError(f"{path / META}: not a monitor file (expected format {FORMAT!r}, kind probe or feature)")
     if meta["kind"] == "probe":

@@ -29,14 +29,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from safetylab.core.config import require
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_text
+from safetylab.core.io import atomic_write_bytes, atomic_write_text, read_json
 from safetylab.core.seeding import derive_seed
 from safetylab.interp.concepts import Concept
 from safetylab.interp.data import prompt_activations
@@ -325,12 +325,9 @@ def save_probe(probe: Probe, path: str | os.PathLike) -> Path:
         raise SafetylabError("save_probe: the probe does not record the hook point and model it reads (fit it with "
                              "hook= and signature=, or through probe_by_layer); it could not be checked when loaded")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {"scaler.mean": probe.mean, "scaler.scale": probe.scale, "linear.weight": probe.coef,
                "linear.bias": probe.intercept}
-    tmp = path / f".{WEIGHTS}.tmp"
-    save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path / WEIGHTS)
+    atomic_write_bytes(path / WEIGHTS, save({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}))
     meta = {"format": FORMAT, "hook": probe.hook, "label_names": list(probe.label_names),
             "model_signature": probe.signature, "d_model": probe.d,
             "scaler": "standard: (x - scaler.mean) / scaler.scale", "labels": "two: sigmoid; more: softmax"}
@@ -345,10 +342,7 @@ def load_probe(path: str | os.PathLike, model=None, hook: str | None = None) -> 
     for name in (WEIGHTS, META):
         if not (path / name).is_file():
             raise SafetylabError(f"{path}: no {name}; expected a probe directory written by save_probe")
-    try:
-        meta = json.loads((path / META).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SafetylabError(f"{path / META}: not valid JSON ({e})") from None
+    meta = read_json(path / META)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise SafetylabError(f"{path / META}: not a probe file (expected format {FORMAT!r})")
     tensors = load_file(str(path / WEIGHTS))

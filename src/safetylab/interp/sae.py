@@ -56,6 +56,7 @@ from torch import nn
 
 from safetylab.core.config import config_from_dict, config_to_dict, require, require_choice
 from safetylab.core.errors import SafetylabError
+from safetylab.core.io import read_json
 from safetylab.interp.hooks import Hooks, check_signature
 
 KINDS = ("relu", "topk", "jumprelu")
@@ -403,10 +404,7 @@ def load_sae(path: str | os.PathLike, hooks: Hooks | None = None, name: str | No
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise SafetylabError(f"{path}: not a sparse autoencoder checkpoint (expected {CONFIG} and {WEIGHTS})")
-    try:
-        record = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SafetylabError(f"{path / CONFIG}: not valid JSON ({e})") from None
+    record = read_json(path / CONFIG)
     config = config_from_dict(SAEConfig, record.pop("config", None), where=str(path / CONFIG))
     meta = record
     if hooks is not None:

@@ -31,7 +31,7 @@ from torch import nn
 
 from safetylab.core.config import require, require_choice
 from safetylab.core.errors import SafetylabError
-from safetylab.core.io import atomic_write_bytes, atomic_write_text
+from safetylab.core.io import atomic_write_bytes, atomic_write_text, read_json
 from safetylab.core.progress import Progress
 from safetylab.core.runs import RunDir
 from safetylab.core.seeding import derive_seed, torch_seed
@@ -110,10 +110,7 @@ def load_classifier(directory: str | Path) -> tuple[nn.Sequential, dict]:
     if not spec_file.is_file() or not weights.is_file():
         raise SafetylabError(f"{directory}: not a saved classifier (expected classifier.json and model.safetensors; "
                              "make one with `safetylab robust train` or `safetylab verify train`)")
-    try:
-        spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SafetylabError(f"{spec_file}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    spec = read_json(spec_file)
     with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the generator as it was
         model = build_classifier(spec)
     try:
