@@ -33,18 +33,29 @@ def _study(out: Path, seed: int, only: tuple[str, ...] | None, model: Path | Non
 
     if model is not None and seeds is not None:
         raise SafetylabError("--model with --seeds: a given model is one seed's; drop one of them")
-    if model is not None:
-        _check_model(model)
+    _check_model(model, changes.get("sae_hook"), quick)
     stages = None if only is None else ("model", *only)
     study_report(STAGES, lambda s: study_config(quick, s, device, **changes), out, seed, seeds, stages,
-                 None if model is None else {"model": str(model)})
+                 None if model is None else {"model": str(model)}, {"device": "--device"})
 
 
-def _check_model(model: Path) -> None:
-    """The model loads (before any directory is made)."""
+def _check_model(model: Path | None, hook: str | None, quick: bool) -> None:
+    """Before any directory is made: the model loads, and ``hook`` is one of its hook points (without a model,
+    one of the points of the GPT-2 the study trains, built from its config with random weights)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from safetylab.interp.hooks import Hooks
+    from safetylab.interp.study import study_config
     from safetylab.models.lm import load_model
 
-    load_model(model)
+    if model is not None:
+        studied = load_model(model)[0]
+    elif hook is not None:
+        shape = study_config(quick).model
+        studied = GPT2LMHeadModel(GPT2Config(vocab_size=8, n_layer=shape.n_layer, n_head=shape.n_head,
+                                             n_embd=shape.n_embd, n_positions=shape.n_positions))
+    if hook is not None:
+        Hooks(studied).check_name(hook)
 
 
 @interp_app.command("report")
