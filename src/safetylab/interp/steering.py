@@ -359,6 +359,8 @@ def refusal_direction_experiment(model, tokenizer, world, config: RefusalDirecti
                                 ("harmless", held_harmless)):
             texts[group], records[group] = judged(hooks, tokenizer, judge, requests, edits, config)
         kl = steering_kl(hooks, tokenizer, harmless_prompts, texts["harmless"], edits, config.batch_size)
+        if name == "addition":  # the sweep's row at this scale: the same edits on the same prompts
+            added = (texts["harmless"], records["harmless"], kl)
         conditions.append({"condition": name, "scale": scale if name == "addition" else None,
                            **_rates(records["harmful"], records["jailbroken"], records["harmless"]),
                            "kl_first_token": kl["first_token"], "kl_per_token": kl["per_token"]})
@@ -371,9 +373,12 @@ def refusal_direction_experiment(model, tokenizer, world, config: RefusalDirecti
 
     sweep = []
     for value in config.scales:
-        edits = addition_interventions(hooks, layer, direction, value)
-        texts, records = judged(hooks, tokenizer, judge, held_harmless, edits, config)
-        kl = steering_kl(hooks, tokenizer, harmless_prompts, texts, edits, config.batch_size)
+        if value == scale:
+            texts, records, kl = added
+        else:
+            edits = addition_interventions(hooks, layer, direction, value)
+            texts, records = judged(hooks, tokenizer, judge, held_harmless, edits, config)
+            kl = steering_kl(hooks, tokenizer, harmless_prompts, texts, edits, config.batch_size)
         rates = summarize(records)
         sweep.append({"scale": value, "over_refusal": rates["over_refusal"], "accuracy": rates["accuracy"],
                       "kl_first_token": kl["first_token"], "kl_per_token": kl["per_token"]})
