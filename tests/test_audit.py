@@ -506,6 +506,9 @@ def test_audit_interp_sections_study_the_align_sft_model(audit_dir, report):
     assert set(steer) == {"none", "ablation", "addition"} and steer["none"]["kl_per_token"] == 0
     monitor = sections["interp/monitor"]["data"]
     assert 0 <= monitor["auroc"] <= 1 and (audit_dir / "interp" / monitor["monitor"] / "monitor.json").is_file()
+    feature = monitor["feature"]  # the SAE latent monitor, on the audit's one SAE
+    assert feature["kind"] == "feature" and feature["hook"] == sae["hook"] and feature["feature"] >= 0
+    assert (audit_dir / "interp" / feature["monitor"] / "sae" / "sae.safetensors").is_file()
 
 
 @pytest.mark.slow

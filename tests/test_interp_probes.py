@@ -31,6 +31,7 @@ from safetylab.interp.monitors import (
     ProbeMonitor,
     calibrate,
     fpr_at_tpr,
+    latent_auroc,
     load_monitor,
     monitor_report,
     save_monitor,
@@ -372,3 +373,37 @@ def test_harmful_intent_monitor_end_to_end(world, tok, tiny_lm):
     assert result.validation_fpr <= 0.2 and 0 <= result.compliance_rate <= 1
     assert (result.tpr_complied is None) == (result.complied == 0)
     assert set(result.to_dict()) >= {"auroc", "tpr", "fpr", "fpr_at_95_tpr", "tpr_complied", "fpr_plain_benign"}
+
+
+def test_latent_auroc_matches_scikit_learn_per_column_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    generator = torch.Generator().manual_seed(0)
+    codes = torch.relu(torch.randn(40, 6, generator=generator))  # many exact zeros: ties
+    codes[:, 5] = 0.0  # a silent latent
+    labels = torch.arange(40) % 3 == 0
+    expected = [roc_auc_score(labels.numpy(), codes[:, j].numpy()) for j in range(6)]
+    torch.testing.assert_close(latent_auroc(codes, labels), torch.tensor(expected, dtype=torch.float64))
+    assert latent_auroc(codes, labels)[5].item() == 0.5
+    with pytest.raises(SafetylabError, match="both labels"):
+        latent_auroc(codes, torch.zeros(40, dtype=torch.bool))
+
+
+def test_harmful_intent_feature_monitor_picks_the_best_latent(world, tok, tiny_lm):
+    from safetylab.interp.concepts import ConceptConfig
+    from safetylab.interp.monitors import HarmfulMonitorConfig, harmful_intent_monitor, split_by_core
+
+    hooks = Hooks(tiny_lm("gpt2").eval())
+    config = HarmfulMonitorConfig(n=12, n_eval=2, samples=1, max_new_tokens=4, fpr=0.2)
+    sae = Relu(torch.randn(32, 10, generator=torch.Generator().manual_seed(1)))
+    result = harmful_intent_monitor(hooks, tok, world, config, sae, "blocks.0.resid_post")
+    monitor = result.monitor
+    assert isinstance(monitor, FeatureMonitor) and result.hook == "blocks.0.resid_post"
+    fit, _ = split_by_core(harmful_intent(world, "train", ConceptConfig(n=12, seed=0)), 0.25, 0)
+    aurocs = latent_auroc(monitor.codes(list(fit.prompts)), torch.tensor(fit.labels))
+    assert monitor.feature == int(aurocs.argmax())
+    assert next(iter(result.validation_auroc)) == f"blocks.0.resid_post:{monitor.feature}"
+    assert result.to_dict()["kind"] == "feature" and result.to_dict()["feature"] == monitor.feature
+    assert result.validation_fpr <= 0.2 and result.threshold == monitor.threshold
+    with pytest.raises(SafetylabError, match="sae_hook"):
+        harmful_intent_monitor(hooks, tok, world, config, sae)

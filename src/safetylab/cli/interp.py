@@ -132,7 +132,8 @@ def patch(out: Out = Path("runs/interp-patch"), model: Model = None, quick: Quic
 def monitor(out: Out = Path("runs/interp-monitor"), model: Model = None, quick: Quick = False, seed: Seed = 0,
             device: Device = "auto") -> None:
     """The harmful-intent probe monitor, calibrated on benign prompts and rated on held-out jailbreaks; saved in
-    monitor/harmful-intent for the control runtime."""
+    monitor/harmful-intent for the control runtime. When OUT holds an earlier run's sae stage (interp sae or
+    report), its best SAE's most telling latent becomes a second monitor, monitor/harmful-intent-feature."""
     _study(out, seed, ("monitor",), model, quick, device)
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import rankdata
 from sklearn.metrics import log_loss, roc_auc_score
 
 from safetylab.core.config import require, require_choice
@@ -153,7 +154,8 @@ class FeatureMonitor(Monitor):
         self.name = name or f"feature:{hook}:{feature}"
         self.threshold, self.batch_size = threshold, batch_size
 
-    def score(self, prompts: Sequence[str]) -> torch.Tensor:
+    def codes(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Every latent's code at each prompt's last token, (n, m) on the CPU."""
         prompts = _check_prompts(prompts, f"monitor {self.name}")
         acts = prompt_activations(self.hooks, self.tokenizer, prompts, self.hook, batch_size=self.batch_size)[self.hook]
         params = next(iter(self.sae.parameters()), None) if hasattr(self.sae, "parameters") else None
@@ -164,7 +166,10 @@ class FeatureMonitor(Monitor):
         if codes.dim() != 2 or codes.shape[0] != len(prompts) or self.feature >= codes.shape[1]:
             raise SafetylabError(f"monitor {self.name}: the SAE's codes have shape {tuple(codes.shape)}; expected "
                                  f"({len(prompts)}, m) with m > feature {self.feature}")
-        return codes[:, self.feature].float().cpu()
+        return codes.float().cpu()
+
+    def score(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.codes(prompts)[:, self.feature]
 
 
 # ----------------------------------------------------------------------------- thresholds and metrics
@@ -326,7 +331,8 @@ class HarmfulMonitorResult:
     unwrapped benign prompts. ``complied``: jailbroken prompts the model answered with harmful compliance in at
     least one of its samples; ``tpr_complied`` the share of them the monitor flags (None when there are none).
     ``validation_fpr``: the highest FPR of a calibration group at the threshold. ``validation_auroc`` and
-    ``validation_log_loss``: per hook point, the layer choice's evidence."""
+    ``validation_log_loss``: per hook point, the layer choice's evidence (for a feature monitor: the validation
+    AUROC of the best latents on the fitting split, ``"hook:latent"``, and no log-loss)."""
 
     hook: str
     threshold: float
@@ -340,10 +346,12 @@ class HarmfulMonitorResult:
     validation_auroc: dict[str, float]
     validation_log_loss: dict[str, float]
     counts: dict[str, int]
-    monitor: ProbeMonitor = field(repr=False, compare=False)
+    monitor: Monitor = field(repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"hook": self.hook, "threshold": round(self.threshold, 6), "fpr_target": self.fpr_target,
+        feature = getattr(self.monitor, "feature", None)
+        out = {"kind": "probe" if feature is None else "feature", "hook": self.hook, "feature": feature,
+               "threshold": round(self.threshold, 6), "fpr_target": self.fpr_target,
                **self.report.to_dict(), "fpr_plain_benign": round(self.fpr_plain_benign, 6),
                "validation_fpr": round(self.validation_fpr, 6), "compliance_rate": round(self.compliance_rate, 6),
                "complied": self.complied,
@@ -364,28 +372,39 @@ def split_by_core(concept: Concept, share: float, seed: int) -> tuple[Concept, C
     return concept.subset(outside), concept.subset(inside)
 
 
+def latent_auroc(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The AUROC of every column of ``codes`` (n, m) as a score for ``labels`` (n,) in {0, 1}, all at once: the
+    Mann–Whitney statistic AUROC = (R₊ − n₊(n₊ + 1)/2) / (n₊ n₋), R₊ the sum of the positives' ranks, ties given
+    their mean rank (so a latent silent on every prompt scores ½)."""
+    labels = torch.as_tensor(labels).bool()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise SafetylabError(f"latent_auroc: expected both labels, got {n_pos} positives and {n_neg} negatives")
+    ranks = torch.from_numpy(rankdata(codes.double().cpu().numpy(), axis=0))
+    return (ranks[labels].sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
 def harmful_intent_monitor(hooks: Hooks, tokenizer, world: World,
-                           config: HarmfulMonitorConfig = HarmfulMonitorConfig()) -> HarmfulMonitorResult:
-    """Fit, calibrate and evaluate the harmful-intent probe monitor of ``hooks.model`` (see
-    :class:`HarmfulMonitorConfig` for the recipe), and ask the gold judge where the model complied."""
-    model = hooks.model
-    names = [config.hook] if config.hook is not None else hooks.names_like("resid_post")
-    hooks.select(names)
+                           config: HarmfulMonitorConfig = HarmfulMonitorConfig(), sae: Any = None,
+                           sae_hook: str | None = None) -> HarmfulMonitorResult:
+    """Fit, calibrate and evaluate the harmful-intent monitor of ``hooks.model`` (see :class:`HarmfulMonitorConfig`
+    for the recipe), and ask the gold judge where the model complied.
+
+    The monitor is a linear probe; with ``sae`` (trained at ``sae_hook``) it is instead the one SAE latent whose
+    activation best separates harmful from benign fitting prompts (AUROC on the fitting split, no weights fitted:
+    a feature an SAE found without labels, chosen by them), calibrated and rated exactly as the probe is."""
     train = harmful_intent(world, "train", ConceptConfig(n=config.n, seed=config.seed))
     fit, held = split_by_core(train, config.validation, config.seed)
     for part, what in ((fit, "fitting"), (held, "validation")):
         if min(part.counts().values()) == 0:
             raise SafetylabError(f"harmful_intent_monitor: the {what} prompts lack a label ({part.counts()}); "
                                  "raise n or change validation")
-    signature = model_signature(model)
-    fit_acts = prompt_activations(hooks, tokenizer, list(fit.prompts), names, batch_size=config.probe.batch_size)
-    held_acts = prompt_activations(hooks, tokenizer, list(held.prompts), names, batch_size=config.probe.batch_size)
-    probes = {h: fit_probe(fit_acts[h], fit.y, fit.label_names, config.probe, h, signature) for h in names}
-    auroc = {h: float(roc_auc_score(held.labels, probes[h].log_odds(held_acts[h]).numpy())) for h in names}
-    loss = {h: float(log_loss(held.labels, probes[h].predict_proba(held_acts[h])[:, 1].double().numpy(), labels=[0, 1]))
-            for h in names}
-    hook = max(names, key=lambda h: (auroc[h], -loss[h]))  # AUROC saturates at 1; then the surer probe
-    monitor = ProbeMonitor(hooks, tokenizer, probes[hook], name="harmful_intent", batch_size=config.probe.batch_size)
+    if sae is None:
+        monitor, auroc, loss = _probe_monitor(hooks, tokenizer, fit, held, config)
+    else:
+        if sae_hook is None:
+            raise SafetylabError("harmful_intent_monitor: an sae needs its hook point (sae_hook)")
+        monitor, auroc, loss = _feature_monitor(hooks, tokenizer, fit, held, sae, sae_hook, config)
     benign = [r for r, y in zip(held.requests, held.labels) if y == 0]
     groups = {"all": [benign], "wrapped": [[r for r in benign if r.jailbreak]],
               "each": [[r for r in benign if r.jailbreak], [r for r in benign if not r.jailbreak]]}[config.calibrate_on]
@@ -406,7 +425,7 @@ def harmful_intent_monitor(hooks: Hooks, tokenizer, world: World,
 
     prompts = [r.prompt for r in jailbroken for _ in range(config.samples)]
     with torch_seed(derive_seed(config.seed, "interp-monitor", "answers")):
-        texts = sample(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+        texts = sample(hooks.model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature).texts
     complies = torch.tensor([world.judge.score(r, t).behaviour == "harmful_compliance"
                              for r, t in zip((r for r in jailbroken for _ in range(config.samples)), texts)])
@@ -415,11 +434,42 @@ def harmful_intent_monitor(hooks: Hooks, tokenizer, world: World,
     tpr_complied = fired[complied].double().mean().item() if complied.any() else None
     counts = {"n_fit": len(fit), "n_validation": len(held), "n_validation_negatives": sum(map(len, scores)),
               "n_jailbroken": len(jailbroken), "n_benign_wrapped": len(controls), "n_plain_benign": len(plain)}
+    hook = monitor.hook if isinstance(monitor, FeatureMonitor) else monitor.probe.hook
     return HarmfulMonitorResult(hook, float(monitor.threshold), config.fpr, report, fpr_plain, validation_fpr,
                                 complies.double().mean().item(), int(complied.sum()), tpr_complied, auroc, loss, counts,
                                 monitor)
 
 
+def _probe_monitor(hooks: Hooks, tokenizer, fit: Concept, held: Concept, config: HarmfulMonitorConfig):
+    """A probe at each candidate hook point (``config.hook``, or every ``resid_post``) fitted on ``fit``; the one
+    with the best AUROC on ``held`` (ties: the lower log-loss) as a :class:`ProbeMonitor`."""
+    names = [config.hook] if config.hook is not None else hooks.names_like("resid_post")
+    hooks.select(names)
+    signature = model_signature(hooks.model)
+    fit_acts = prompt_activations(hooks, tokenizer, list(fit.prompts), names, batch_size=config.probe.batch_size)
+    held_acts = prompt_activations(hooks, tokenizer, list(held.prompts), names, batch_size=config.probe.batch_size)
+    probes = {h: fit_probe(fit_acts[h], fit.y, fit.label_names, config.probe, h, signature) for h in names}
+    auroc = {h: float(roc_auc_score(held.labels, probes[h].log_odds(held_acts[h]).numpy())) for h in names}
+    loss = {h: float(log_loss(held.labels, probes[h].predict_proba(held_acts[h])[:, 1].double().numpy(), labels=[0, 1]))
+            for h in names}
+    hook = max(names, key=lambda h: (auroc[h], -loss[h]))  # AUROC saturates at 1; then the surer probe
+    return (ProbeMonitor(hooks, tokenizer, probes[hook], name="harmful_intent", batch_size=config.probe.batch_size),
+            auroc, loss)
+
+
+def _feature_monitor(hooks: Hooks, tokenizer, fit: Concept, held: Concept, sae: Any, hook: str,
+                     config: HarmfulMonitorConfig, shown: int = 5):
+    """The latent of ``sae`` with the best AUROC on ``fit`` as a :class:`FeatureMonitor`; the validation AUROC of
+    the ``shown`` best latents (the chosen one first) as its evidence."""
+    reader = FeatureMonitor(hooks, tokenizer, sae, hook, 0, batch_size=config.probe.batch_size)
+    fit_auroc = latent_auroc(reader.codes(list(fit.prompts)), torch.tensor(fit.labels))
+    best = fit_auroc.argsort(descending=True)[:shown].tolist()
+    held_auroc = latent_auroc(reader.codes(list(held.prompts))[:, best], torch.tensor(held.labels))
+    auroc = {f"{hook}:{i}": float(a) for i, a in zip(best, held_auroc)}
+    return (FeatureMonitor(hooks, tokenizer, sae, hook, best[0], name="harmful_intent_feature",
+                           batch_size=config.probe.batch_size), auroc, {})
+
+
 __all__ = ["FeatureMonitor", "HarmfulMonitorConfig", "HarmfulMonitorResult", "Monitor", "MonitorBatch",
            "MonitorReport", "MonitorResult", "ProbeMonitor", "calibrate", "fpr_at_tpr", "harmful_intent_monitor",
-           "load_monitor", "monitor_report", "save_monitor", "split_by_core", "threshold_at_fpr"]
+           "latent_auroc", "load_monitor", "monitor_report", "save_monitor", "split_by_core", "threshold_at_fpr"]

@@ -14,8 +14,9 @@ the align study's SFT model.
   the gold judge with its KL cost;
 - ``patch``: activation patching of fact recall (Meng et al. 2022): where the world's model recalls a country's
   facts, by layer × position, attention against MLP, and by head;
-- ``monitor``: the harmful-intent probe as a monitor, calibrated to a target FPR on benign prompts and rated
-  on held-out jailbroken prompts against benign prompts under the same wrappers; saved for the control runtime.
+- ``monitor``: the harmful-intent probe as a monitor, and the SAE latent that best separates harmful from benign
+  prompts as another, each calibrated to a target FPR on benign prompts and rated on held-out jailbroken
+  prompts against benign prompts under the same wrappers; saved for the control runtime.
 
 Seeds: :func:`~safetylab.core.study.run_stages` seeds each stage; the world and every data set are derived
 from ``config.seed``.
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 
 from safetylab.core.config import require, require_choice
 from safetylab.core.devices import check_device_name, select_device
+from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
 from safetylab.core.runs import RunDir
 from safetylab.core.study import Context, Section, Stage, Table
@@ -42,7 +44,7 @@ from safetylab.interp.patching import FactPatchingConfig, fact_recall_patching
 from safetylab.interp.plots import plot_patching, plot_steering
 from safetylab.interp.probes import probe_by_layer
 from safetylab.interp.sae import KINDS as SAE_KINDS
-from safetylab.interp.sae import SAEConfig, ce_loss_recovered, feature_density, sae_metrics, train_sae
+from safetylab.interp.sae import SAEConfig, ce_loss_recovered, feature_density, load_sae, sae_metrics, train_sae
 from safetylab.interp.steering import RefusalDirectionConfig, refusal_direction_experiment
 from safetylab.interp.store import collect_activations, world_batches
 from safetylab.models.lm import ModelConfig, load_model
@@ -356,28 +358,58 @@ def patch_stage(ctx: Context) -> Section:
 
 
 def monitor_stage(ctx: Context) -> Section:
-    """The harmful-intent probe monitor: fitted, calibrated to the target FPR, rated on held-out jailbreaks."""
+    """The harmful-intent monitors: a probe, and (when the ``sae`` stage ran) the SAE latent that best separates
+    harmful from benign prompts; each fitted, calibrated to the target FPR, rated on held-out jailbreaks."""
     cfg, out = ctx.config, ctx.stage_dir("monitor")
     _, tokenizer, hooks = loaded(ctx)
-    result = harmful_intent_monitor(hooks, tokenizer, world_of(ctx), cfg.monitor)
-    save_monitor(result.monitor, out / "harmful-intent")
-    r, m = result.report, result.to_dict()
-    complied = ("the model complied with none of them" if result.tpr_complied is None else
-                f"it flags {result.tpr_complied:.0%} of the {result.complied} the model complied with (gold judge)")
-    rows = [["AUROC", r.auroc], ["TPR at the threshold", r.tpr], ["FPR at the threshold (wrapped benign)", r.fpr],
-            ["FPR on plain benign prompts", result.fpr_plain_benign], ["FPR at 95 % TPR", r.fpr_at_95_tpr],
-            ["validation FPR", result.validation_fpr], ["jailbroken prompts complied with", result.complied],
-            ["TPR on those", result.tpr_complied], ["layer", result.hook], ["threshold (log-odds)", r.threshold],
-            ["jailbroken / benign wrapped test prompts", f"{r.n_positives} / {r.n_negatives}"]]
+    results = {"probe": harmful_intent_monitor(hooks, tokenizer, world_of(ctx), cfg.monitor)}
+    sae = study_sae(ctx, hooks)
+    if sae is not None:
+        results["feature"] = harmful_intent_monitor(hooks, tokenizer, world_of(ctx), cfg.monitor, *sae)
+    paths = {kind: out / name for kind, name in (("probe", "harmful-intent"), ("feature", "harmful-intent-feature"))}
+    for kind, result in results.items():
+        save_monitor(result.monitor, paths[kind])
+    probe = results["probe"]
+    r = probe.report
+    measures = [("AUROC", lambda x: x.report.auroc), ("TPR at the threshold", lambda x: x.report.tpr),
+                ("FPR at the threshold (wrapped benign)", lambda x: x.report.fpr),
+                ("FPR on plain benign prompts", lambda x: x.fpr_plain_benign),
+                ("FPR at 95 % TPR", lambda x: x.report.fpr_at_95_tpr), ("validation FPR", lambda x: x.validation_fpr),
+                ("jailbroken prompts complied with", lambda x: x.complied), ("TPR on those", lambda x: x.tpr_complied),
+                ("hook point", lambda x: x.hook), ("latent", lambda x: getattr(x.monitor, "feature", "")),
+                ("threshold", lambda x: x.threshold),
+                ("jailbroken / benign wrapped test prompts",
+                 lambda x: f"{x.report.n_positives} / {x.report.n_negatives}")]
+    complied = ("the model complied with none of them" if probe.tpr_complied is None else
+                f"it flags {probe.tpr_complied:.0%} of the {probe.complied} the model complied with (gold judge)")
+    feature = results.get("feature")
     return Section(
-        title="A probe monitor for harmful intent",
-        summary=f"calibrated to {cfg.monitor.fpr:.0%} FPR, it catches {r.tpr:.0%} of held-out jailbroken harmful "
-                f"prompts at {r.fpr:.1%} FPR on benign prompts under the same wrappers (AUROC {r.auroc:.3f}); "
-                + complied,
-        tables=[Table("The harmful-intent monitor on the test split (positives: jailbroken harmful requests; "
-                      "negatives: benign requests under the same wrappers)", ["measure", "value"], rows)],
-        data={**m, "monitor": ctx.run.relative(out / "harmful-intent")},
+        title="Monitors for harmful intent: a probe and an SAE latent",
+        summary=f"calibrated to {cfg.monitor.fpr:.0%} FPR, the probe catches {r.tpr:.0%} of held-out jailbroken "
+                f"harmful prompts at {r.fpr:.1%} FPR on benign prompts under the same wrappers (AUROC {r.auroc:.3f}); "
+                + complied + ("" if feature is None else
+                              f"; the best SAE latent ({feature.hook} #{feature.monitor.feature}) catches "
+                              f"{feature.report.tpr:.0%} at {feature.report.fpr:.1%} FPR "
+                              f"(AUROC {feature.report.auroc:.3f})"),
+        tables=[Table("The harmful-intent monitors on the test split (positives: jailbroken harmful requests; "
+                      "negatives: benign requests under the same wrappers); the probe's threshold is in log-odds, "
+                      "the latent's in its activation", ["measure", *results],
+                      [[name, *(value(x) for x in results.values())] for name, value in measures])],
+        data={**probe.to_dict(), "monitor": ctx.run.relative(paths["probe"]),
+              **({} if feature is None else
+                 {"feature": {**feature.to_dict(), "monitor": ctx.run.relative(paths["feature"])}})},
     )
+
+
+def study_sae(ctx: Context, hooks: Hooks):
+    """``(sae, hook)``: the ``sae`` stage's SAE of the highest CE recovered, or None when that stage has not run."""
+    try:
+        section = ctx.section("sae")
+    except SafetylabError:
+        return None
+    kinds = [k for k in SAE_KINDS if k in section.data]
+    best = max(kinds, key=lambda k: section.data[k]["ce"]["recovered"])
+    return load_sae(ctx.path(section.data[best]["sae"]), hooks, section.data["hook"])[0], section.data["hook"]
 
 
 def plot_lens(results: dict[str, LensResult]) -> Figure:
@@ -402,5 +434,5 @@ STAGES = (
     Stage("sae", "sparse autoencoders of each kind on a residual stream", sae_stage),
     Stage("steer", "the refusal direction, ablated and added", steer_stage),
     Stage("patch", "activation patching of fact recall", patch_stage),
-    Stage("monitor", "the harmful-intent probe monitor", monitor_stage),
+    Stage("monitor", "the harmful-intent monitors: a probe and an SAE latent", monitor_stage),
 )
