@@ -162,6 +162,27 @@ TABLE = [
     ("agents report", ["--seeds", "x"], "--seeds: expected comma-separated integers"),
     ("audit", ["--seeds", "1,-2"], "--seeds: expected one or more distinct integers >= 0"),
     ("audit", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    # control
+    ("control report", ["--seed", "-1"], "--seed: expected an integer >= 0"),
+    ("control report", ["--model", "no-model"], "no-model: not a model directory"),
+    ("control report", ["--monitor", "no-monitor"], "--monitor: give the --model it was made for"),
+    ("control report", ["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps"),
+    ("control build-guard", ["--fpr-block", "0"], "--fpr-block: expected a rate in (0, 1)"),
+    ("control build-guard", ["--fpr-block", "0.2"], "--fpr-block: expected at most fpr_escalate (0.05)"),
+    ("control build-guard", ["--model", "no-model"], "no-model: not a model directory"),
+    ("control verify-log no-such.db", [], "no-such.db: no such audit log file"),
+    ("control verify-log no-such.db", ["--head", "12"], "--head: expected SEQ:HASH"),
+    ("control keys add bob", ["--role", "god"], "--role: expected one of user, reviewer, admin, got 'god'"),
+    ("control keys add bob", ["--rate", "0"], "--rate: expected a number > 0"),
+    ("control keys list", ["--state", "no.db"], "no.db: no such state file"),
+    ("control keys revoke bob", ["--state", "no.db"], "no.db: no such state file"),
+    ("control export-reviews", ["--out", "r.jsonl", "--state", "no.db"], "no.db: no such state file"),
+    ("control retrain", ["--guard", "no.yaml", "--reviews", "r.jsonl"], "--guard: no.yaml: no such file"),
+    ("serve", ["--guard", "no.yaml"], "give --model DIR, or --echo for a no-op model"),
+    ("serve", ["--guard", "no.yaml", "--echo"], "no.yaml: no such config file"),
+    ("serve", ["--guard", "no.yaml", "--echo", "--port", "0"], "--port: expected 1 to 65535"),
+    ("serve", ["--guard", "no.yaml", "--echo", "--escalation", "maybe"], "--escalation: expected one of hold, pass"),
+    ("serve", ["--guard", "no.yaml", "--echo", "--max-body-bytes", "0"], "--max-body-bytes: expected an integer >= 1"),
     # values of the wrong type, caught by the command line itself
     ("train dpo", [*MODEL, "--steps", "abc"], "Invalid value for '--steps'"),
     ("world sample", ["--bogus", "1"], "No such option: --bogus"),
@@ -182,7 +203,8 @@ def test_a_bad_value_is_one_line_exit_2_and_no_file(monkeypatch, capsys, tmp_pat
 
 
 def _writes_a_run(command: str) -> bool:
-    return not command.startswith(("world", "eval"))
+    return not command.startswith(("world", "eval", "serve", "control keys", "control verify-log",
+                                   "control export-reviews", "control retrain"))
 
 
 def test_debug_shows_the_traceback(monkeypatch, capsys):

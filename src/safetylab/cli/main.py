@@ -11,6 +11,7 @@ import typer
 from safetylab.cli.agents import agents_app
 from safetylab.cli.align import align_app, sample_app
 from safetylab.cli.audit import audit
+from safetylab.cli.control import control_app, serve
 from safetylab.cli.evals import evaluate
 from safetylab.cli.interp import interp_app
 from safetylab.cli.robust import robust_app
@@ -23,8 +24,10 @@ app = typer.Typer(help="safetylab: measure and manage the safety of ML models.",
                   pretty_exceptions_enable=False, add_completion=False)
 app.command()(audit)
 app.command("eval")(evaluate)
+app.command()(serve)
 for name, sub in (("world", world_app), ("train", train_app), ("sample", sample_app), ("align", align_app),
-                  ("interp", interp_app), ("robust", robust_app), ("agents", agents_app), ("verify", verify_app)):
+                  ("interp", interp_app), ("robust", robust_app), ("agents", agents_app), ("verify", verify_app),
+                  ("control", control_app)):
     app.add_typer(sub, name=name)
 
 

@@ -29,6 +29,7 @@ import torch
 from safetylab.control.classifier import TextClassifier, TextClassifierConfig, fit_text_classifier
 from safetylab.control.config import write_guard
 from safetylab.core.config import require
+from safetylab.core.errors import SafetylabError
 from safetylab.core.io import atomic_write_text
 from safetylab.core.seeding import derive_seed
 from safetylab.world.requests import Request
@@ -131,8 +132,75 @@ def held_out_by_core(items: list, share: float, seed: int, core=lambda item: ite
 
 
 def save_training_data(path: Path, texts: list[str], labels: list[int]) -> None:
-    """The classifier's training texts beside it (JSONL ``{"text", "label"}``), so reviews can be added to them."""
+    """A classifier's training or validation texts beside it (JSONL ``{"text", "label"}``), so that reviews can
+    be added to them and the thresholds calibrated again (:func:`retrain`)."""
     atomic_write_text(path, "".join(json.dumps({"text": t, "label": int(y)}) + "\n" for t, y in zip(texts, labels)))
+
+
+def read_labelled(path: Path, text=lambda record: record["text"]) -> tuple[list[str], list[int]]:
+    """``(texts, labels)`` of a JSONL file of labelled records; a record without them is an error naming its line."""
+    from safetylab.core.io import jsonl_lines
+
+    texts, labels = [], []
+    for line in jsonl_lines(path):
+        record = line.record if line.problem is None else None
+        try:
+            texts.append(text(record))
+            labels.append(record["label"])
+        except (KeyError, TypeError):
+            problem = line.problem or "expected a record with a text and a label"
+            raise SafetylabError(f"{path}, line {line.number}: {problem}") from None
+        if labels[-1] not in (0, 1) or isinstance(labels[-1], bool) or not isinstance(texts[-1], str):
+            raise SafetylabError(f"{path}, line {line.number}: expected a text and a label 0 or 1")
+    return texts, labels
+
+
+def retrain(guard: str | Path, layer: str, reviews: str | Path) -> dict[str, Any]:
+    """Refit the classifier of ``layer`` (a classifier layer of the guard file ``guard``) on its training texts
+    plus the reviewers' decisions in ``reviews`` (:meth:`safetylab.control.state.State.export_reviews`: a
+    rejected exchange is a positive, an approved or edited one a negative; an input layer learns from the
+    prompt, an output layer from prompt and response), calibrate its thresholds again on its validation
+    texts at the same target rates, and rewrite the classifier and the guard file. Returns the new calibration
+    and the number of reviews added."""
+    import yaml
+
+    from safetylab.control.config import read_guard
+
+    guard = Path(guard)
+    spec = read_guard(guard)
+    data = yaml.safe_load(guard.read_text(encoding="utf-8"))
+    for stage in ("input", "output"):
+        for entry in data.get(stage) or []:
+            if entry.get("kind") == "classifier" and (entry.get("name") or "classifier") == layer:
+                break
+        else:
+            continue
+        break
+    else:
+        names = [e.get("name") or "classifier" for st in ("input", "output") for e in data.get(st) or []
+                 if e.get("kind") == "classifier"]
+        raise SafetylabError(f"{guard}: no classifier layer named {layer!r} (it has {', '.join(names) or 'none'})")
+    directory = (guard.parent / entry["path"]).resolve()
+    texts, labels = read_labelled(directory / "train.jsonl")
+    on_exchange = stage == "output"
+    added = read_labelled(Path(reviews), lambda r: f"{r['prompt']} {r['response'] or ''}" if on_exchange
+                          else r["prompt"])
+    from safetylab.control.classifier import load_text_classifier
+
+    old = load_text_classifier(directory)
+    classifier = fit_text_classifier(texts + added[0], labels + added[1], old.config, old.labels)
+    valid_texts, valid_labels = read_labelled(directory / "validation.jsonl")
+    scores, y = classifier.score(valid_texts), np.asarray(valid_labels)
+    calibration = entry.get("calibration") or {}
+    layer_entry = calibrated(scores[y == 1], scores[y == 0], calibration.get("fpr_escalate", 0.05),
+                             calibration.get("fpr_block", 0.01))
+    classifier.save(directory)
+    save_training_data(directory / "train.jsonl", texts + added[0], labels + added[1])
+    entry.update(layer_entry)
+    entry["calibration"]["reviews_added"] = len(added[0])
+    write_guard(guard, data.get("input") or [], data.get("output") or [], data.get("tripwires") or [],
+                data.get("on_error", spec.on_error))
+    return entry["calibration"]
 
 
 def build_guard(world: World, out: str | Path, config: GuardBuildConfig = GuardBuildConfig(), hooks=None,
@@ -148,6 +216,7 @@ def build_guard(world: World, out: str | Path, config: GuardBuildConfig = GuardB
     classifier = fit_text_classifier(list(fit.prompts), list(fit.labels), config.classifier)
     classifier.save(out / "input-classifier")
     save_training_data(out / "input-classifier" / "train.jsonl", list(fit.prompts), list(fit.labels))
+    save_training_data(out / "input-classifier" / "validation.jsonl", list(held.prompts), list(held.labels))
     held_labels = np.asarray(held.labels)
     scores = classifier.score(list(held.prompts))
     input_layer = calibrated(scores[held_labels == 1], scores[held_labels == 0], config.fpr_escalate,
@@ -170,6 +239,8 @@ def build_guard(world: World, out: str | Path, config: GuardBuildConfig = GuardB
     output.save(out / "output-classifier")
     save_training_data(out / "output-classifier" / "train.jsonl", [f"{r.prompt} {t}" for r, t, _ in train],
                        [y for *_, y in train])
+    save_training_data(out / "output-classifier" / "validation.jsonl", [f"{r.prompt} {t}" for r, t, _ in valid],
+                       [y for *_, y in valid])
     output_layer = output_calibration(output, valid, config)
     report["output_classifier"] = output_layer["calibration"]
     output_layers = [{"kind": "rules", "name": "secrets", "invisible": "modify", "rules": list(SECRET_RULES)},

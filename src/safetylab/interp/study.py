@@ -33,7 +33,6 @@ from safetylab.core.config import require, require_choice
 from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.errors import SafetylabError
 from safetylab.core.io import save_figure
-from safetylab.core.runs import RunDir
 from safetylab.core.study import Context, Section, Stage, Table
 from safetylab.interp.concepts import CONCEPTS, NEEDS_MODEL, ConceptConfig, concept
 from safetylab.interp.dashboard import feature_dashboard
@@ -48,7 +47,7 @@ from safetylab.interp.sae import SAEConfig, ce_loss_recovered, feature_density, 
 from safetylab.interp.steering import RefusalDirectionConfig, refusal_direction_experiment
 from safetylab.interp.store import collect_activations, world_batches
 from safetylab.models.lm import ModelConfig, load_model
-from safetylab.models.train import TrainConfig, finetune, pretrain
+from safetylab.models.train import TrainConfig, train_world_assistant
 from safetylab.world.requests import RELATIONS
 from safetylab.world.world import World, WorldConfig
 
@@ -177,17 +176,10 @@ def model_stage(ctx: Context) -> Section:
 
 
 def train_assistant(ctx: Context) -> Path:
-    """A world assistant as the align study makes it: pre-training on the corpus, then SFT on demonstrations
-    with half as many knowledge lines of the corpus replayed."""
-    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("model")
-    corpus = world.corpus(cfg.corpus_conversations)
-    base_run = RunDir(out / "base", {"model": asdict(cfg.model), "train": asdict(cfg.base), "lines": len(corpus)})
-    base, tokenizer = pretrain(corpus, cfg.model, cfg.base, base_run)
-    demos = world.demonstrations(cfg.demonstrations)
-    replay = [line for line in corpus if not line.startswith("<user>")][: len(demos) // 2]
-    sft_run = RunDir(out / "sft", {"train": asdict(cfg.sft), "demonstrations": len(demos), "replay": len(replay)})
-    finetune(base, tokenizer, [(d["prompt"], d["response"]) for d in demos], cfg.sft, sft_run, replay)
-    return sft_run.artifacts / "model"
+    """A world assistant as the align study makes it (:func:`~safetylab.models.train.train_world_assistant`)."""
+    cfg = ctx.config
+    return train_world_assistant(world_of(ctx), ctx.stage_dir("model"), cfg.corpus_conversations, cfg.demonstrations,
+                                 cfg.model, cfg.base, cfg.sft)
 
 
 def lens_stage(ctx: Context) -> Section:

@@ -363,3 +363,22 @@ def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainCo
     model = train_lm(model, tokenizer, examples, config, run, "sft")
     save_model(model, tokenizer, final)
     return model, tokenizer
+
+
+def train_world_assistant(world, out: str | Path, corpus_conversations: int, demonstrations: int,
+                          model_config: ModelConfig, base: TrainConfig, sft: TrainConfig) -> Path:
+    """A world assistant as the align study makes it, for the studies that need one of their own: pre-training
+    on ``world.corpus(corpus_conversations)`` in ``out/base``, then SFT on ``world.demonstrations(...)`` with
+    half as many knowledge lines of the corpus replayed, in ``out/sft``. Returns the SFT model's directory
+    (a finished run is reused)."""
+    from dataclasses import asdict
+
+    out = Path(out)
+    corpus = world.corpus(corpus_conversations)
+    base_run = RunDir(out / "base", {"model": asdict(model_config), "train": asdict(base), "lines": len(corpus)})
+    model, tokenizer = pretrain(corpus, model_config, base, base_run)
+    demos = world.demonstrations(demonstrations)
+    replay = [line for line in corpus if not line.startswith("<user>")][: len(demos) // 2]
+    sft_run = RunDir(out / "sft", {"train": asdict(sft), "demonstrations": len(demos), "replay": len(replay)})
+    finetune(model, tokenizer, [(d["prompt"], d["response"]) for d in demos], sft, sft_run, replay)
+    return sft_run.artifacts / "model"
