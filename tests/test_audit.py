@@ -182,6 +182,8 @@ def tiny_audit_config(seed: int = 0):
                        patching=replace(config.interp.patching, n_pairs=4, known_only=False, heads=False),
                        monitor=replace(config.interp.monitor, n=40, n_eval=5, samples=1, max_new_tokens=8)),
         agents=replace(config.agents, episodes=60),
+        control=replace(config.control, guard=replace(config.control.guard, n=40, responses=200), per_kind=4,
+                        wrapped=1, max_new_tokens=8),
         verify=replace(config.verify, trainings=("standard",), standard=replace(config.verify.standard, epochs=1),
                        eps=(0.0, 0.05), examples=8, exact_time_limit=0.2, attack_steps=3, alpha_iterations=2,
                        sigmas=(0.25,), smooth_epochs=1, smooth_examples=4, smooth_n=100, radii=(0.0, 0.25)),
@@ -237,7 +239,7 @@ def test_audit_composes_every_study_on_its_seed():
     assert config.align.seed == config.robust.seed == config.agents.seed == config.verify.seed == 3
     assert config.align.world.seed == config.align.base.seed == config.align.ppo.train.seed == 3
     assert config.interp.seed == config.interp.world.seed == 3
-    assert [s.name for s in STUDIES] == ["align", "interp", "robust", "agents", "verify"]
+    assert [s.name for s in STUDIES] == ["align", "interp", "robust", "agents", "verify", "control"]
 
 
 @pytest.mark.slow
@@ -509,6 +511,25 @@ def test_audit_interp_sections_study_the_align_sft_model(audit_dir, report):
     feature = monitor["feature"]  # the SAE latent monitor, on the audit's one SAE
     assert feature["kind"] == "feature" and feature["hook"] == sae["hook"] and feature["feature"] >= 0
     assert (audit_dir / "interp" / feature["monitor"] / "sae" / "sae.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_audit_control_sections_guard_the_align_sft_model_with_the_interp_monitor(audit_dir, report):
+    from safetylab.control.config import read_guard
+
+    sections = sections_of(report)
+    assert sections["control/model"]["summary"].endswith("handed in")
+    guard = sections["control/guard"]["data"]
+    spec = read_guard(audit_dir / "control" / guard["guard"])
+    assert [kind for kind, _ in spec.input] == ["rules", "classifier", "ood", "monitor"]
+    assert guard["monitor"].endswith("interp/monitor/harmful-intent")
+    calibration = guard["calibration"]["input_classifier"]
+    assert calibration["block"]["fpr"] <= calibration["fpr_block"] + 1e-9
+    evaluation = sections["control/evaluate"]["data"]
+    assert set(evaluation) >= {"harmful", "jailbroken", "benign", "benign wrapped", "summary", "latency_ms"}
+    summary = evaluation["summary"]
+    assert summary["harmful_compliance_guarded"] <= summary["harmful_compliance_alone"]
+    assert evaluation["harmful"]["blocked"] + evaluation["harmful"]["escalated"] <= 1
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from typing import Any
 
 from safetylab.agents import study as agents
 from safetylab.align import study as align
+from safetylab.control import study as control
 from safetylab.core.config import require
 from safetylab.core.devices import check_device_name
 from safetylab.core.study import Section, Stage
@@ -43,6 +44,7 @@ class AuditConfig:
     # full study, `safetylab verify report`, takes 10)
     verify: verify.VerifyStudyConfig = field(default_factory=lambda: verify.VerifyStudyConfig(
         eps=(0.0, 0.02, 0.05, 0.1), exact_time_limit=1.0))
+    control: control.ControlStudyConfig = field(default_factory=control.ControlStudyConfig)
 
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
@@ -53,7 +55,7 @@ class AuditConfig:
 
 
 QUICK = AuditConfig(align=align.QUICK, interp=interp.QUICK, robust=robust.QUICK, agents=agents.QUICK,
-                    verify=verify.QUICK)
+                    verify=verify.QUICK, control=control.QUICK)
 
 STUDIES = (
     StudyPart("align", "Alignment: SFT, reward model, best-of-n, DPO and PPO against the gold judge", align.STAGES,
@@ -64,6 +66,11 @@ STUDIES = (
     StudyPart("robust", "Robustness of a classifier (digits)", robust.STAGES, lambda c: c.robust),
     StudyPart("agents", "Safety gridworlds", agents.STAGES, lambda c: c.agents),
     StudyPart("verify", "Verification of a classifier (digits)", verify.STAGES, lambda c: c.verify),
+    StudyPart("control", "Control: the SFT model behind a guard (classifiers, OOD gate, the interp monitor)",
+              control.STAGES, lambda c: c.control,
+              lambda sections: {"model": f"align/{sections['align/sft'].data['model']}",
+                                **({"monitor": f"interp/{sections['interp/monitor'].data['monitor']}"}
+                                   if "interp/monitor" in sections else {})}),
 )
 
 
@@ -78,4 +85,5 @@ def with_seed(config: AuditConfig, seed: int, device: str | None = None) -> Audi
     device = config.device if device is None else device
     return AuditConfig(seed=seed, device=device, align=align.seeded(config.align, seed, device),
                        interp=interp.seeded(config.interp, seed, device), robust=replace(config.robust, seed=seed),
-                       agents=replace(config.agents, seed=seed), verify=replace(config.verify, seed=seed))
+                       agents=replace(config.agents, seed=seed), verify=replace(config.verify, seed=seed),
+                       control=control.seeded(config.control, seed, device))
