@@ -18,7 +18,8 @@ from safetylab.control.layers import Rule, RulesLayer
 from safetylab.control.server import Server, create_app, echo_generator
 from safetylab.control.state import State
 
-CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
 @pytest.fixture
