@@ -30,13 +30,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from safetylab.control.guard import STOPS, Guard, most_severe
 from safetylab.control.state import Key, State
@@ -45,6 +46,7 @@ from safetylab.core.config import require, require_choice
 
 Generate = Callable[[str, int, float], tuple[str, str]]  # (prompt, max_tokens, temperature) -> (text, finish)
 COOKIE = "safetylab_review"
+ReviewId = Annotated[int, Path(ge=1, le=2**63 - 1, description="A review's id.")]
 
 
 @dataclass(frozen=True)
@@ -335,9 +337,9 @@ def create_app(server: Server) -> FastAPI:
     async def api_error(request: Request, e: ApiError):
         return error_response(e)
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(HTTPException)  # Starlette's: unknown routes, methods and bodies that do not parse
     async def http_error(request: Request, e: HTTPException):
-        return error_response(ApiError(e.status_code, str(e.detail), "http_error"))
+        return error_response(ApiError(e.status_code, str(e.detail), "http_error", getattr(e, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):
@@ -375,7 +377,7 @@ def create_app(server: Server) -> FastAPI:
                                             "owned_by": "safetylab"}]}
 
     @app.get("/v1/reviews/{review_id}")
-    async def review_outcome(review_id: int, key: Key = Depends(role("user"))):
+    async def review_outcome(review_id: ReviewId, key: Key = Depends(role("user"))):
         return server.outcome(key, review_id)
 
     # ------------------------------------------------------------------ admin
@@ -399,7 +401,7 @@ def create_app(server: Server) -> FastAPI:
         return switch.to_dict()
 
     @app.post("/admin/keys/{name}/unlock")
-    async def unlock(name: str, key: Key = Depends(role("admin"))):
+    async def unlock(name: Annotated[str, Path(max_length=64)], key: Key = Depends(role("admin"))):
         from safetylab.core.errors import SafetylabError
 
         try:
@@ -442,7 +444,7 @@ def create_app(server: Server) -> FastAPI:
         return {"reviews": [r.to_dict() for r in server.state.reviews(status)]}
 
     @app.post("/review/api/{review_id}")
-    async def decide(review_id: int, body: ReviewDecision, key: Key = Depends(reviewer)):
+    async def decide(review_id: ReviewId, body: ReviewDecision, key: Key = Depends(reviewer)):
         from safetylab.core.errors import SafetylabError
 
         try:
@@ -455,8 +457,7 @@ def create_app(server: Server) -> FastAPI:
         return {**review.to_dict(), "audit_seq": seq}
 
     @app.get("/review/api/log")
-    async def recent(limit: int = 20, key: Key = Depends(reviewer)):
-        limit = max(1, min(limit, 200))
+    async def recent(limit: Annotated[int, Query(ge=1, le=200)] = 20, key: Key = Depends(reviewer)):
         server.log.flush()
         total = server.log.count()
         return {"records": [record_dict(r) for r in server.log.records(max(1, total - limit + 1))]}
