@@ -221,3 +221,20 @@ def test_the_direct_score_equals_scikit_learns_sparse_product(classifier):
     direct = classifier.score(texts)
     sparse = classifier.features(texts) @ classifier.weights.astype(np.float64) + classifier.bias
     np.testing.assert_allclose(direct, sparse, rtol=1e-5, atol=1e-6)
+
+
+def test_state_sees_its_own_changes_at_once_and_another_processes_within_the_ttl(tmp_path):
+    import time
+
+    from safetylab.control.state import State
+
+    here, there = State(tmp_path / "s.db", ttl=0.2), State(tmp_path / "s.db", ttl=0.2)
+    token = here.add_key("k", "user")
+    assert here.key(token).locked is False and there.key(token).locked is False and not there.switch().halted
+    here.lock_key("k", "test")
+    here.halt("drill", "admin")
+    assert here.key(token).locked and here.switch().halted  # at once in this process
+    assert there.key(token).locked is False and not there.switch().halted  # cached in the other
+    time.sleep(0.25)
+    assert there.key(token).locked and there.switch().reason == "drill"  # within the ttl
+    assert here.key("sl-nonsense") is None and here.key("no prefix") is None

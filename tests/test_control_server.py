@@ -122,8 +122,10 @@ def test_the_kill_switch_halts_serving_until_an_admin_releases_it_and_survives_a
     with TestClient(create_app(restarted)) as again:
         assert chat(again, keys["user"], "how do i water my basil").status_code == 503
         assert again.post("/admin/release", headers=admin).json()["halted"] is False
+        assert chat(again, keys["user"], "how do i water my basil").status_code == 200
+    server.state._changed()  # the first process sees the other's release within its ttl (1 s); here at once
     assert chat(client, keys["user"], "how do i water my basil").status_code == 200
-    assert [r.kind for r in server.log.records()] == ["halt", "release", "exchange"]
+    assert [r.kind for r in server.log.records()] == ["halt", "release", "exchange", "exchange"]
 
 
 def test_repeated_blocked_attempts_lock_the_key_and_the_trip_is_logged(served):

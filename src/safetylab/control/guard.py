@@ -83,6 +83,7 @@ class Layer:
     a :class:`LayerResult`; the guard times it. ``name`` names it in results and logs."""
 
     name: str = "layer"
+    blocking: bool = False  # whether check runs a model (a server then calls it off its event loop)
 
     def check(self, text: str, prompt: str | None = None) -> LayerResult:
         raise NotImplementedError
@@ -111,6 +112,11 @@ class Guard:
                 raise SafetylabError(f"guard {stage} layers: names must be unique, got {names}")
         self.input_layers, self.output_layers = tuple(input_layers), tuple(output_layers)
         self.on_error, self.wires = on_error, tuple(wires)
+
+    @property
+    def blocking(self) -> bool:
+        """Whether a layer runs a model (an OOD gate or monitor on the served model's activations)."""
+        return any(layer.blocking for layer in (*self.input_layers, *self.output_layers))
 
     def check_input(self, prompt: str) -> Verdict:
         return self._run("input", self.input_layers, prompt, None)

@@ -165,6 +165,7 @@ class MonitorLayer(ScoreLayer):
     given)."""
 
     kind = "monitor"
+    blocking = True
 
     def __init__(self, monitor, name: str | None = None, decision: str = "block", threshold: float | None = None):
         require_choice(decision, "decision", ("escalate", "block", "halt"))

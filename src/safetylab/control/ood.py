@@ -42,6 +42,7 @@ class OODLayer(ScoreLayer):
     refusal)."""
 
     kind = "ood"
+    blocking = True
 
     def __init__(self, hooks, tokenizer, bank: torch.Tensor, k: int = 10, hook: str = HOOK, name: str = "ood",
                  escalate: float | None = None, block: float | None = None):

@@ -10,7 +10,9 @@
   reviewer to approve, reject or edit it; :meth:`State.export_reviews` writes the decided ones as labelled
   JSONL for retraining the guard's classifier.
 
-Several server processes on one machine may share the file (SQLite's locking; WAL mode).
+Several server processes on one machine may share the file (SQLite's locking; WAL mode). Each process reads a
+key and the kill switch from the file at most once a ``ttl`` (1 s): a change made in this process takes effect
+at once, one made by another process within ``ttl`` seconds.
 """
 
 from __future__ import annotations
@@ -96,9 +98,9 @@ def hash_key(key: str) -> str:
 
 
 class State:
-    """The state file at ``path`` (made if missing)."""
+    """The state file at ``path`` (made if missing); ``ttl`` seconds of caching keys and the kill switch."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, ttl: float = 1.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -108,6 +110,10 @@ class State:
         except sqlite3.DatabaseError as e:
             raise SafetylabError(f"{self.path}: not a safetylab state file ({e})") from None
         self._lock = threading.Lock()
+        self.ttl, self._keys, self._switch = float(ttl), {}, None  # cache: hash -> (key, until); (switch, until)
+
+    def _changed(self) -> None:
+        self._keys, self._switch = {}, None
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
@@ -134,9 +140,17 @@ class State:
         """The key whose token is ``token``, or None."""
         if not isinstance(token, str) or not token.startswith(PREFIX):
             return None
+        digest, now = hash_key(token), time.monotonic()
+        cached = self._keys.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         rows = self._query("SELECT id, name, role, rate_per_minute, locked, locked_reason FROM keys WHERE hash = ?",
-                           (hash_key(token),))
-        return Key(*rows[0][:4], bool(rows[0][4]), rows[0][5]) if rows else None
+                           (digest,))
+        key = Key(*rows[0][:4], bool(rows[0][4]), rows[0][5]) if rows else None
+        if len(self._keys) > 10_000:
+            self._keys = {}
+        self._keys[digest] = (key, now + self.ttl)
+        return key
 
     def keys(self) -> list[Key]:
         rows = self._query("SELECT id, name, role, rate_per_minute, locked, locked_reason FROM keys ORDER BY id")
@@ -144,30 +158,39 @@ class State:
 
     def lock_key(self, name: str, reason: str) -> None:
         self._query("UPDATE keys SET locked = 1, locked_reason = ? WHERE name = ?", (reason, name))
+        self._changed()
 
     def unlock_key(self, name: str) -> None:
         if not self._query("SELECT 1 FROM keys WHERE name = ?", (name,)):
             raise SafetylabError(f"no key named {name!r}")
         self._query("UPDATE keys SET locked = 0, locked_reason = NULL WHERE name = ?", (name,))
+        self._changed()
 
     def revoke_key(self, name: str) -> None:
         if not self._query("SELECT 1 FROM keys WHERE name = ?", (name,)):
             raise SafetylabError(f"no key named {name!r}")
         self._query("DELETE FROM keys WHERE name = ?", (name,))
+        self._changed()
 
     # ------------------------------------------------------------------ kill switch
     def switch(self) -> Switch:
+        now = time.monotonic()
+        if self._switch is not None and self._switch[1] > now:
+            return self._switch[0]
         halted, reason, by, since = self._query("SELECT halted, reason, by, since FROM switch WHERE id = 1")[0]
-        return Switch(bool(halted), reason, by, since)
+        self._switch = (Switch(bool(halted), reason, by, since), now + self.ttl)
+        return self._switch[0]
 
     def halt(self, reason: str, by: str) -> Switch:
         """Pull the kill switch (a second pull keeps the first reason)."""
         self._query("UPDATE switch SET halted = 1, reason = ?, by = ?, since = ? WHERE id = 1 AND halted = 0",
                     (reason, by, time.time()))
+        self._changed()
         return self.switch()
 
     def release(self, by: str) -> Switch:
         self._query("UPDATE switch SET halted = 0, reason = NULL, by = ?, since = ? WHERE id = 1", (by, time.time()))
+        self._changed()
         return self.switch()
 
     # ------------------------------------------------------------------ reviews
