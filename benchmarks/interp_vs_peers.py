@@ -55,7 +55,9 @@ each active with p = 0.01, magnitudes U[0, 1], noise σ 0.01): ``safetylab.inter
 for ``--recovery-steps`` steps of 4,096 fresh samples (5,000: the budget ``sae.DEFAULT_LR`` was tuned at),
 and SAELens's ``SAETrainer.fit`` with the settings above on the same sample stream for the same number of
 steps; mean best cosine of the true directions with the decoder rows (signed), L0 and FVU on 65,536 held-out
-samples.
+samples. With ``--recovery-budget benchmark`` both sides train at the synthetic benchmark's settings instead
+(``safetylab.interp.synthetic.benchmark_config``: 10,000 steps of 1,024, SAELens's toy budget; ReLU λ 2, TopK
+k 16), the settings docs/results.md reports.
 
 Timing: ``--rounds`` rounds after one warm-up call per side; in each round every side runs ``--repeats``
 samples, the sides in a rotating order. A side's round time is the median of its samples; a ratio is the
@@ -321,8 +323,9 @@ def ours_config(kind: str, steps: int):
                      batch_size=SAE_BATCH, steps=steps, seed=SEED)
 
 
-def saelens_trainer(kind: str, steps: int, data_provider):
-    """SAELens's training SAE and trainer with the settings of the module docstring."""
+def saelens_trainer(kind: str, steps: int, data_provider, batch: int = SAE_BATCH, l1: float = L1, k: int = K):
+    """SAELens's training SAE and trainer with the settings of the module docstring (``batch``, ``l1`` and
+    ``k`` changed for the synthetic benchmark's budget)."""
     import torch
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
@@ -332,12 +335,12 @@ def saelens_trainer(kind: str, steps: int, data_provider):
     common = dict(d_in=D_IN, d_sae=D_IN * EXPANSION, normalize_activations="expected_average_only_in")
     if kind == "relu":
         sae = StandardTrainingSAE(StandardTrainingSAEConfig(
-            **common, l1_coefficient=L1, l1_warm_up_steps=int(0.05 * steps), apply_b_dec_to_input=False,
+            **common, l1_coefficient=l1, l1_warm_up_steps=int(0.05 * steps), apply_b_dec_to_input=False,
             decoder_init_norm=0.1))
     else:
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=K))
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(**common, k=k))
     config = SAETrainerConfig(
-        total_training_samples=steps * SAE_BATCH, train_batch_size_samples=SAE_BATCH, lr=LR, lr_end=LR,
+        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=LR, lr_end=LR,
         lr_scheduler_name="constant", lr_warm_up_steps=0, lr_decay_steps=int(0.2 * steps), adam_beta1=0.9,
         adam_beta2=0.999, device="cpu", dead_feature_window=1000, feature_sampling_window=2000, n_checkpoints=0,
         checkpoint_path=None, save_final_checkpoint=False, n_batches_for_norm_estimate=1,
@@ -441,28 +444,39 @@ def run_recovery(args) -> list[dict]:
     import torch
 
     from safetylab.core.seeding import derive_seed
-    from safetylab.interp.synthetic import SyntheticConfig, SyntheticFeatures, mean_best_cosine, run_benchmark
+    from safetylab.interp.synthetic import (
+        BENCHMARK_SPARSITY,
+        SyntheticConfig,
+        SyntheticFeatures,
+        benchmark_config,
+        mean_best_cosine,
+        run_benchmark,
+    )
 
     data = SyntheticConfig(d=D_IN)
     features = SyntheticFeatures(data)
     generator = torch.Generator().manual_seed(derive_seed(data.seed, "synthetic", "evaluation"))
     x_eval, _ = features.sample(65_536, generator)
-    steps = args.recovery_steps
+    benchmark = args.recovery_budget == "benchmark"
+    steps = args.recovery_steps or (benchmark_config("topk").steps if benchmark else 5000)
+    batch = benchmark_config("topk").batch_size if benchmark else SAE_BATCH
     print(f"\nrecovery: synthetic benchmark ({data.n_features} directions in d {data.d}, p {data.p}, noise "
-          f"{data.noise}), {steps} steps of {SAE_BATCH} fresh samples per side", flush=True)
+          f"{data.noise}), {steps} steps of {batch} fresh samples per side"
+          + (f", the benchmark's sparsity {BENCHMARK_SPARSITY}" if benchmark else ""), flush=True)
     rows = []
     for kind in args.kind or SAE_KINDS:
-        config = ours_config(kind, steps)
+        config = benchmark_config(kind, steps=steps) if benchmark else ours_config(kind, steps)
         if "safetylab" in (args.recovery_side or ("safetylab",)):
             print(f"  {kind}: safetylab ... ({load()})", flush=True)
             _, ours = run_benchmark(config, data)
             rows.append({"kind": kind, "side": "safetylab", "cosine": ours["mean_best_cosine"], "l0": ours["l0"],
-                         "fvu": ours["fvu"], "seconds": ours["seconds"]})
+                         "fvu": ours["fvu"], "seconds": ours["seconds"], "samples": steps * batch})
             print(f"    {rows[-1]}", flush=True)
         if "saelens" not in (args.recovery_side or ("saelens",)):
             continue
         print(f"  {kind}: SAELens ... ({load()})", flush=True)
-        sae, trainer = saelens_trainer(kind, steps, features.batches(SAE_BATCH, config.seed))
+        sae, trainer = saelens_trainer(kind, steps, features.batches(batch, config.seed), batch,
+                                       config.l1_coefficient, config.k)
         start = time.perf_counter()
         trainer.fit()
         seconds = time.perf_counter() - start
@@ -472,19 +486,20 @@ def run_recovery(args) -> list[dict]:
             x_hat = torch.cat([sae.decode(f[i:i + 8192]) for i in range(0, len(f), 8192)])
         fvu = ((x_eval - x_hat).pow(2).sum() / (x_eval - x_eval.mean(0)).pow(2).sum()).item()
         rows.append({"kind": kind, "side": "saelens", "cosine": mean_best_cosine(features.directions, sae.W_dec),
-                     "l0": (f > 0).sum(-1).float().mean().item(), "fvu": fvu, "seconds": seconds})
+                     "l0": (f > 0).sum(-1).float().mean().item(), "fvu": fvu, "seconds": seconds,
+                     "samples": steps * batch})
         print(f"    {rows[-1]}", flush=True)
     return rows
 
 
 def report_recovery(args, rows) -> None:
     print()
-    print(f"recovery on the synthetic benchmark after {args.recovery_steps} steps of {SAE_BATCH} (mean best signed "
+    print(f"recovery on the synthetic benchmark after {rows[0]['samples'] if rows else 0:,} samples (mean best signed "
           "cosine of the true directions with the decoder rows; L0 and FVU on 65,536 held-out samples)")
     print(f"{'kind':<5} {'side':<10} {'cosine':>7} {'L0':>6} {'FVU':>7} {'seconds':>8} {'vectors/s':>10}")
     for row in rows:
         print(f"{row['kind']:<5} {row['side']:<10} {row['cosine']:>7.4f} {row['l0']:>6.1f} {row['fvu']:>7.4f} "
-              f"{row['seconds']:>8.0f} {args.recovery_steps * SAE_BATCH / row['seconds']:>10,.0f}")
+              f"{row['seconds']:>8.0f} {row['samples'] / row['seconds']:>10,.0f}")
     for kind in SAE_KINDS:
         by = {r["side"]: r for r in rows if r["kind"] == kind}
         if len(by) < 2:
@@ -559,7 +574,12 @@ def main() -> None:
                         help="sae and recovery: only this SAE kind (repeatable; default both)")
     parser.add_argument("--recovery-side", choices=("safetylab", "saelens"), action="append",
                         help="recovery: only this side (repeatable; default both)")
-    parser.add_argument("--recovery-steps", type=int, default=5000, help="steps of the recovery runs (default 5000)")
+    parser.add_argument("--recovery-steps", type=int, default=None,
+                        help="steps of the recovery runs (default 5000, or 10000 with --recovery-budget benchmark)")
+    parser.add_argument("--recovery-budget", choices=("throughput", "benchmark"), default="throughput",
+                        help="recovery: the throughput runs' settings for --recovery-steps steps of 4,096 (default), "
+                             "or the synthetic benchmark's: 10,000 steps of 1,024 (SAELens's toy budget) at "
+                             "safetylab.interp.synthetic.BENCHMARK_SPARSITY, on both sides")
     parser.add_argument("--mem-calls", type=int, default=2, help="calls in each memory subprocess (default 2)")
     parser.add_argument("--mem-repeats", type=int, default=2, help="memory subprocesses per side (default 2)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
