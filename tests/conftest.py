@@ -1,3 +1,6 @@
+import os
+import uuid
+
 import pytest
 import torch
 
@@ -66,3 +69,41 @@ def digits_model(digits):
     model = digits_cnn(digits.num_classes)
     train_classifier(model, (digits.x_train, digits.y_train), ClassifierTrainConfig(epochs=10))
     return model.eval()
+
+
+@pytest.fixture
+def postgres_dsn():
+    """A DSN for a fresh, empty schema (first on its ``search_path``) on a PostgreSQL server, dropped with
+    everything in it afterwards. The server: ``SAFETYLAB_TEST_POSTGRES`` (a DSN), by default
+    ``host=127.0.0.1 port=5432 dbname=test user=postgres``. Where none is reachable the test is skipped with
+    the reason, unless ``SAFETYLAB_REQUIRE_POSTGRES=1`` (as in CI), which makes it fail instead."""
+    base = os.environ.get("SAFETYLAB_TEST_POSTGRES") or "host=127.0.0.1 port=5432 dbname=test user=postgres"
+    try:
+        import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    except ImportError as e:
+        _no_postgres(f"psycopg is not installed ({e})")
+    try:
+        params = conninfo_to_dict(base)
+    except psycopg.Error as e:
+        _no_postgres(f"SAFETYLAB_TEST_POSTGRES is not a valid DSN ({e})")
+    shown = " ".join(f"{k}={v}" for k, v in params.items() if k != "password")
+    try:
+        admin = psycopg.connect(base, autocommit=True, connect_timeout=5)
+    except psycopg.Error as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _no_postgres(f"no PostgreSQL server reachable at {shown!r} ({reason})")
+    schema = f"safetylab_test_{uuid.uuid4().hex[:16]}"
+    with admin:
+        admin.execute(f'CREATE SCHEMA "{schema}"')
+        options = f"{params.get('options') or ''} -c search_path={schema}".strip()
+        try:
+            yield make_conninfo(base, options=options)
+        finally:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def _no_postgres(reason: str) -> None:
+    if os.environ.get("SAFETYLAB_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{reason}, and SAFETYLAB_REQUIRE_POSTGRES=1 requires one")
+    pytest.skip(f"{reason}; set SAFETYLAB_TEST_POSTGRES to a DSN to run the PostgreSQL tests")
