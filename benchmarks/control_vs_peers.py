@@ -36,7 +36,7 @@ ratio is the median over rounds of the two rates measured moments apart (quartil
 beside it), so the shared machine's slow and fast spells cancel. The load average is printed at the start
 and the end. Targets: appends ≥ 0.8× the floor, verification ≥ 500,000 records/s.
 
-    .venv/bin/python benchmarks/control_vs_peers.py                  # about 3 minutes
+    .venv/bin/python benchmarks/control_vs_peers.py                  # about 1.5 minutes (a busy 2-core machine)
     .venv/bin/python benchmarks/control_vs_peers.py --records 20000 --rounds 3 --verify-records 100000  # quick
 """
 
