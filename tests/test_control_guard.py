@@ -221,6 +221,7 @@ def test_the_direct_score_equals_scikit_learns_sparse_product(classifier):
     direct = classifier.score(texts)
     sparse = classifier.features(texts) @ classifier.weights.astype(np.float64) + classifier.bias
     np.testing.assert_allclose(direct, sparse, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(classifier.score(texts), direct)  # again, from the remembered columns
 
 
 def test_state_sees_its_own_changes_at_once_and_another_processes_within_the_ttl(tmp_path):

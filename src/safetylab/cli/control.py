@@ -10,6 +10,7 @@ the model behind its guard, by the gold judge).
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Annotated
@@ -247,5 +248,10 @@ def serve(
               f"`safetylab control keys add NAME --role user --state {state}`")
     with open_audit_log(log) as audit:
         server = Server(generate, built, audit, store, config)
+        app = create_app(server)
+        # What is loaded now (torch, the model, the guard) lives as long as the server: move it out of the
+        # garbage collector's sight, or each full collection walks millions of objects between two requests.
+        gc.collect()
+        gc.freeze()
         print(f"serving {model_name} on http://{host}:{port}/v1 (review page: /review; audit log: {log})")
-        uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -5,8 +5,8 @@ within word boundaries (which survive the spacing and look-alike obfuscation of 
 do), L2-normalised each — so the classifier is its weights alone: saved as safetensors with a JSON of its
 settings, never pickled. Scikit-learn's ``LogisticRegression`` fits it. Scoring one text does not go through
 scikit-learn's sparse matrices (0.7 ms a call, nearly all of it their set-up): :meth:`TextClassifier.score`
-hashes the same n-grams with the same MurmurHash3 and sums their weights directly, about 50 µs a prompt,
-equal to the sparse product to float rounding.
+hashes the same n-grams with the same MurmurHash3 (remembering each n-gram's column) and sums their weights
+directly, about 40 µs a prompt, equal to the sparse product to float rounding.
 
 The score is the log-odds of the positive label (higher = more suspect, as every detector in safetylab).
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,6 +72,7 @@ class TextClassifier:
         self.config, self.weights, self.bias, self.labels = config, weights.astype(np.float32), float(bias), labels
         self._vectorizers = vectorizers(config)
         self._analysers = [v.build_analyzer() for v in self._vectorizers]
+        self._columns: list[dict[str, int]] = [{}, {}]  # per vectorizer: n-gram -> weight index, as met
         self._weights = self.weights.astype(np.float64).tolist()
 
     def features(self, texts: Sequence[str]) -> sp.csr_matrix:
@@ -85,17 +87,30 @@ class TextClassifier:
         return np.array([self._score(text) for text in texts], dtype=np.float64)
 
     def _score(self, text: str) -> float:
-        total, n = self.bias, self.config.n_features
-        for offset, analyse in ((0, self._analysers[0]), (n, self._analysers[1])):
+        total = self.bias
+        for analyse, memo in zip(self._analysers, self._columns):
             counts: dict[int, int] = {}
-            for gram in analyse(text):
-                h = murmurhash3_32(gram, 0)
-                column = (2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n  # as HashingVectorizer does
-                counts[column] = counts.get(column, 0) + 1
+            for gram, count in Counter(analyse(text)).items():
+                column = memo.get(gram)
+                if column is None:
+                    column = self._column(gram, memo)
+                counts[column] = counts.get(column, 0) + count  # colliding n-grams share a column, as in the matrix
             if counts:
                 norm = sum(c * c for c in counts.values()) ** 0.5
-                total += sum(c * self._weights[offset + column] for column, c in counts.items()) / norm
+                total += sum(c * self._weights[column] for column, c in counts.items()) / norm
         return total
+
+    def _column(self, gram: str, memo: dict[str, int]) -> int:
+        """The weight index of ``gram`` for the vectorizer ``memo`` belongs to: HashingVectorizer's column of its
+        MurmurHash3 (seed 0), offset by the vectorizer's place; remembered (up to 2^18 n-grams a vectorizer)."""
+        n = self.config.n_features
+        h = murmurhash3_32(gram, 0)
+        column = (2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n  # as HashingVectorizer does
+        column += n * self._columns.index(memo)
+        if len(memo) >= 2**18:
+            memo.clear()
+        memo[gram] = column
+        return column
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``classifier.json`` and ``classifier.safetensors`` into directory ``path``."""
