@@ -216,3 +216,22 @@ def test_the_openai_client_talks_to_the_server_on_loopback(served):
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+def test_the_loop_committer_commits_each_iterations_records_together(tmp_path):
+    import asyncio
+
+    from safetylab.control.server import LoopCommitter
+
+    log = SQLiteAuditLog(tmp_path / "a.db", writer=False)
+    committer = LoopCommitter(log)
+    pending = log.append("early", {})  # no writer thread: it waits for a flush
+
+    async def burst():
+        return await asyncio.gather(*(committer.commit("exchange", {"i": i}) for i in range(20)))
+
+    records = asyncio.run(burst())
+    assert pending.done() and [r.seq for r in records] == list(range(2, 22))
+    assert len({r.time for r in records}) == 1  # one transaction
+    assert log.verify().ok and log._writer is None
+    log.close()

@@ -246,7 +246,7 @@ def serve(
             f.write(token + "\n")
         print(f"no keys yet: created the admin key in {path} (readable by you only); add others with "
               f"`safetylab control keys add NAME --role user --state {state}`")
-    with open_audit_log(log) as audit:
+    with open_audit_log(log, writer=False) as audit:  # the server commits on its event loop (LoopCommitter)
         server = Server(generate, built, audit, store, config)
         app = create_app(server)
         # What is loaded now (torch, the model, the guard) lives as long as the server: move it out of the

@@ -355,6 +355,10 @@ class AuditLog(ABC):
     objects, so appending triggers no collection; with a torch-sized heap one full collection would take
     tenths of a second).
 
+    ``writer=False`` starts no writer thread: records are committed only by :meth:`flush` and by an append
+    that finds ``max_pending`` waiting — for a caller that commits on its own schedule, such as a server
+    committing each event-loop iteration's records on the loop itself.
+
     Commits are serialised by one lock: the writer thread takes it for each batch, and so do an
     :meth:`append` that finds ``max_pending`` records waiting (back-pressure without a hand-over: a caller
     appending in a tight loop commits its own batches, and the writer keeps out of its way) and
@@ -363,12 +367,12 @@ class AuditLog(ABC):
     :meth:`_commit`, :meth:`_fetch`, :meth:`_scan`, :meth:`_head`, :meth:`_count` and :meth:`_close`.
     """
 
-    def __init__(self, where: str, batch: int = 100, max_pending: int | None = None):
+    def __init__(self, where: str, batch: int = 100, max_pending: int | None = None, writer: bool = True):
         max_pending = min(batch, HELPER_BATCH) if max_pending is None else max_pending
         for name, value in (("batch", batch), ("max_pending", max_pending)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise SafetylabError(f"{name}: expected an int >= 1, got {value!r}")
-        self.where, self.batch, self.max_pending = where, batch, max_pending
+        self.where, self.batch, self.max_pending, self.background = where, batch, max_pending, bool(writer)
         self._lock = threading.Lock()  # guards the queue and the counters below
         self._work = threading.Condition(self._lock)  # the writer waits on it for records or close
         self._progress = threading.Condition(self._lock)  # flush waits on it for commits
@@ -450,7 +454,7 @@ class AuditLog(ABC):
             self._pending.append((part, kind, data, future))  # part: the body up to its seq
             self._appended += 1
             waiting = len(self._pending)
-            if self._writer is None:
+            if self._writer is None and self.background:
                 self._writer = threading.Thread(target=self._run, name=f"audit log writer {self.where}", daemon=True)
                 self._writer.start()
             elif self._sleeping:
@@ -662,9 +666,9 @@ class SQLiteAuditLog(AuditLog):
     """
 
     def __init__(self, path: str | Path, batch: int = 100, *, max_pending: int | None = None,
-                 synchronous: str = "NORMAL", busy_timeout: float = 30.0, create: bool = True):
+                 synchronous: str = "NORMAL", busy_timeout: float = 30.0, create: bool = True, writer: bool = True):
         self.path = Path(path)
-        super().__init__(str(self.path), batch, max_pending)
+        super().__init__(str(self.path), batch, max_pending, writer)
         if synchronous not in ("NORMAL", "FULL"):
             raise SafetylabError(f"synchronous: expected 'NORMAL' or 'FULL', got {synchronous!r}")
         self.synchronous, self.busy_timeout = synchronous, float(busy_timeout)
@@ -842,7 +846,7 @@ class PostgresAuditLog(AuditLog):
     COLUMNS = {"seq": "bigint", "prev": "text", "hash": "text", "body": "bytea"}
 
     def __init__(self, dsn: str, table: str = "audit_log", batch: int = 100, *, max_pending: int | None = None,
-                 connect_timeout: int = 10, create: bool = True):
+                 connect_timeout: int = 10, create: bool = True, writer: bool = True):
         parts = check_table(table)
         try:
             import psycopg
@@ -852,7 +856,7 @@ class PostgresAuditLog(AuditLog):
         self.dsn, self.table, self.connect_timeout = dsn, table, connect_timeout
         if max_pending is None and isinstance(batch, int):
             max_pending = 10 * batch
-        super().__init__(f"PostgreSQL {redact_dsn(dsn)}, table {table}", batch, max_pending)
+        super().__init__(f"PostgreSQL {redact_dsn(dsn)}, table {table}", batch, max_pending, writer)
         self._psycopg = psycopg
         ident = sql.Identifier(*parts)
         self._sql = {

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import html
+import itertools
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -162,6 +162,36 @@ def echo_generator(prompt: str, max_tokens: int, temperature: float) -> tuple[st
 echo_generator.blocking = False
 
 
+# ----------------------------------------------------------------------------- group commit on the event loop
+class LoopCommitter:
+    """Commits a server's audit records on its event loop: the records the requests of one loop iteration
+    append are committed together (``log.flush()``, one transaction) at the end of that iteration, and each
+    request awaits its own. No thread hand-off on a request's path: a hand-off waits for the writer thread to
+    get a core, which on a busy machine costs more than the commit. A batch that fails to commit fails the
+    requests whose records it held (fail closed: no answer without its record)."""
+
+    def __init__(self, log):
+        self.log, self._batch = log, None  # a log opened with writer=False leaves every commit to this
+
+    async def commit(self, kind: str, data: dict[str, Any]):
+        future = self.log.append(kind, data)
+        if self._batch is None:
+            loop = asyncio.get_running_loop()
+            self._batch = loop.create_future()
+            loop.call_soon(self._flush, self._batch)
+        await asyncio.shield(self._batch)
+        return future.result()
+
+    def _flush(self, batch: asyncio.Future) -> None:
+        self._batch = None
+        try:
+            self.log.flush()
+        except Exception as e:  # the records' own futures hold the error; the waiters read it from them
+            batch.set_result(e)
+            return
+        batch.set_result(None)
+
+
 # ----------------------------------------------------------------------------- the server
 class Server:
     """The guarded model: ``guard`` around ``generate``, decisions in ``log`` (an audit log whose ``append``
@@ -176,6 +206,10 @@ class Server:
         self.limiter = RateLimiter()
         self.blocking = getattr(generate, "blocking", True) or guard.blocking
         self.sessions: dict[str, str] = {}  # review-page session id -> the key it signed in with
+        self.committer = LoopCommitter(log)
+        # request ids: a random prefix per server and a counter (uuid4 reads the OS's random source each time,
+        # 70 µs on this VM: a fifth of a request)
+        self._ids, self._count = secrets.token_hex(8), itertools.count()
 
     # --------------------------------------------------------------- authentication
     def authorise(self, token: str | None, role: str) -> Key:
@@ -239,7 +273,7 @@ class Server:
         if decision in STOPS or (decision == "escalate" and self.config.escalation == "hold"):
             finish = "content_filter"
         latency = (time.perf_counter() - start) * 1000
-        created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        created, rid = int(time.time()), f"chatcmpl-{self._ids}{next(self._count):x}"
         body = {"id": rid, "object": "chat.completion", "created": created, "model": request.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                              "finish_reason": finish}],
@@ -367,12 +401,12 @@ def create_app(server: Server) -> FastAPI:
         return server.authorise(token, "reviewer")
 
     async def commit(kind: str, data: dict[str, Any]) -> int:
-        record = await asyncio.wrap_future(server.log.append(kind, data))
-        return record.seq
+        return (await server.committer.commit(kind, data)).seq
 
     # ------------------------------------------------------------------ the API
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, key: Key = Depends(role("user"))):
+    async def chat(body: ChatRequest, request: Request):
+        key = server.authorise(bearer(request), "user")  # here, not a dependency: FastAPI's solving costs 0.1 ms
         if server.blocking:
             response, record = await run_in_threadpool(server.complete, key, body)
         else:
