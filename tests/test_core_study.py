@@ -110,6 +110,14 @@ def test_summarize_seeds_hand_computed():
     assert "0.700 ± 0.200" in tables_markdown({"attack": summary})
 
 
+def test_summarize_seeds_shows_a_per_seed_text_result_seed_by_seed():
+    def table(head):
+        return Section("Patching", "x", [Table("best", ["relation", "head", "score"], [["capital", head, 0.5]])])
+
+    rows = summarize_seeds({0: {"p": table("head 2")}, 1: {"p": table("head 1")}, 2: {"p": table("head 2")}})["p"]
+    assert rows.tables[0].rows[0] == ["capital", "head 2 / head 1 / head 2", 0.5]
+
+
 def test_summarize_seeds_refuses_tables_that_do_not_line_up():
     with pytest.raises(SafetylabError, match=r"row 0, column 'model': the label differs"):
         summarize_seeds({0: {"a": section([["standard", 0.1, 0.5]])}, 1: {"a": section([["pgd", 0.1, 0.5]])}})

@@ -25,8 +25,10 @@ def summarize_seeds(runs: dict[int, dict[str, Section]]) -> dict[str, Section]:
 
     Tables are matched by section name and position, rows by position. A cell equal in every seed (a
     label, a radius, a count) is kept; a number that varies becomes "mean ± sd" (sample standard
-    deviation; None values are left out). A label that differs between seeds means the tables do not
-    line up, which is an error naming the table, row and column."""
+    deviation; None values are left out). The first column names a row: if it differs between seeds the
+    tables do not line up, which is an error naming the table, row and column. Text that differs in a later
+    column is a per-seed result (the layer a search chose, the head that mattered most) and is shown seed by
+    seed, "a / b / c"."""
     if not runs:
         raise SafetylabError("summarize_seeds: no runs to summarise")
     seeds = sorted(runs)
@@ -62,8 +64,10 @@ def _summarize_cell(values: list[Any], table: Table, row: int, column: int) -> t
         return values[0], values[0], 0.0 if _is_number(values[0]) else None
     present = [v for v in values if v is not None]
     if not all(_is_number(v) for v in present):
-        raise SafetylabError(f"table {table.title!r}, row {row}, column {table.columns[column]!r}: the label differs "
-                             f"between seeds ({', '.join(map(repr, values))}), so the rows do not line up")
+        if column == 0:
+            raise SafetylabError(f"table {table.title!r}, row {row}, column {table.columns[column]!r}: the label "
+                                 f"differs between seeds ({', '.join(map(repr, values))}), so the rows do not line up")
+        return " / ".join("–" if v is None else str(v) for v in values), None, None
     if not present:
         return None, None, None
     mean = fmean(present)
