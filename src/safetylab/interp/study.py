@@ -368,7 +368,8 @@ def monitor_stage(ctx: Context) -> Section:
                 ("FPR on plain benign prompts", lambda x: x.fpr_plain_benign),
                 ("FPR at 95 % TPR", lambda x: x.report.fpr_at_95_tpr), ("validation FPR", lambda x: x.validation_fpr),
                 ("jailbroken prompts complied with", lambda x: x.complied), ("TPR on those", lambda x: x.tpr_complied),
-                ("hook point", lambda x: x.hook), ("latent", lambda x: getattr(x.monitor, "feature", "")),
+                ("hook point", lambda x: x.hook),
+                ("latent", lambda x: f"#{x.monitor.feature}" if hasattr(x.monitor, "feature") else ""),
                 ("threshold", lambda x: x.threshold),
                 ("jailbroken / benign wrapped test prompts",
                  lambda x: f"{x.report.n_positives} / {x.report.n_negatives}")]
