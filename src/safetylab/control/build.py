@@ -244,8 +244,8 @@ def build_guard(world: World, out: str | Path, config: GuardBuildConfig = GuardB
     output_layer = output_calibration(output, valid, config)
     report["output_classifier"] = output_layer["calibration"]
     output_layers = [{"kind": "rules", "name": "secrets", "invisible": "modify", "rules": list(SECRET_RULES)},
-                     {"kind": "classifier", "name": "output-classifier", "path": "output-classifier", "on": "exchange",
-                      **output_layer}]
+                     {"kind": "classifier", "name": "output-classifier", "path": "output-classifier",
+                      "reads": "exchange", **output_layer}]
     write_guard(out / "guard.yaml", input_layers, output_layers, list(TRIPWIRES))
     return report
 

@@ -25,7 +25,7 @@
     output:
       - kind: classifier
         path: output-classifier
-        on: exchange
+        reads: exchange              # prompt and response (YAML reads a bare `on` as true)
         block: 1.5
     tripwires:                        # safetylab.control.tripwires
       - {kind: repeated_attempts, count: 5, window_s: 60, action: lock_key}
@@ -71,7 +71,7 @@ class ClassifierSpec:
     name: str | None = None
     escalate: float | None = None
     block: float | None = None
-    on: str = "text"
+    reads: str = "text"
     calibration: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,7 +201,7 @@ def build_layer(kind: str, spec: Any, name: str, base: Path, hooks=None, tokeniz
     if kind == "classifier":
         from safetylab.control.classifier import load_text_classifier
 
-        return ClassifierLayer(load_text_classifier(target), name, spec.escalate, spec.block, spec.on)
+        return ClassifierLayer(load_text_classifier(target), name, spec.escalate, spec.block, spec.reads)
     if kind == "ood":
         from safetylab.control.ood import load_ood_layer
 

@@ -143,19 +143,19 @@ class ScoreLayer(Layer):
 
 
 class ClassifierLayer(ScoreLayer):
-    """A text classifier's log-odds on the checked text (``on="text"``: the prompt for an input layer, the
-    response for an output layer) or on prompt and response together (``on="exchange"``)."""
+    """A text classifier's log-odds on the checked text (``reads="text"``: the prompt for an input layer, the
+    response for an output layer) or on prompt and response together (``reads="exchange"``)."""
 
     kind = "classifier"
 
     def __init__(self, classifier: TextClassifier, name: str = "classifier", escalate: float | None = None,
-                 block: float | None = None, on: str = "text"):
+                 block: float | None = None, reads: str = "text"):
         super().__init__(name, escalate, block, f"{classifier.labels[1]} log-odds")
-        require_choice(on, "on", ("text", "exchange"))
-        self.classifier, self.on = classifier, on
+        require_choice(reads, "reads", ("text", "exchange"))
+        self.classifier, self.reads = classifier, reads
 
     def score(self, text: str, prompt: str | None) -> float:
-        joined = text if self.on == "text" or prompt is None else f"{prompt} {text}"
+        joined = text if self.reads == "text" or prompt is None else f"{prompt} {text}"
         return float(self.classifier.score([joined])[0])
 
 
