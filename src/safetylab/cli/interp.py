@@ -51,7 +51,7 @@ def _check_model(model: Path | None, hook: str | None, quick: bool) -> None:
     if model is not None:
         studied = load_model(model)[0]
     elif hook is not None:
-        shape = study_config(quick).model
+        shape = study_config(quick).assistant.model
         studied = GPT2LMHeadModel(GPT2Config(vocab_size=8, n_layer=shape.n_layer, n_head=shape.n_head,
                                              n_embd=shape.n_embd, n_positions=shape.n_positions))
     if hook is not None:

@@ -28,9 +28,9 @@ from safetylab.core.config import require
 from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.seeding import derive_seed, torch_seed
 from safetylab.core.study import Context, Section, Stage, Table
-from safetylab.models.lm import ModelConfig, load_model
+from safetylab.models.lm import load_model
 from safetylab.models.sampling import sample
-from safetylab.models.train import TrainConfig, train_world_assistant
+from safetylab.models.train import QUICK_ASSISTANT, AssistantConfig, train_world_assistant
 from safetylab.world.requests import KINDS
 from safetylab.world.world import World, WorldConfig
 
@@ -42,12 +42,8 @@ class ControlStudyConfig:
     seed: int = 0
     device: str = "auto"
     world: WorldConfig = field(default_factory=WorldConfig)
-    # the world assistant trained when no model is handed in (the align study's default sizes)
-    corpus_conversations: int = 12_000
-    demonstrations: int = 3_000
-    model: ModelConfig = field(default_factory=ModelConfig)
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3))
-    sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
+    # the world assistant trained when no model is handed in
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)
     guard: GuardBuildConfig = field(default_factory=GuardBuildConfig)
     # held-out test prompts: per kind, and per jailbreak wrapper (harmful and benign alike)
     per_kind: int = 60
@@ -58,18 +54,14 @@ class ControlStudyConfig:
     def __post_init__(self):
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
-        for name in ("corpus_conversations", "demonstrations", "per_kind", "wrapped", "max_new_tokens"):
+        for name in ("per_kind", "wrapped", "max_new_tokens"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1",
                     getattr(self, name))
         require(self.temperature > 0, "temperature", "a number > 0", self.temperature)
 
 
-QUICK = ControlStudyConfig(
-    corpus_conversations=4_000, demonstrations=1_000, model=ModelConfig(n_layer=2, n_head=4, n_embd=64),
-    base=TrainConfig(steps=300, batch_size=32, lr=5e-3),
-    sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10),
-    guard=GuardBuildConfig(n=120, responses=1200), per_kind=20, wrapped=4,
-)
+QUICK = ControlStudyConfig(assistant=QUICK_ASSISTANT, guard=GuardBuildConfig(n=120, responses=1200), per_kind=20,
+                           wrapped=4)
 
 
 def study_config(quick: bool = False, seed: int = 0, device: str = "auto", **changes) -> ControlStudyConfig:
@@ -80,8 +72,7 @@ def study_config(quick: bool = False, seed: int = 0, device: str = "auto", **cha
 def seeded(config: ControlStudyConfig, seed: int, device: str) -> ControlStudyConfig:
     """``config`` with the study, its world, its trainings and its guard on ``seed`` and ``device``."""
     return replace(config, seed=seed, device=device, world=replace(config.world, seed=seed),
-                   base=replace(config.base, seed=seed, device=device),
-                   sft=replace(config.sft, seed=seed, device=device), guard=replace(config.guard, seed=seed))
+                   assistant=config.assistant.seeded(seed, device), guard=replace(config.guard, seed=seed))
 
 
 def world_of(ctx: Context) -> World:
@@ -106,8 +97,7 @@ def model_stage(ctx: Context) -> Section:
     if "model" in ctx.inputs:
         path, origin = Path(ctx.inputs["model"]), "handed in"
     else:
-        path = train_world_assistant(world_of(ctx), ctx.stage_dir("model"), cfg.corpus_conversations,
-                                     cfg.demonstrations, cfg.model, cfg.base, cfg.sft)
+        path = train_world_assistant(world_of(ctx), ctx.stage_dir("model"), cfg.assistant)
         origin = "pre-trained on the world corpus and fine-tuned on demonstrations here"
     model, _ = load_model(path)
     parameters = sum(p.numel() for p in model.parameters())

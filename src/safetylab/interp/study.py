@@ -46,8 +46,8 @@ from safetylab.interp.sae import KINDS as SAE_KINDS
 from safetylab.interp.sae import SAEConfig, ce_loss_recovered, feature_density, load_sae, sae_metrics, train_sae
 from safetylab.interp.steering import RefusalDirectionConfig, refusal_direction_experiment
 from safetylab.interp.store import collect_activations, world_batches
-from safetylab.models.lm import ModelConfig, load_model
-from safetylab.models.train import TrainConfig, train_world_assistant
+from safetylab.models.lm import load_model
+from safetylab.models.train import QUICK_ASSISTANT, AssistantConfig, train_world_assistant
 from safetylab.world.requests import RELATIONS
 from safetylab.world.world import World, WorldConfig
 
@@ -57,12 +57,8 @@ class InterpStudyConfig:
     seed: int = 0
     device: str = "auto"
     world: WorldConfig = field(default_factory=WorldConfig)
-    # the world assistant trained when no model is handed in (the align study's default sizes)
-    corpus_conversations: int = 12_000
-    demonstrations: int = 3_000
-    model: ModelConfig = field(default_factory=ModelConfig)
-    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3))
-    sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
+    # the world assistant trained when no model is handed in
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)
     # the logit lens
     lens_questions: int = 300  # held-out questions per kind
     # probes: each concept's prompts (per group, train and test split) and the answers that label some of them
@@ -87,8 +83,7 @@ class InterpStudyConfig:
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         check_device_name(self.device)
-        for name in ("corpus_conversations", "demonstrations", "lens_questions"):
-            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        require(self.lens_questions >= 1, "lens_questions", "an integer >= 1", self.lens_questions)
         require(len(self.concepts) > 0, "concepts", f"one or more of {', '.join(CONCEPTS)}", self.concepts)
         for name in self.concepts:
             require_choice(name, "concepts", CONCEPTS)
@@ -104,10 +99,7 @@ class InterpStudyConfig:
 
 
 QUICK = InterpStudyConfig(
-    corpus_conversations=4_000, demonstrations=1_000,
-    model=ModelConfig(n_layer=2, n_head=4, n_embd=64),
-    base=TrainConfig(steps=300, batch_size=32, lr=5e-3),
-    sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10),
+    assistant=QUICK_ASSISTANT,
     lens_questions=100,
     concept=ConceptConfig(n=30),
     sae_kinds=("topk",),
@@ -129,8 +121,7 @@ def study_config(quick: bool = False, seed: int = 0, device: str = "auto", **cha
 def seeded(config: InterpStudyConfig, seed: int, device: str) -> InterpStudyConfig:
     """``config`` with the study, its world and its trainings on ``seed`` and ``device``."""
     return replace(config, seed=seed, device=device, world=replace(config.world, seed=seed),
-                   base=replace(config.base, seed=seed, device=device),
-                   sft=replace(config.sft, seed=seed, device=device), concept=replace(config.concept, seed=seed),
+                   assistant=config.assistant.seeded(seed, device), concept=replace(config.concept, seed=seed),
                    sae=replace(config.sae, seed=seed),
                    steering=replace(config.steering, seed=seed), patching=replace(config.patching, seed=seed),
                    monitor=replace(config.monitor, seed=seed))
@@ -177,9 +168,7 @@ def model_stage(ctx: Context) -> Section:
 
 def train_assistant(ctx: Context) -> Path:
     """A world assistant as the align study makes it (:func:`~safetylab.models.train.train_world_assistant`)."""
-    cfg = ctx.config
-    return train_world_assistant(world_of(ctx), ctx.stage_dir("model"), cfg.corpus_conversations, cfg.demonstrations,
-                                 cfg.model, cfg.base, cfg.sft)
+    return train_world_assistant(world_of(ctx), ctx.stage_dir("model"), ctx.config.assistant)
 
 
 def lens_stage(ctx: Context) -> Section:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -365,20 +365,50 @@ def finetune(model, tokenizer, pairs: Sequence[tuple[str, str]], config: TrainCo
     return model, tokenizer
 
 
-def train_world_assistant(world, out: str | Path, corpus_conversations: int, demonstrations: int,
-                          model_config: ModelConfig, base: TrainConfig, sft: TrainConfig) -> Path:
+@dataclass(frozen=True)
+class AssistantConfig:
+    """The world assistant a study trains for itself when no model is handed in (the align study's default
+    sizes): ``corpus_conversations`` of pre-training text, ``demonstrations`` for SFT, the model's shape and
+    the two trainings' settings."""
+
+    corpus_conversations: int = 12_000
+    demonstrations: int = 3_000
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3))
+    sft: TrainConfig = field(default_factory=lambda: TrainConfig(steps=400, batch_size=32, lr=1e-3, warmup_steps=20))
+
+    def __post_init__(self):
+        for name in ("corpus_conversations", "demonstrations"):
+            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1",
+                    getattr(self, name))
+
+    def seeded(self, seed: int, device: str) -> AssistantConfig:
+        """The same assistant with both trainings on ``seed`` and ``device``."""
+        return replace(self, base=replace(self.base, seed=seed, device=device),
+                       sft=replace(self.sft, seed=seed, device=device))
+
+
+# the quick studies' assistant: two layers of 64, a few hundred steps
+QUICK_ASSISTANT = AssistantConfig(
+    corpus_conversations=4_000, demonstrations=1_000, model=ModelConfig(n_layer=2, n_head=4, n_embd=64),
+    base=TrainConfig(steps=300, batch_size=32, lr=5e-3),
+    sft=TrainConfig(steps=120, batch_size=32, lr=2e-3, warmup_steps=10))
+
+
+def train_world_assistant(world, out: str | Path, config: AssistantConfig = AssistantConfig()) -> Path:
     """A world assistant as the align study makes it, for the studies that need one of their own: pre-training
-    on ``world.corpus(corpus_conversations)`` in ``out/base``, then SFT on ``world.demonstrations(...)`` with
-    half as many knowledge lines of the corpus replayed, in ``out/sft``. Returns the SFT model's directory
+    on ``world.corpus(config.corpus_conversations)`` in ``out/base``, then SFT on the world's demonstrations
+    with half as many knowledge lines of the corpus replayed, in ``out/sft``. Returns the SFT model's directory
     (a finished run is reused)."""
     from dataclasses import asdict
 
     out = Path(out)
-    corpus = world.corpus(corpus_conversations)
-    base_run = RunDir(out / "base", {"model": asdict(model_config), "train": asdict(base), "lines": len(corpus)})
-    model, tokenizer = pretrain(corpus, model_config, base, base_run)
-    demos = world.demonstrations(demonstrations)
+    corpus = world.corpus(config.corpus_conversations)
+    base_run = RunDir(out / "base", {"model": asdict(config.model), "train": asdict(config.base),
+                                     "lines": len(corpus)})
+    model, tokenizer = pretrain(corpus, config.model, config.base, base_run)
+    demos = world.demonstrations(config.demonstrations)
     replay = [line for line in corpus if not line.startswith("<user>")][: len(demos) // 2]
-    sft_run = RunDir(out / "sft", {"train": asdict(sft), "demonstrations": len(demos), "replay": len(replay)})
-    finetune(model, tokenizer, [(d["prompt"], d["response"]) for d in demos], sft, sft_run, replay)
+    sft_run = RunDir(out / "sft", {"train": asdict(config.sft), "demonstrations": len(demos), "replay": len(replay)})
+    finetune(model, tokenizer, [(d["prompt"], d["response"]) for d in demos], config.sft, sft_run, replay)
     return sft_run.artifacts / "model"
