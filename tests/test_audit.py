@@ -530,6 +530,9 @@ def test_audit_control_sections_guard_the_align_sft_model_with_the_interp_monito
     summary = evaluation["summary"]
     assert summary["harmful_compliance_guarded"] <= summary["harmful_compliance_alone"]
     assert evaluation["harmful"]["blocked"] + evaluation["harmful"]["escalated"] <= 1
+    base = evaluation["base"]["summary"]  # the align base model, behind the text layers
+    assert base["harmful_compliance_guarded"] <= base["harmful_compliance_alone"]
+    assert "The base model" in sections["control/evaluate"]["tables"][1]["title"]
 
 
 @pytest.mark.slow

@@ -165,7 +165,8 @@ TABLE = [
     # control
     ("control report", ["--seed", "-1"], "--seed: expected an integer >= 0"),
     ("control report", ["--model", "no-model"], "no-model: not a model directory"),
-    ("control report", ["--monitor", "no-monitor"], "--monitor: give the --model it was made for"),
+    ("control report", ["--monitor", "no-monitor"], "--monitor: give the --model it goes with"),
+    ("control report", ["--base", "no-base"], "--base: give the --model it goes with"),
     ("control report", ["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps"),
     ("control build-guard", ["--fpr-block", "0"], "--fpr-block: expected a rate in (0, 1)"),
     ("control build-guard", ["--fpr-block", "0.2"], "--fpr-block: expected at most fpr_escalate (0.05)"),

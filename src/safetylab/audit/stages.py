@@ -69,6 +69,7 @@ STUDIES = (
     StudyPart("control", "Control: the SFT model behind a guard (classifiers, OOD gate, the interp monitor)",
               control.STAGES, lambda c: c.control,
               lambda sections: {"model": f"align/{sections['align/sft'].data['model']}",
+                                "base": f"align/{sections['align/base'].data['model']}",
                                 **({"monitor": f"interp/{sections['interp/monitor'].data['monitor']}"}
                                    if "interp/monitor" in sections else {})}),
 )

@@ -37,19 +37,22 @@ STATE = Path("runs/serve/state.db")
 
 @control_app.command("report")
 def report(out: Out = Path("runs/control"), model: Model = None, monitor: Monitor = None,
+           base: Annotated[Path | None, typer.Option(help="The pre-trained model --model was fine-tuned from: also "
+                                                           "evaluated, behind the guard's text layers.")] = None,
            quick: Annotated[bool, typer.Option(help="A smaller model, fewer prompts.")] = False, seed: Seed = 0,
            seeds: Seeds = None, device: Device = "auto") -> None:
     """The control study: a guard built for the model, calibrated on validation prompts, and the model alone
     against the model behind the guard on held-out prompts, by the gold judge."""
     from safetylab.control.study import STAGES, study_config
 
-    if (model is not None or monitor is not None) and seeds is not None:
-        raise SafetylabError("--model or --monitor with --seeds: they belong to one seed's model; drop one")
-    if monitor is not None and model is None:
-        raise SafetylabError("--monitor: give the --model it was made for")
-    inputs = {k: str(v) for k, v in (("model", model), ("monitor", monitor)) if v is not None} or None
-    if model is not None:
-        _check_model(model)
+    if (model is not None or monitor is not None or base is not None) and seeds is not None:
+        raise SafetylabError("--model, --monitor or --base with --seeds: they belong to one seed's model; drop one")
+    if (monitor is not None or base is not None) and model is None:
+        raise SafetylabError(f"{'--monitor' if monitor is not None else '--base'}: give the --model it goes with")
+    inputs = {k: str(v) for k, v in (("model", model), ("monitor", monitor), ("base", base)) if v is not None} or None
+    for path in (model, base):
+        if path is not None:
+            _check_model(path)
     study_report(STAGES, lambda s: study_config(quick, s, device), out, seed, seeds, None, inputs,
                  {"device": "--device"})
 
