@@ -235,3 +235,25 @@ def test_the_loop_committer_commits_each_iterations_records_together(tmp_path):
     assert len({r.time for r in records}) == 1  # one transaction
     assert log.verify().ok and log._writer is None
     log.close()
+
+
+def test_no_answer_goes_out_without_its_audit_record(tmp_path):
+    from concurrent.futures import Future
+
+    from safetylab.core.errors import SafetylabError
+
+    class BrokenLog:
+        def append(self, kind, data):
+            future = Future()
+            future.set_exception(SafetylabError("disk full"))
+            return future
+
+        def flush(self):
+            raise SafetylabError("disk full")
+
+    state = State(tmp_path / "state.db")
+    key = state.add_key("user", "user")
+    with TestClient(create_app(Server(echo_generator, Guard(), BrokenLog(), state))) as client:
+        response = chat(client, key, "how do i water my basil")
+    assert response.status_code == 500 and response.json()["error"]["code"] == "audit_log_unavailable"
+    assert "disk full" in response.json()["error"]["message"]

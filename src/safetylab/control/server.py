@@ -43,6 +43,7 @@ from safetylab.control.guard import STOPS, Guard, most_severe
 from safetylab.control.state import Key, State
 from safetylab.control.tripwires import Tripwires
 from safetylab.core.config import require, require_choice
+from safetylab.core.errors import SafetylabError
 
 Generate = Callable[[str, int, float], tuple[str, str]]  # (prompt, max_tokens, temperature) -> (text, finish)
 COOKIE = "safetylab_review"
@@ -401,7 +402,11 @@ def create_app(server: Server) -> FastAPI:
         return server.authorise(token, "reviewer")
 
     async def commit(kind: str, data: dict[str, Any]) -> int:
-        return (await server.committer.commit(kind, data)).seq
+        try:
+            return (await server.committer.commit(kind, data)).seq
+        except SafetylabError as e:  # fail closed: no answer without its record
+            raise ApiError(500, f"the audit log could not record this request, so it is not answered ({e})",
+                           "audit_log_unavailable") from None
 
     # ------------------------------------------------------------------ the API
     @app.post("/v1/chat/completions")
