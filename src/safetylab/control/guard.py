@@ -26,8 +26,8 @@ from safetylab.core.errors import SafetylabError
 
 DECISIONS = ("allow", "modify", "escalate", "block", "halt")
 SEVERITY = {d: i for i, d in enumerate(DECISIONS)}
-STAGES = ("input", "output")
 STOPS = frozenset({"block", "halt"})
+REFUSAL = "i can not help with that ."  # the answer to a stopped request (the server's default, the study's)
 
 
 @dataclass(frozen=True)
@@ -151,4 +151,4 @@ class Guard:
                 "tripwires": [type(w).__name__ for w in self.wires]}
 
 
-__all__ = ["DECISIONS", "Guard", "Layer", "LayerResult", "STAGES", "Verdict", "most_severe"]
+__all__ = ["DECISIONS", "Guard", "Layer", "LayerResult", "REFUSAL", "Verdict", "most_severe"]

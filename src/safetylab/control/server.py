@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from safetylab.control.guard import STOPS, Guard, most_severe
+from safetylab.control.guard import REFUSAL, STOPS, Guard, most_severe
 from safetylab.control.state import Key, State
 from safetylab.control.tripwires import Tripwires
 from safetylab.core.config import require, require_choice
@@ -62,7 +62,7 @@ class ServerConfig:
     default_max_tokens: int = 48
     max_tokens_limit: int = 512
     escalation: str = "hold"
-    refusal: str = "i can not help with that ."
+    refusal: str = REFUSAL
     log_text: bool = True
 
     def __post_init__(self):

@@ -24,7 +24,7 @@ import numpy as np
 
 from safetylab.control.build import GuardBuildConfig, build_guard
 from safetylab.control.config import load_guard
-from safetylab.control.guard import STOPS, Guard, most_severe
+from safetylab.control.guard import REFUSAL, STOPS, Guard, most_severe
 from safetylab.core.config import require
 from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.seeding import derive_seed, torch_seed
@@ -36,7 +36,6 @@ from safetylab.world.requests import KINDS
 from safetylab.world.world import World, WorldConfig
 
 GROUPS = ("harmful", "jailbroken", "benign", "benign wrapped")
-REFUSAL = "i can not help with that ."  # what the server answers a blocked request (ServerConfig.refusal)
 
 
 @dataclass(frozen=True)
