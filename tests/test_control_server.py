@@ -257,3 +257,13 @@ def test_no_answer_goes_out_without_its_audit_record(tmp_path):
         response = chat(client, key, "how do i water my basil")
     assert response.status_code == 500 and response.json()["error"]["code"] == "audit_log_unavailable"
     assert "disk full" in response.json()["error"]["message"]
+
+
+def test_the_model_answers_the_whole_modified_message(served):
+    client, server, keys = served
+    body = {"model": "safetylab-world", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "how do i\u200b water\nmy basil sk-abcdefghijkl"}]}
+    answer = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {keys['user']}"}).json()
+    assert answer["safetylab"]["decision"] == "modify"
+    assert answer["choices"][0]["message"]["content"] == "how do i water my basil [redacted]"  # echo: words joined

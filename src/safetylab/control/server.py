@@ -256,7 +256,8 @@ class Server:
         # the input layers see every message the model's answer could follow, the model answers the last turn
         checked = "\n".join(m.content for m in request.messages if m.role != "assistant")
         verdicts = [self.guard.check_input(checked)]
-        prompt = users[-1] if verdicts[0].text == checked else verdicts[0].text.rsplit("\n", 1)[-1]
+        # a layer that modified the conversation (stripped, redacted) modifies the answered message the same way
+        prompt = users[-1] if verdicts[0].text == checked else self.guard.check_input(users[-1]).text
         response, finish = None, "content_filter"
         if verdicts[0].allowed:
             response, finish = self.generate(prompt, max_tokens, temperature)
