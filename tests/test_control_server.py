@@ -267,3 +267,20 @@ def test_the_model_answers_the_whole_modified_message(served):
     answer = client.post("/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {keys['user']}"}).json()
     assert answer["safetylab"]["decision"] == "modify"
     assert answer["choices"][0]["message"]["content"] == "how do i water my basil [redacted]"  # echo: words joined
+
+
+def test_a_language_model_behind_the_guard_answers_off_the_event_loop(tmp_path, tok, tiny_lm):
+    from safetylab.control.server import model_generator
+
+    generate = model_generator(tiny_lm("gpt2").eval(), tok)
+    state = State(tmp_path / "state.db")
+    key = state.add_key("user", "user")
+    log = SQLiteAuditLog(tmp_path / "audit.db", writer=False)
+    server = Server(generate, Guard([RulesLayer()]), log, state)
+    assert server.blocking  # a model: requests run in the thread pool
+    with TestClient(create_app(server)) as client:
+        answer = chat(client, key, "what is 2 plus 2 ?", max_tokens=5, temperature=0).json()
+    assert answer["choices"][0]["finish_reason"] in ("stop", "length") and answer["safetylab"]["decision"] == "allow"
+    assert len(answer["choices"][0]["message"]["content"].split()) <= 5
+    assert [r.data["response"] for r in log.records()] == [answer["choices"][0]["message"]["content"]]
+    log.close()
