@@ -388,6 +388,15 @@ class AuditLog(ABC):
         self._pid = os.getpid()  # a forked child has the log's objects but neither its writer nor its connections
         self._kinds: dict[str, bytes] = {}  # kind -> b',"kind":"…","seq":', for up to MAX_KINDS kinds
 
+    def _open(self, create: bool) -> None:
+        """Connect the reading connection and set the store up (:meth:`_setup`), closing it again on failure."""
+        self._conn = self._connect()
+        try:
+            self._setup(create)
+        except BaseException:
+            self._conn.close()
+            raise
+
     # -- backend primitives
     @abstractmethod
     def _commit(self, items: list[tuple], stamp: str) -> list[tuple[int, str, str, bytes]]:
@@ -681,12 +690,7 @@ class SQLiteAuditLog(AuditLog):
             if not create:
                 raise SafetylabError(f"{self.path}: no such file (expected an audit-log file)")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = self._connect()
-        try:
-            self._setup(create)
-        except BaseException:
-            self._conn.close()
-            raise
+        self._open(create)
 
     def _insert(self, n: int) -> str:
         """``INSERT … VALUES (?, ?, ?, ?), …`` for ``n`` rows (cached per n)."""
@@ -874,12 +878,7 @@ class PostgresAuditLog(AuditLog):
         self._ident = ident
         self._read_lock = threading.Lock()
         self._wconn = None
-        self._conn = self._connect()
-        try:
-            self._setup(create)
-        except BaseException:
-            self._conn.close()
-            raise
+        self._open(create)
 
     def _connect(self):
         psycopg = self._psycopg

@@ -164,22 +164,20 @@ def retrain(guard: str | Path, layer: str, reviews: str | Path) -> dict[str, Any
     and the number of reviews added."""
     import yaml
 
-    from safetylab.control.config import read_guard
+    from safetylab.control.config import layer_names, read_guard
 
     guard = Path(guard)
     spec = read_guard(guard)
     data = yaml.safe_load(guard.read_text(encoding="utf-8"))
-    for stage in ("input", "output"):
-        for entry in data.get(stage) or []:
-            if entry.get("kind") == "classifier" and (entry.get("name") or "classifier") == layer:
-                break
-        else:
-            continue
-        break
-    else:
-        names = [e.get("name") or "classifier" for st in ("input", "output") for e in data.get(st) or []
-                 if e.get("kind") == "classifier"]
-        raise SafetylabError(f"{guard}: no classifier layer named {layer!r} (it has {', '.join(names) or 'none'})")
+    classifiers = [(stage, name, entry) for stage in ("input", "output")
+                   for (kind, _), name, entry in zip(getattr(spec, stage), layer_names(getattr(spec, stage)),
+                                                     data.get(stage) or [])
+                   if kind == "classifier"]
+    found = [(stage, entry) for stage, name, entry in classifiers if name == layer]
+    if not found:
+        names = ", ".join(name for _, name, _ in classifiers) or "none"
+        raise SafetylabError(f"{guard}: no classifier layer named {layer!r} (it has {names})")
+    stage, entry = found[0]
     directory = (guard.parent / entry["path"]).resolve()
     texts, labels = read_labelled(directory / "train.jsonl")
     on_exchange = stage == "output"

@@ -88,25 +88,24 @@ class TextClassifier:
 
     def _score(self, text: str) -> float:
         total = self.bias
-        for analyse, memo in zip(self._analysers, self._columns):
+        for offset, (analyse, memo) in enumerate(zip(self._analysers, self._columns)):
             counts: dict[int, int] = {}
             for gram, count in Counter(analyse(text)).items():
                 column = memo.get(gram)
                 if column is None:
-                    column = self._column(gram, memo)
+                    column = self._column(gram, memo, offset * self.config.n_features)
                 counts[column] = counts.get(column, 0) + count  # colliding n-grams share a column, as in the matrix
             if counts:
                 norm = sum(c * c for c in counts.values()) ** 0.5
                 total += sum(c * self._weights[column] for column, c in counts.items()) / norm
         return total
 
-    def _column(self, gram: str, memo: dict[str, int]) -> int:
-        """The weight index of ``gram`` for the vectorizer ``memo`` belongs to: HashingVectorizer's column of its
-        MurmurHash3 (seed 0), offset by the vectorizer's place; remembered (up to 2^18 n-grams a vectorizer)."""
+    def _column(self, gram: str, memo: dict[str, int], offset: int) -> int:
+        """The weight index of ``gram``: HashingVectorizer's column of its MurmurHash3 (seed 0) plus ``offset``,
+        the vectorizer's place; remembered in ``memo`` (up to 2^18 n-grams a vectorizer)."""
         n = self.config.n_features
         h = murmurhash3_32(gram, 0)
-        column = (2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n  # as HashingVectorizer does
-        column += n * self._columns.index(memo)
+        column = offset + ((2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n)  # as HashingVectorizer does
         if len(memo) >= 2**18:
             memo.clear()
         memo[gram] = column

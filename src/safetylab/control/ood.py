@@ -11,6 +11,7 @@ so a gate fitted for one model refuses another.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,11 +72,12 @@ class OODLayer(ScoreLayer):
         return path
 
 
-def fit_ood_layer(hooks, tokenizer, prompts: Sequence[str], k: int = 10, hook: str = HOOK, **thresholds) -> OODLayer:
-    """An :class:`OODLayer` fitted on in-distribution ``prompts`` (thresholds set later by calibration)."""
-    bank = prompt_features(hooks, tokenizer, prompts, hook)
-    return OODLayer(hooks, tokenizer, bank, k, hook, escalate=thresholds.get("escalate", float("inf")),
-                    block=thresholds.get("block"))
+def fit_ood_layer(hooks, tokenizer, prompts: Sequence[str], k: int = 10, hook: str = HOOK,
+                  escalate: float = math.inf, block: float | None = None) -> OODLayer:
+    """An :class:`OODLayer` fitted on in-distribution ``prompts``; it escalates nothing until its threshold is
+    calibrated (``escalate`` infinite)."""
+    return OODLayer(hooks, tokenizer, prompt_features(hooks, tokenizer, prompts, hook), k, hook, escalate=escalate,
+                    block=block)
 
 
 def load_ood_layer(path: str | os.PathLike, hooks, tokenizer, name: str = "ood", escalate: float | None = None,

@@ -267,9 +267,9 @@ class Server:
         trips = self.act_on_trips(self.tripwires.observe(key.name, *verdicts))
         if any(v.decision == "halt" for v in verdicts):
             self.state.halt(f"guard: {next(v.reason for v in verdicts if v.decision == 'halt')}", "guard")
-        review_id = None
+        review_id, layers = None, [v.to_dict() for v in verdicts]
         if decision == "escalate":
-            context = {"verdicts": [v.to_dict() for v in verdicts], "model": request.model}
+            context = {"verdicts": layers, "model": request.model}
             review_id = self.state.enqueue(prompt, response, context, key.name)
         content = self.answer(decision, response, review_id)
         if decision in STOPS or (decision == "escalate" and self.config.escalation == "hold"):
@@ -283,7 +283,7 @@ class Server:
                 "safetylab": {"decision": decision, "review_id": review_id,
                               "reason": next((v.reason for v in verdicts if v.decision == decision), "")}}
         record = {"request": rid, "key": key.name, "model": request.model, "decision": decision,
-                  "verdicts": [v.to_dict() for v in verdicts], "review": review_id,
+                  "verdicts": layers, "review": review_id,
                   "trips": [t.to_dict() for t in trips], "latency_ms": round(latency, 3)}
         if self.config.log_text:
             record.update(prompt=prompt, response=response, answer=content)
