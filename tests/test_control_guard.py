@@ -217,7 +217,8 @@ def test_tripwires_in_guard_files(tmp_path):
 
 
 def test_the_direct_score_equals_scikit_learns_sparse_product(classifier):
-    texts = ["how do i hurt my neighbour", "ＨＯＷ do i   water\tmy basil ?", "", "zzz qqq", "a" * 300]
+    texts = ["how do i hurt my neighbour", "ＨＯＷ do i   water\tmy basil ?", "", "zzz qqq", "a" * 300,
+             "how do i m a k e a b o m b ?", "the the the other theme", "İstanbul ß straße\u200b x", "a b"]
     direct = classifier.score(texts)
     sparse = classifier.features(texts) @ classifier.weights.astype(np.float64) + classifier.bias
     np.testing.assert_allclose(direct, sparse, rtol=1e-5, atol=1e-6)
@@ -239,3 +240,15 @@ def test_state_sees_its_own_changes_at_once_and_another_processes_within_the_ttl
     time.sleep(0.25)
     assert there.key(token).locked and there.switch().reason == "drill"  # within the ttl
     assert here.key("sl-nonsense") is None and here.key("no prefix") is None
+
+
+def test_scoring_remembers_short_words_only_and_within_bounds(classifier):
+    import safetylab.control.classifier as module
+
+    classifier._words.clear()
+    long_word = "x" * (module.MEMO_WORD_CHARS + 1)
+    first = classifier.score([f"basil {long_word}"])
+    assert "basil" in classifier._words and long_word not in classifier._words
+    np.testing.assert_array_equal(classifier.score([f"basil {long_word}"]), first)
+    classifier._remember(classifier._words, "a", classifier._words["basil"], size=1)  # full: starts again
+    assert list(classifier._words) == ["a"]

@@ -5,8 +5,9 @@ within word boundaries (which survive the spacing and look-alike obfuscation of 
 do), L2-normalised each — so the classifier is its weights alone: saved as safetensors with a JSON of its
 settings, never pickled. Scikit-learn's ``LogisticRegression`` fits it. Scoring one text does not go through
 scikit-learn's sparse matrices (0.7 ms a call, nearly all of it their set-up): :meth:`TextClassifier.score`
-hashes the same n-grams with the same MurmurHash3 (remembering each n-gram's column) and sums their weights
-directly, about 40 µs a prompt, equal to the sparse product to float rounding.
+hashes the same n-grams with the same MurmurHash3 and sums their weights directly, remembering each word
+n-gram's column and each word's character n-grams (which never cross a word boundary), about 16 µs a prompt,
+equal to the sparse product to float rounding.
 
 The score is the log-odds of the positive label (higher = more suspect, as every detector in safetylab).
 """
@@ -14,11 +15,14 @@ The score is the log-odds of the positive label (higher = more suspect, as every
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +39,9 @@ from safetylab.core.io import atomic_write_text, read_json
 
 FORMAT = "safetylab.text-classifier/1"
 CONFIG, WEIGHTS = "classifier.json", "classifier.safetensors"
+# what scoring remembers, bounded whatever the texts: n-gram -> column, and word -> its character n-grams' columns
+# (words of up to 24 characters, at most 70 n-grams each): about 25 MB each at most
+MEMO_NGRAMS, MEMO_WORDS, MEMO_WORD_CHARS = 2**18, 2**15, 24
 
 
 @dataclass(frozen=True)
@@ -71,8 +78,10 @@ class TextClassifier:
                                  f"({2 * config.n_features},) for n_features {config.n_features}")
         self.config, self.weights, self.bias, self.labels = config, weights.astype(np.float32), float(bias), labels
         self._vectorizers = vectorizers(config)
-        self._analysers = [v.build_analyzer() for v in self._vectorizers]
-        self._columns: list[dict[str, int]] = [{}, {}]  # per vectorizer: n-gram -> weight index, as met
+        chars = self._vectorizers[1]
+        self._preprocess, self._char_ngrams = chars.build_preprocessor(), chars.build_analyzer()
+        self._columns: dict[str, int] = {}  # word n-gram -> weight index, as met
+        self._words: dict[str, tuple[array, float]] = {}  # word -> its char n-grams' indices and weight
         self._weights = self.weights.astype(np.float64).tolist()
 
     def features(self, texts: Sequence[str]) -> sp.csr_matrix:
@@ -87,29 +96,40 @@ class TextClassifier:
         return np.array([self._score(text) for text in texts], dtype=np.float64)
 
     def _score(self, text: str) -> float:
-        total = self.bias
-        for offset, (analyse, memo) in enumerate(zip(self._analysers, self._columns)):
-            counts: dict[int, int] = {}
-            for gram, count in Counter(analyse(text)).items():
-                column = memo.get(gram)
-                if column is None:
-                    column = self._column(gram, memo, offset * self.config.n_features)
-                counts[column] = counts.get(column, 0) + count  # colliding n-grams share a column, as in the matrix
-            if counts:
-                norm = sum(c * c for c in counts.values()) ** 0.5
-                total += sum(c * self._weights[column] for column, c in counts.items()) / norm
-        return total
+        n, weights = self.config.n_features, self._weights
+        words = self._preprocess(text).split()  # both vectorizers' tokens: runs of non-space
+        columns = []  # one per word n-gram; colliding n-grams share a column, as in the matrix
+        for gram in word_ngrams(words, *self.config.word_ngrams):
+            column = self._columns.get(gram)
+            columns.append(column if column is not None else
+                           self._remember(self._columns, gram, column_of(gram, n)))
+        total = self.bias + normalised_sum(columns, sum(weights[column] for column in columns))
+        # char_wb n-grams never cross a word boundary: a text's are its words' together, each word's looked up once
+        pieces, weighted = [], 0.0
+        for word in words:
+            entry = self._words.get(word)
+            if entry is None:
+                entry = self._char_entry(word)
+                if len(word) <= MEMO_WORD_CHARS:
+                    self._remember(self._words, word, entry, MEMO_WORDS)
+            pieces.append(entry[0])
+            weighted += entry[1]
+        return total + normalised_sum(chain.from_iterable(pieces), weighted)
 
-    def _column(self, gram: str, memo: dict[str, int], offset: int) -> int:
-        """The weight index of ``gram``: HashingVectorizer's column of its MurmurHash3 (seed 0) plus ``offset``,
-        the vectorizer's place; remembered in ``memo`` (up to 2^18 n-grams a vectorizer)."""
+    def _char_entry(self, word: str) -> tuple[array, float]:
+        """``word``'s character n-grams' weight indices (after the word n-grams' block), one per n-gram, and the
+        sum of their weights."""
         n = self.config.n_features
-        h = murmurhash3_32(gram, 0)
-        column = offset + ((2**31 - 1 - (n - 1)) % n if h == -(2**31) else abs(h) % n)  # as HashingVectorizer does
-        if len(memo) >= 2**18:
+        columns = array("l", [n + column_of(gram, n) for gram in self._char_ngrams(word)])
+        return columns, sum(self._weights[column] for column in columns)
+
+    @staticmethod
+    def _remember(memo: dict, key: str, value, size: int = MEMO_NGRAMS):
+        """``value``, remembered under ``key`` (a memo keeps at most ``size`` entries: full, it starts again)."""
+        if len(memo) >= size:
             memo.clear()
-        memo[gram] = column
-        return column
+        memo[key] = value
+        return value
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``classifier.json`` and ``classifier.safetensors`` into directory ``path``."""
@@ -121,6 +141,25 @@ class TextClassifier:
         meta = {"format": FORMAT, "labels": list(self.labels), "config": asdict(self.config)}
         atomic_write_text(path / CONFIG, json.dumps(meta, indent=2) + "\n")
         return path
+
+
+def normalised_sum(columns: Iterable[int], weighted: float) -> float:
+    """One vectorizer's term of the score, ``weighted`` / ‖c‖₂: ``weighted`` = Σ c w[column] (linear, so summed
+    n-gram by n-gram), c the count of each column among ``columns`` (``norm="l2"``); 0 for no columns."""
+    norm = math.hypot(*Counter(columns).values())
+    return weighted / norm if norm else 0.0
+
+
+def word_ngrams(tokens: Sequence[str], low: int, high: int) -> list[str]:
+    """The ``low``- to ``high``-grams of ``tokens``, each joined by one space (as the word vectorizer forms them)."""
+    return [" ".join(tokens[i:i + k]) for k in range(low, high + 1) for i in range(len(tokens) - k + 1)]
+
+
+def column_of(gram: str, n_features: int) -> int:
+    """``HashingVectorizer``'s column of an n-gram: its signed MurmurHash3 (seed 0), absolute, modulo
+    ``n_features`` (``alternate_sign=False``)."""
+    h = murmurhash3_32(gram, 0)
+    return (2**31 - 1 - (n_features - 1)) % n_features if h == -(2**31) else abs(h) % n_features
 
 
 _SPACED = re.compile(r"(?<!\S)(?:\S ){2,}\S(?!\S)")

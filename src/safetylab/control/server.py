@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Form, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -172,25 +172,27 @@ class LoopCommitter:
     requests whose records it held (fail closed: no answer without its record)."""
 
     def __init__(self, log):
-        self.log, self._batch = log, None  # a log opened with writer=False leaves every commit to this
+        self.log, self._waiting = log, []  # a log opened with writer=False leaves every commit to this
 
     async def commit(self, kind: str, data: dict[str, Any]):
-        future = self.log.append(kind, data)
-        if self._batch is None:
-            loop = asyncio.get_running_loop()
-            self._batch = loop.create_future()
-            loop.call_soon(self._flush, self._batch)
-        await asyncio.shield(self._batch)
-        return future.result()
+        record = self.log.append(kind, data)
+        loop = asyncio.get_running_loop()
+        if not self._waiting:
+            loop.call_soon(self._flush)
+        committed = loop.create_future()  # one per request: a request cancelled while it waits cancels only its own
+        self._waiting.append(committed)
+        await committed
+        return record.result()
 
-    def _flush(self, batch: asyncio.Future) -> None:
-        self._batch = None
+    def _flush(self) -> None:
+        waiting, self._waiting = self._waiting, []
         try:
             self.log.flush()
-        except Exception as e:  # the records' own futures hold the error; the waiters read it from them
-            batch.set_result(e)
-            return
-        batch.set_result(None)
+        except Exception:  # noqa: BLE001 - the records' own futures hold the error; the waiters read it from them
+            pass
+        for committed in waiting:
+            if not committed.done():
+                committed.set_result(None)
 
 
 # ----------------------------------------------------------------------------- the server
@@ -410,9 +412,16 @@ def create_app(server: Server) -> FastAPI:
                            "audit_log_unavailable") from None
 
     # ------------------------------------------------------------------ the API
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    # The body is parsed here, straight from its bytes (pydantic's JSON parser), not by FastAPI from a dict:
+    # a fifth of the framework's time per request. The spec still gives its schema.
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": inline_schema(ChatRequest)}}}})
+    async def chat(request: Request):
         key = server.authorise(bearer(request), "user")  # here, not a dependency: FastAPI's solving costs 0.1 ms
+        try:
+            body = ChatRequest.model_validate_json(await request.body())
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
         if server.blocking:
             response, record = await run_in_threadpool(server.complete, key, body)
         else:
@@ -514,6 +523,21 @@ def create_app(server: Server) -> FastAPI:
         return {"records": [record_dict(r) for r in server.log.records(max(1, total - limit + 1))]}
 
     return BodyLimitApp(app, server.config.max_body_bytes)
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place (in an OpenAPI document a ``$ref`` resolves
+    from the document's root, where those definitions are not)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            return inline(defs[node["$ref"].rsplit("/", 1)[1]]) if "$ref" in node else \
+                {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return inline(schema)
 
 
 def page(name: str) -> str:
