@@ -12,7 +12,7 @@ from safetylab.cli.agents import agents_app
 from safetylab.cli.align import align_app, sample_app
 from safetylab.cli.audit import audit
 from safetylab.cli.control import control_app, serve
-from safetylab.cli.evals import evaluate
+from safetylab.cli.evals import evals_app, evaluate
 from safetylab.cli.interp import interp_app
 from safetylab.cli.robust import robust_app
 from safetylab.cli.train import train_app
@@ -27,7 +27,7 @@ app.command("eval")(evaluate)
 app.command()(serve)
 for name, sub in (("world", world_app), ("train", train_app), ("sample", sample_app), ("align", align_app),
                   ("interp", interp_app), ("robust", robust_app), ("agents", agents_app), ("verify", verify_app),
-                  ("control", control_app)):
+                  ("control", control_app), ("evals", evals_app)):
     app.add_typer(sub, name=name)
 
 
