@@ -4,7 +4,6 @@ and the targets (a function, a local model in batches, an OpenAI-compatible endp
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 
 import numpy as np
@@ -166,37 +165,47 @@ def test_the_local_target_answers_concurrent_requests_in_batches(tok, tiny_lm):
 
 
 # ----------------------------------------------------------------------------- the HTTP target
-def test_the_openai_target_retries_server_errors_and_reports_the_rest(tmp_path):
-    import httpx
+def test_the_openai_target_retries_server_errors_and_reports_the_rest():
+    from aiohttp import web
 
     hits = {"n": 0}
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: web.Request) -> web.Response:
         hits["n"] += 1
-        body = json.loads(request.content)
+        body = await request.json()
         prompt = body["messages"][-1]["content"]
+        assert request.headers["Authorization"] == "Bearer sk" and body["max_tokens"] == 48
         if prompt == "flaky" and hits["n"] % 2:
-            return httpx.Response(503, json={"error": {"message": "busy"}})
+            return web.json_response({"error": {"message": "busy"}}, status=503)
         if prompt == "bad":
-            return httpx.Response(400, json={"error": {"message": "messages: no"}})
+            return web.json_response({"error": {"message": "messages: no"}}, status=400)
         if prompt == "junk":
-            return httpx.Response(200, text="not json")
-        return httpx.Response(200, json={"model": "m", "choices": [{"message": {"content": prompt[::-1]},
-                                                                    "finish_reason": "length"}],
-                                         "safetylab": {"decision": "allow"}})
+            return web.Response(text="not json")
+        return web.json_response({"model": "m", "choices": [{"message": {"content": prompt[::-1]},
+                                                             "finish_reason": "length"}],
+                                  "safetylab": {"decision": "allow"}})
 
-    target = OpenAITarget("http://127.0.0.1:9/v1", "m", "sk", retries=2, backoff=0.0)
-    target._client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    async def scenario():
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        target = OpenAITarget(f"http://127.0.0.1:{port}/v1", "m", "sk", retries=2, backoff=0.0)
+        try:
+            out = await target.generate([{"role": "user", "content": "flaky"}])
+            assert out.text == "ykalf" and out.stop_reason == "max_tokens"
+            assert out.metadata == {"guard": {"decision": "allow"}} and hits["n"] == 2  # one retry
+            for prompt, message in (("bad", "HTTP 400: messages: no"), ("junk", "not a chat completion")):
+                with pytest.raises(TargetError, match=message):
+                    await target.generate([{"role": "user", "content": prompt}])
+        finally:
+            await target.close()
+            await runner.cleanup()
 
-    async def ask(text):
-        return await target.generate([{"role": "user", "content": text}])
-
-    out = asyncio.run(ask("flaky"))
-    assert out.text == "ykalf" and out.stop_reason == "max_tokens" and out.metadata == {"guard": {"decision": "allow"}}
-    with pytest.raises(TargetError, match="HTTP 400: messages: no"):
-        asyncio.run(ask("bad"))
-    with pytest.raises(TargetError, match="not a chat completion"):
-        asyncio.run(ask("junk"))
+    asyncio.run(scenario())
 
 
 def test_an_unreachable_endpoint_is_a_per_sample_error_not_a_lost_run(tmp_path):
@@ -207,5 +216,5 @@ def test_an_unreachable_endpoint_is_a_per_sample_error_not_a_lost_run(tmp_path):
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     target = OpenAITarget(f"http://127.0.0.1:{port}/v1", "m", retries=1, backoff=0.0, timeout=2)
     run = run_task(Task("down", arithmetic(3), exact), target, tmp_path)
-    assert run.errors == 3 and "ConnectError" in run.records[0]["error"]["message"]
+    assert run.errors == 3 and "Cannot connect to host" in run.records[0]["error"]["message"]
     assert "after 2 attempts" in run.records[0]["error"]["message"] and run.log.is_file()
