@@ -193,6 +193,11 @@ TABLE = [
     ("evals run", ["--model", "m", "--concurrency", "0"], "--concurrency: expected an integer >= 1, got 0"),
     ("evals run", ["--endpoint", "http://127.0.0.1:9/v1", "--dataset", "no.jsonl"], "no.jsonl: no such file"),
     ("evals run", ["--endpoint", "http://127.0.0.1:9/v1", "--judge", "no-judge"], "no-judge: not a text classifier"),
+    ("evals run", ["--model", "m", "--suite", "trivia"], "--suite: expected one of safety, capabilities"),
+    ("evals redteam", [], "give --model DIR or --endpoint URL (one of them)"),
+    ("evals redteam", ["--model", "m", "--n", "0"], "--n: expected an integer >= 1, got 0"),
+    ("evals redteam", ["--model", "m", "--attacks", "none,pleading"], "--attacks: expected some of none"),
+    ("evals redteam", ["--model", "no-model"], "--model: no-model is not a model directory"),
     # values of the wrong type, caught by the command line itself
     ("train dpo", [*MODEL, "--steps", "abc"], "Invalid value for '--steps'"),
     ("world sample", ["--bogus", "1"], "No such option: --bogus"),

@@ -48,85 +48,156 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- safetylab evals …
-evals_app = typer.Typer(help="Evaluations: safety benchmarks on the world, your own datasets, any model or "
-                             "OpenAI-compatible endpoint; logs Inspect can open.", no_args_is_help=True)
+evals_app = typer.Typer(help="Evaluations: safety benchmarks, capabilities and red teaming on the world, your own "
+                             "datasets; any model or OpenAI-compatible endpoint; logs Inspect can open.",
+                        no_args_is_help=True)
+
+ModelDir = Annotated[Path | None, typer.Option("--model", help="A model directory (HF save_pretrained with a chat "
+                                                               "template).")]
+Endpoint = Annotated[str | None, typer.Option(help="An OpenAI-compatible base URL instead of --model "
+                                                   "(http://127.0.0.1:8000/v1 for `safetylab serve`).")]
+ModelName = Annotated[str, typer.Option(help="The model's name at --endpoint.")]
+KeyFile = Annotated[Path | None, typer.Option(help="A file holding the endpoint's API key (default: the "
+                                                   "SAFETYLAB_API_KEY environment variable).")]
+Judge = Annotated[Path | None, typer.Option(help="A text classifier directory (`control build-guard` writes them) "
+                                                 "judging harmful answers beside the gold judge.")]
+MaxTokens = Annotated[int, typer.Option(help="Tokens per answer.")]
+Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")]
+Concurrency = Annotated[int, typer.Option(help="Samples in flight.")]
+Resume = Annotated[bool, typer.Option(help="Skip the samples an earlier run of the same task logged.")]
+LogDir = Annotated[Path, typer.Option("--out", "-o", help="The log directory.")]
 
 
-@evals_app.command("run")
-def run(
-    model: Annotated[Path | None, typer.Option(help="A model directory (HF save_pretrained with a chat template).")]
-    = None,
-    endpoint: Annotated[str | None, typer.Option(help="An OpenAI-compatible base URL instead of --model "
-                                                      "(http://127.0.0.1:8000/v1 for `safetylab serve`).")] = None,
-    model_name: Annotated[str, typer.Option(help="The model's name at --endpoint.")] = "safetylab-world",
-    api_key_file: Annotated[Path | None, typer.Option(help="A file holding the endpoint's API key (default: the "
-                                                           "SAFETYLAB_API_KEY environment variable).")] = None,
-    dataset: Annotated[Path | None, typer.Option(help="A JSONL dataset ({input, target, id, metadata} a line), "
-                                                      "scored by whether the target appears in the answer; "
-                                                      "default: the world's safety benchmark.")] = None,
-    per_kind: Annotated[int, typer.Option(help="World prompts per request kind.")] = 60,
-    jailbroken: Annotated[int, typer.Option(help="Harmful prompts per jailbreak wrapper.")] = 12,
-    controls: Annotated[int, typer.Option(help="Benign prompts per jailbreak wrapper.")] = 12,
-    judge: Annotated[Path | None, typer.Option(help="A text classifier directory (`control build-guard` writes "
-                                                    "them) scoring harmful answers beside the gold judge.")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 48,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")] = 1.0,
-    concurrency: Annotated[int, typer.Option(help="Samples in flight.")] = 64,
-    resume: Annotated[bool, typer.Option(help="Skip the samples an earlier run of the same task logged.")] = True,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The log directory.")] = Path("runs/evals"),
-    seed: Seed = 0,
-    device: Device = "auto",
-) -> None:
-    """Run an evaluation against a model or an endpoint; write its Inspect log (inspect view --log-dir OUT)."""
-    import os
-
+def _check(model, endpoint, counts: dict[str, tuple[int, int]], max_tokens: int, temperature: float):
+    """The options' values, checked before anything is loaded; returns the generation settings."""
     from safetylab.core.errors import SafetylabError
-    from safetylab.evals.harness import Task, generate, includes, metrics_table, read_dataset, run_task
     from safetylab.evals.targets import GenerateConfig
 
     if (model is None) == (endpoint is None):
         raise SafetylabError("give --model DIR or --endpoint URL (one of them)")
     with options("max_tokens", "temperature"):
         config = GenerateConfig(max_tokens=max_tokens, temperature=temperature)
-    for name, value in (("per_kind", per_kind), ("jailbroken", jailbroken), ("controls", controls),
-                        ("concurrency", concurrency)):
-        if value < (1 if name in ("per_kind", "concurrency") else 0):
-            raise SafetylabError(f"--{name.replace('_', '-')}: expected an integer >= "
-                                 f"{1 if name in ('per_kind', 'concurrency') else 0}, got {value}")
-    target = None
-    if endpoint is not None:
-        from safetylab.evals.targets import OpenAITarget
+    for name, (value, low) in counts.items():
+        if value < low:
+            raise SafetylabError(f"--{name.replace('_', '-')}: expected an integer >= {low}, got {value}")
+    return config
 
-        key = api_key_file.read_text().strip() if api_key_file is not None else os.environ.get("SAFETYLAB_API_KEY")
-        target = OpenAITarget(endpoint, model_name, key, max_connections=concurrency)
-    elif not (model / "config.json").is_file():
+
+def _endpoint_target(endpoint, model_name, api_key_file, concurrency):
+    """The endpoint's target (cheap: made before the task, so a bad URL fails first); None for --model."""
+    import os
+
+    from safetylab.evals.targets import OpenAITarget
+
+    if endpoint is None:
+        return None
+    key = api_key_file.read_text().strip() if api_key_file is not None else os.environ.get("SAFETYLAB_API_KEY")
+    return OpenAITarget(endpoint, model_name, key, max_connections=concurrency)
+
+
+def _model_target(model: Path, seed: int, device: str):
+    from safetylab.core.devices import select_device
+    from safetylab.core.errors import SafetylabError
+    from safetylab.core.seeding import seed_everything
+    from safetylab.evals.targets import LocalTarget
+    from safetylab.models.lm import load_model
+
+    if not (model / "config.json").is_file():
         raise SafetylabError(f"--model: {model} is not a model directory (no config.json)")
-    if dataset is not None:
-        task = Task(dataset.stem.replace(".", "_") or "dataset", read_dataset(dataset), includes, generate(config),
-                    group_by=None)
-    else:
-        from safetylab.evals.suites import classifier_judge, safety_task
-        from safetylab.world import World, WorldConfig
+    served, tokenizer = load_model(model, select_device(device))
+    seed_everything(seed)
+    return LocalTarget(served, tokenizer, name=model.name)
 
-        learned = None
-        if judge is not None:
-            from safetylab.control.classifier import load_text_classifier
 
-            learned = classifier_judge(load_text_classifier(judge))
-        task = safety_task(World(WorldConfig(seed=seed)), per_kind, jailbroken, controls, seed=seed, learned=learned,
-                           config=config)
-    if target is None:
-        from safetylab.core.devices import select_device
-        from safetylab.core.seeding import seed_everything
-        from safetylab.evals.targets import LocalTarget
-        from safetylab.models.lm import load_model
+def _learned_judge(judge: Path | None):
+    if judge is None:
+        return None
+    from safetylab.control.classifier import load_text_classifier
+    from safetylab.evals.suites import classifier_judge
 
-        served, tokenizer = load_model(model, select_device(device))
-        seed_everything(seed)
-        target = LocalTarget(served, tokenizer, name=model.name)
+    return classifier_judge(load_text_classifier(judge))
+
+
+def _report(task, target, out: Path, concurrency: int, resume: bool):
+    from safetylab.evals.harness import metrics_table, run_task
+
     result = run_task(task, target, out, concurrency=concurrency, resume=resume)
     rows = [[r["group"], r["metric"], f"{r['value']:.3f}", f"[{r['low']:.3f}, {r['high']:.3f}]", r["n"]]
             for r in metrics_table(result)]
     print_table(["group", "metric", "value", "95% interval", "n"], rows,
                 f"{task.name} on {target.name}: {len(result.records)} samples, {result.errors} failed")
     print(f"log: {result.log} (inspect view --log-dir {out})")
+    return result
+
+
+@evals_app.command("run")
+def run(
+    model: ModelDir = None, endpoint: Endpoint = None, model_name: ModelName = "safetylab-world",
+    api_key_file: KeyFile = None,
+    suite: Annotated[str, typer.Option(help="safety (harmful compliance, over-refusal, sycophancy, calibration, "
+                                            "jailbreaks by wrapper) or capabilities (accuracy by tier).")]
+    = "safety",
+    dataset: Annotated[Path | None, typer.Option(help="A JSONL dataset ({input, target, id, metadata} a line) "
+                                                      "instead of a suite, scored by whether the target appears "
+                                                      "in the answer.")] = None,
+    per_kind: Annotated[int, typer.Option(help="World prompts per request kind (per tier for capabilities).")] = 60,
+    jailbroken: Annotated[int, typer.Option(help="Harmful prompts per jailbreak wrapper.")] = 12,
+    controls: Annotated[int, typer.Option(help="Benign prompts per jailbreak wrapper.")] = 12,
+    judge: Judge = None, max_tokens: MaxTokens = 48, temperature: Temperature = 1.0, concurrency: Concurrency = 64,
+    resume: Resume = True, out: LogDir = Path("runs/evals"), seed: Seed = 0, device: Device = "auto",
+) -> None:
+    """Evaluate a model or an endpoint on a world suite or a dataset; write an Inspect log (inspect view
+    --log-dir OUT)."""
+    from safetylab.core.config import require_choice
+    from safetylab.evals.harness import Task, generate, includes, read_dataset
+
+    config = _check(model, endpoint, {"per_kind": (per_kind, 1), "jailbroken": (jailbroken, 0),
+                                      "controls": (controls, 0), "concurrency": (concurrency, 1)},
+                    max_tokens, temperature)
+    with options("suite"):
+        require_choice(suite, "suite", ("safety", "capabilities"))
+    target = _endpoint_target(endpoint, model_name, api_key_file, concurrency)
+    if dataset is not None:
+        task = Task(dataset.stem.replace(".", "_") or "dataset", read_dataset(dataset), includes, generate(config),
+                    group_by=None)
+    else:
+        from safetylab.evals.capabilities import capability_task
+        from safetylab.evals.suites import safety_task
+        from safetylab.world import World, WorldConfig
+
+        world = World(WorldConfig(seed=seed))
+        task = capability_task(world, per_kind, seed, config) if suite == "capabilities" else safety_task(
+            world, per_kind, jailbroken, controls, seed=seed, learned=_learned_judge(judge), config=config)
+    _report(task, target or _model_target(model, seed, device), out, concurrency, resume)
+
+
+@evals_app.command("redteam")
+def redteam(
+    model: ModelDir = None, endpoint: Endpoint = None, model_name: ModelName = "safetylab-world",
+    api_key_file: KeyFile = None,
+    n: Annotated[int, typer.Option(help="Held-out harmful requests, each under every attack.")] = 20,
+    attacks: Annotated[str | None, typer.Option(help="Comma-separated attacks (default: all; `none` is the plain "
+                                                     "request).")] = None,
+    save_attacks: Annotated[Path | None, typer.Option(help="Write the attacks that worked here, as preference "
+                                                           "JSONL (the world's refusal chosen over the answer).")]
+    = None,
+    judge: Judge = None, max_tokens: MaxTokens = 48, temperature: Temperature = 1.0, concurrency: Concurrency = 64,
+    resume: Resume = True, out: LogDir = Path("runs/evals"), seed: Seed = 0, device: Device = "auto",
+) -> None:
+    """Attack a model or an endpoint with template, composed and mutated jailbreaks on held-out harmful requests:
+    the attack success rate of each, by the gold judge, with 95% intervals."""
+    from safetylab.evals.redteam import ATTACKS, redteam_task, successful_attacks
+    from safetylab.world import World, WorldConfig
+
+    config = _check(model, endpoint, {"n": (n, 1), "concurrency": (concurrency, 1)}, max_tokens, temperature)
+    chosen = tuple(a.strip() for a in attacks.split(",")) if attacks else ATTACKS
+    world = World(WorldConfig(seed=seed))
+    with options("attacks"):
+        task = redteam_task(world, n, chosen, seed=seed, learned=_learned_judge(judge), config=config)
+    target = _endpoint_target(endpoint, model_name, api_key_file, concurrency) or _model_target(model, seed, device)
+    result = _report(task, target, out, concurrency, resume)
+    if save_attacks is not None:
+        from safetylab.core.io import write_jsonl
+
+        count = write_jsonl(save_attacks, successful_attacks(result, world, seed))
+        print(f"{count} successful attacks written to {save_attacks}")
