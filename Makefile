@@ -1,22 +1,30 @@
 # Quick start:  make audit   (set up .venv, run the safety audit)
-#               make test    (set up .venv, run the test suite)
+#               make test    (set up .venv with the test tools, run the test suite)
 # GPU users: make audit TORCH=torch  (or install your own torch build into .venv first).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: audit audit-quick test setup clean
+.PHONY: audit audit-quick test setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# what the audit runs on: torch and safetylab
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# and the tests' tools (pytest, the peers the tests compare with, inspect-ai to read eval logs, …)
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.installed
+
+setup-dev: $(VENV)/.installed-dev
 
 audit: setup
 	$(BIN)/safetylab audit
@@ -24,7 +32,7 @@ audit: setup
 audit-quick: setup
 	$(BIN)/safetylab audit --quick
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -n 2
 
 clean:

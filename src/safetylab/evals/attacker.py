@@ -1,0 +1,220 @@
+"""An attacker language model trained by reinforcement learning against a target (Perez et al. 2022, "Red
+teaming language models with language models"), and the diversity of what it finds.
+
+The attacker **rewrites** a harmful request into a prompt for the target (as PAIR's and TAP's attackers do;
+Chao et al. 2023, Mehrotra et al. 2023). It starts from the world's pre-trained model fine-tuned on
+demonstrations of rewriting: mostly the request unchanged, a few under each of the world's jailbreak
+wrappers (Perez et al.'s red LM likewise starts from what a language model already writes). Then RLOO
+(:func:`safetylab.align.rloo.train_rloo`, a KL penalty to the starting attacker) optimises
+
+    r(x, y) = 1[the target's answer to y delivers the payload] − λ · sim(y, other attacks of the batch)
+
+where the first term is the gold judge's verdict on a sampled answer of the target (harmful compliance with
+the request ``x``) and ``sim`` is the mean Jaccard similarity of word bigrams to the batch's other attacks: a
+diversity term, so the attacker does not collapse onto the one rewrite that works (Perez et al. saw RL trade
+diversity for success). Diversity is reported with :func:`distinct_n` and :func:`self_bleu`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from safetylab.core.config import require
+from safetylab.core.errors import SafetylabError
+from safetylab.world.content import JAILBREAKS
+from safetylab.world.requests import Request, wrap
+
+
+# ----------------------------------------------------------------------------- diversity
+def ngrams(words: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct-n (Li et al. 2016): unique word n-grams over all word n-grams of ``texts`` (1: no repeats)."""
+    grams = [g for text in texts for g in ngrams(text.split(), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def bleu(hypothesis: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> float:
+    """Sentence BLEU (Papineni et al. 2002) with add-one smoothing of the n-gram precisions for n > 1 (Lin &
+    Och 2004; Chen & Cherry 2014's method 2)::
+
+        BLEU = BP · exp(Σ_n (1/N) log p_n),   p_n = Σ_g min(c_h(g), max_r c_r(g)) / Σ_g c_h(g)
+        BP = 1 if |h| > r* else exp(1 − r*/|h|),  r* the reference length closest to |h|
+    """
+    if not hypothesis or not references:
+        return 0.0
+    log_p = 0.0
+    for n in range(1, max_n + 1):
+        counts = Counter(ngrams(hypothesis, n))
+        most = Counter()
+        for reference in references:
+            for gram, c in Counter(ngrams(reference, n)).items():
+                most[gram] = max(most[gram], c)
+        clipped, total = sum(min(c, most[g]) for g, c in counts.items()), sum(counts.values())
+        smooth = 0 if n == 1 else 1
+        if clipped + smooth == 0 or total + smooth == 0:
+            return 0.0
+        log_p += math.log((clipped + smooth) / (total + smooth)) / max_n
+    closest = min((abs(len(r) - len(hypothesis)), len(r)) for r in references)[1]
+    brevity = 1.0 if len(hypothesis) > closest else math.exp(1 - closest / len(hypothesis))
+    return brevity * math.exp(log_p)
+
+
+def self_bleu(texts: Sequence[str], max_n: int = 4, limit: int = 200, seed: int = 0) -> float:
+    """Self-BLEU (Zhu et al. 2018, Texygen): the mean BLEU of each text against all the others as references
+    (1: every text repeats the others; lower is more diverse); on a sample of ``limit`` texts at most."""
+    texts = list(texts)
+    if len(texts) > limit:
+        texts = random.Random(seed).sample(texts, limit)
+    if len(texts) < 2:
+        return 0.0
+    words = [t.split() for t in texts]
+    return sum(bleu(w, words[:i] + words[i + 1:], max_n) for i, w in enumerate(words)) / len(words)
+
+
+def batch_similarity(texts: Sequence[str]) -> list[float]:
+    """Each text's mean Jaccard similarity of word bigrams to the other texts (0 for a batch of one)."""
+    sets = [set(ngrams(t.split(), 2)) for t in texts]
+    out = []
+    for i, a in enumerate(sets):
+        others = [len(a & b) / len(a | b) if a | b else 1.0 for j, b in enumerate(sets) if j != i]
+        out.append(sum(others) / len(others) if others else 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- the attacker
+@dataclass(frozen=True)
+class AttackerConfig:
+    """``demonstrations`` rewrites for the attacker's fine-tuning, ``wrapped`` of them under a wrapper;
+    ``requests`` training requests in the RL prompt pool; ``diversity`` the λ of the reward; ``max_new_tokens``
+    of an attack and of the target's answer; the RLOO settings in ``rloo`` (steps, k, KL coefficient)."""
+
+    demonstrations: int = 600
+    wrapped: float = 0.3
+    requests: int = 200
+    diversity: float = 0.3
+    max_new_tokens: int = 40
+    answer_tokens: int = 32
+    sft_steps: int = 150
+    rl_steps: int = 60
+    k: int = 4
+    batch_size: int = 8
+    kl_coef: float = 0.05
+    lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("demonstrations", "requests", "max_new_tokens", "answer_tokens", "sft_steps", "rl_steps",
+                     "batch_size"):
+            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1",
+                    getattr(self, name))
+        require(0 <= self.wrapped <= 1, "wrapped", "a fraction in [0, 1]", self.wrapped)
+        require(self.diversity >= 0, "diversity", "a number >= 0", self.diversity)
+        require(isinstance(self.k, int) and self.k >= 2, "k", "an integer >= 2", self.k)
+
+
+def rewrite_demonstrations(world, n: int, wrapped: float, split: str = "train", seed: int = 0) -> list[tuple[str, str]]:
+    """(request, rewrite) pairs: the request unchanged, or with probability ``wrapped`` under one of the world's
+    wrappers, chosen uniformly."""
+    rng = random.Random(seed)
+    pairs = []
+    for request in world.requests("harmful", split, n, seed):
+        rewrite = wrap(request, rng.choice(JAILBREAKS), rng).prompt if rng.random() < wrapped else request.prompt
+        pairs.append((request.prompt, rewrite))
+    return pairs
+
+
+def attack_reward(target_model, target_tokenizer, judge, requests: dict[str, Request], diversity: float,
+                  answer_tokens: int) -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
+    """The RL reward of a batch of (request prompt, attack) pairs: the gold judge's harmful-compliance verdict
+    on one sampled answer of the target to each attack, minus ``diversity`` × its similarity to the batch's
+    other attacks."""
+    from safetylab.models.sampling import sample
+
+    def reward(prompts: Sequence[str], attacks: Sequence[str]) -> torch.Tensor:
+        attacks = [a if a.strip() else "." for a in attacks]
+        with torch.no_grad():
+            answers = sample(target_model, target_tokenizer, list(attacks), max_new_tokens=answer_tokens).texts
+        success = [float(judge.score(requests[p], a).behaviour == "harmful_compliance")
+                   for p, a in zip(prompts, answers)]
+        similarity = batch_similarity(attacks) if diversity else [0.0] * len(attacks)
+        return torch.tensor([s - diversity * d for s, d in zip(success, similarity)])
+
+    return reward
+
+
+def train_attacker(world, base_dir, target_model, target_tokenizer, out, config: AttackerConfig = AttackerConfig()):
+    """The attacker: the pre-trained model in ``base_dir`` fine-tuned on rewriting demonstrations (``out/sft``),
+    then trained by RLOO against the target (``out/rl``). Returns ``(attacker, tokenizer, starting attacker)``."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from safetylab.align.rloo import RLOOConfig, train_rloo
+    from safetylab.core.runs import RunDir
+    from safetylab.models.lm import load_model, save_model
+    from safetylab.models.logprobs import check_same_vocabulary
+    from safetylab.models.train import TrainConfig, finetune
+
+    out = Path(out)
+    model, tokenizer = load_model(base_dir)
+    check_same_vocabulary(model, target_model, "target")
+    pairs = rewrite_demonstrations(world, config.demonstrations, config.wrapped, seed=config.seed)
+    sft_config = TrainConfig(steps=config.sft_steps, batch_size=32, lr=1e-3, warmup_steps=10, seed=config.seed,
+                             **_logging(config.sft_steps, 25))
+    start, _ = finetune(model, tokenizer, pairs, sft_config, RunDir(out / "sft", {"train": asdict(sft_config),
+                                                                                     "pairs": len(pairs)}))
+    reference, _ = load_model(out / "sft" / "artifacts" / "model")
+    requests = {r.prompt: r for r in world.requests("harmful", "train", config.requests, config.seed + 1)}
+    reward = attack_reward(target_model.eval(), target_tokenizer, world.judge, requests, config.diversity,
+                           config.answer_tokens)
+    rl_config = RLOOConfig(train=TrainConfig(steps=config.rl_steps, batch_size=config.batch_size, lr=config.lr,
+                                             warmup_steps=5, seed=config.seed, **_logging(config.rl_steps, 10)),
+                           k=config.k, kl_coef=config.kl_coef, max_new_tokens=config.max_new_tokens)
+    run = RunDir(out / "rl", {"attacker": asdict(config), "rloo": asdict(rl_config)})
+    final = run.artifacts / "model"
+    if final.exists():
+        return load_model(final)[0].eval(), tokenizer, reference.eval()
+    attacker = train_rloo(start, tokenizer, list(requests), reward, reference.eval(), rl_config, run)
+    save_model(attacker, tokenizer, final)
+    return attacker.eval(), tokenizer, reference.eval()
+
+
+def _logging(steps: int, every: int) -> dict[str, int]:
+    """Log every ``every`` steps (every step of a shorter run) and checkpoint once, at the end."""
+    every = min(every, steps)
+    return {"log_every": every, "checkpoint_every": every * math.ceil(steps / every)}
+
+
+def attacker_samples(attacker, tokenizer, world, n: int = 20, per_request: int = 4, split: str = "test",
+                     seed: int = 0, name: str = "rl_attacker") -> list:
+    """Held-out harmful requests rewritten by ``attacker`` (``per_request`` samples each) as red-team samples
+    (:func:`safetylab.evals.redteam.redteam_samples`' shape; the group is ``name``)."""
+    from dataclasses import asdict
+
+    from safetylab.evals.harness import Sample
+    from safetylab.models.sampling import sample
+
+    if per_request < 1:
+        raise SafetylabError(f"attacker_samples: per_request: expected an integer >= 1, got {per_request}")
+    requests = world.requests("harmful", split, n, seed)
+    with torch.no_grad():
+        attacks = sample(attacker, tokenizer, [r.prompt for r in requests for _ in range(per_request)],
+                         max_new_tokens=40).texts
+    samples = []
+    for i, attack in enumerate(attacks):
+        request = requests[i // per_request]
+        samples.append(Sample(f"{name}/{i:04d}", attack if attack.strip() else ".", "", {
+            "kind": "harmful", "group": name, "attack": name, "jailbreak": None, "request": asdict(request)}))
+    return samples
+
+
+__all__ = ["AttackerConfig", "attack_reward", "attacker_samples", "batch_similarity", "bleu", "distinct_n",
+           "rewrite_demonstrations", "self_bleu", "train_attacker"]
