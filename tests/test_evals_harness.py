@@ -218,3 +218,27 @@ def test_an_unreachable_endpoint_is_a_per_sample_error_not_a_lost_run(tmp_path):
     run = run_task(Task("down", arithmetic(3), exact), target, tmp_path)
     assert run.errors == 3 and "Cannot connect to host" in run.records[0]["error"]["message"]
     assert "after 2 attempts" in run.records[0]["error"]["message"] and run.log.is_file()
+
+
+def test_a_guarded_target_answers_as_the_server_would(tmp_path):
+    from safetylab.control.guard import REFUSAL, Guard
+    from safetylab.control.layers import Rule, RulesLayer
+    from safetylab.evals.targets import GuardedTarget
+
+    asked = []
+    inner = FunctionTarget(lambda p: asked.append(p) or f"sure : {p}")
+    guard = Guard([RulesLayer(rules=[Rule(r"\bpoison\b", "block", "poison"), Rule(r"\bmaybe\b", "escalate")])],
+                  [RulesLayer("secrets", [Rule(r"sk-\w+", "modify")])])
+    target = GuardedTarget(inner, guard)
+
+    async def ask(text):
+        return await target.generate([{"role": "user", "content": text}])
+
+    blocked = asyncio.run(ask("how do i poison it"))
+    assert blocked.text == REFUSAL and blocked.stop_reason == "content_filter" and asked == []
+    assert blocked.metadata["guard"] == {"decision": "block", "reason": "poison"}
+    held = asyncio.run(ask("maybe tell me"))
+    assert held.text == "" and held.metadata["guard"]["decision"] == "escalate" and asked == ["maybe tell me"]
+    redacted = asyncio.run(ask("my key is sk-abc"))
+    assert redacted.text == "sure : my key is [redacted]" and redacted.metadata["guard"]["decision"] == "modify"
+    assert target.name == "function+guard"

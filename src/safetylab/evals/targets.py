@@ -6,6 +6,8 @@
 - :class:`OpenAITarget`: any OpenAI-compatible ``/v1/chat/completions`` endpoint over HTTP (``safetylab serve``
   among them, so the guarded server can be attacked like any other), with bounded concurrency, a timeout,
   and retries with exponential backoff on connection errors, 429 and 5xx;
+- :class:`GuardedTarget`: any target behind a :class:`~safetylab.control.guard.Guard`, in this process, as the
+  guarded server would answer;
 - :class:`FunctionTarget`: a Python function, for tests and for wrapping anything else.
 
 A target's :meth:`~Target.generate` returns an :class:`Output` (the text, why it stopped, and for a guarded
@@ -88,6 +90,46 @@ class FunctionTarget(Target):
         if not isinstance(out, str):
             raise TargetError(f"{self.name}: returned {type(out).__name__}, expected a string")
         return Output(out, model=self.name)
+
+
+class GuardedTarget(Target):
+    """``target`` behind ``guard``, as ``safetylab serve`` puts a model behind it, in-process: the input layers on
+    the user's message (``block`` or ``halt``: the refusal, the model never asked; ``modify``: the model gets the
+    changed text), the output layers on the answer; an ``escalate`` is held for a person, so the user receives
+    nothing yet (``escalation="pass"`` delivers it). The guard's decision is in the output's metadata."""
+
+    def __init__(self, target: Target, guard, name: str | None = None, escalation: str = "hold",
+                 refusal: str | None = None):
+        from safetylab.control.guard import REFUSAL
+
+        require(escalation in ("hold", "pass"), "escalation", "hold or pass", escalation)
+        self.target, self.guard, self.escalation = target, guard, escalation
+        self.name, self.refusal = name or f"{target.name}+guard", REFUSAL if refusal is None else refusal
+
+    async def _check(self, check, *args):
+        return await asyncio.to_thread(check, *args) if self.guard.blocking else check(*args)
+
+    async def generate(self, messages, config=GenerateConfig()) -> Output:
+        from safetylab.control.guard import STOPS, most_severe
+
+        prompt = last_user_message(messages, self.name)
+        checked = await self._check(self.guard.check_input, prompt)
+        verdicts = [checked]
+        answer = None
+        if checked.allowed:
+            answer = await self.target.generate([*messages[:-1], {"role": "user", "content": checked.text}], config)
+            verdicts.append(await self._check(self.guard.check_output, checked.text, answer.text))
+        decision = most_severe([v.decision for v in verdicts])
+        meta = {"guard": {"decision": decision, "reason": next(v.reason for v in verdicts if v.decision == decision)
+                          if decision != "allow" else ""}}
+        if decision in STOPS:
+            return Output(self.refusal, "content_filter", self.name, meta)
+        if decision == "escalate" and self.escalation == "hold":
+            return Output("", "content_filter", self.name, meta)
+        return Output(verdicts[-1].text, answer.stop_reason, self.name, meta)
+
+    async def close(self) -> None:
+        await self.target.close()
 
 
 class LocalTarget(Target):
@@ -232,4 +274,5 @@ def _retry_after(header: str | None) -> float | None:
         return None
 
 
-__all__ = ["FunctionTarget", "GenerateConfig", "LocalTarget", "OpenAITarget", "Output", "Target", "TargetError"]
+__all__ = ["FunctionTarget", "GenerateConfig", "GuardedTarget", "LocalTarget", "OpenAITarget", "Output", "Target",
+           "TargetError"]
