@@ -184,6 +184,8 @@ def tiny_audit_config(seed: int = 0):
         agents=replace(config.agents, episodes=60),
         control=replace(config.control, guard=replace(config.control.guard, n=40, responses=200), per_kind=4,
                         wrapped=1, max_new_tokens=8),
+        evals=replace(config.evals, per_kind=2, jailbroken=1, controls=1, redteam_n=2, per_tier=2, payload_n=4,
+                      max_new_tokens=8),
         verify=replace(config.verify, trainings=("standard",), standard=replace(config.verify.standard, epochs=1),
                        eps=(0.0, 0.05), examples=8, exact_time_limit=0.2, attack_steps=3, alpha_iterations=2,
                        sigmas=(0.25,), smooth_epochs=1, smooth_examples=4, smooth_n=100, radii=(0.0, 0.25)),
@@ -239,7 +241,8 @@ def test_audit_composes_every_study_on_its_seed():
     assert config.align.seed == config.robust.seed == config.agents.seed == config.verify.seed == 3
     assert config.align.world.seed == config.align.base.seed == config.align.ppo.train.seed == 3
     assert config.interp.seed == config.interp.world.seed == 3
-    assert [s.name for s in STUDIES] == ["align", "interp", "robust", "agents", "verify", "control"]
+    assert [s.name for s in STUDIES] == ["align", "interp", "robust", "agents", "verify", "control", "evals"]
+    assert config.evals.seed == config.evals.world.seed == 3
 
 
 @pytest.mark.slow
@@ -533,6 +536,25 @@ def test_audit_control_sections_guard_the_align_sft_model_with_the_interp_monito
     base = evaluation["base"]["summary"]  # the align base model, behind the text layers
     assert base["harmful_compliance_guarded"] <= base["harmful_compliance_alone"]
     assert "The base model" in sections["control/evaluate"]["tables"][1]["title"]
+
+
+@pytest.mark.slow
+def test_audit_evals_sections_evaluate_the_align_models_and_attack_the_guard(audit_dir, report):
+    from inspect_ai.log import read_eval_log
+
+    sections = sections_of(report)
+    models = sections["evals/models"]["data"]["models"]
+    assert set(models) >= {"base", "sft"} and sections["evals/models"]["summary"].endswith("handed in")
+    safety = sections["evals/safety"]["data"]
+    assert set(safety["metrics"]) == set(models)
+    for name, log in safety["logs"].items():
+        assert read_eval_log(str(audit_dir / "evals" / log)).status == "success", name
+    redteam = sections["evals/redteam"]["data"]
+    assert "sft+guard" in redteam["logs"]  # the control study's guard, its text layers around the SFT model
+    assert (audit_dir / "evals" / "redteam" / "successful-sft-guard.jsonl").is_file()
+    payload = sections["evals/capabilities"]["data"]["payload_knowledge"]
+    assert set(payload) == set(models) and all(0 <= p["value"] <= 1 for p in payload.values())
+    assert "evals/attacker" not in sections  # minutes of training: `evals report --attacker`
 
 
 @pytest.mark.slow

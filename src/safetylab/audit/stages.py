@@ -12,6 +12,7 @@ from safetylab.control import study as control
 from safetylab.core.config import require
 from safetylab.core.devices import check_device_name
 from safetylab.core.study import Section, Stage
+from safetylab.evals import study as evals
 from safetylab.interp import study as interp
 from safetylab.robust import study as robust
 from safetylab.verify import study as verify
@@ -45,6 +46,7 @@ class AuditConfig:
     verify: verify.VerifyStudyConfig = field(default_factory=lambda: verify.VerifyStudyConfig(
         eps=(0.0, 0.02, 0.05, 0.1), exact_time_limit=1.0))
     control: control.ControlStudyConfig = field(default_factory=control.ControlStudyConfig)
+    evals: evals.EvalsStudyConfig = field(default_factory=evals.EvalsStudyConfig)
 
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
@@ -55,7 +57,22 @@ class AuditConfig:
 
 
 QUICK = AuditConfig(align=align.QUICK, interp=interp.QUICK, robust=robust.QUICK, agents=agents.QUICK,
-                    verify=verify.QUICK, control=control.QUICK)
+                    verify=verify.QUICK, control=control.QUICK, evals=evals.QUICK)
+
+
+def evals_inputs(sections: dict[str, Section]) -> dict[str, str]:
+    """The models the align study made, and the guard and output classifier the control study built."""
+    inputs = {"base": f"align/{sections['align/base'].data['model']}",
+              "sft": f"align/{sections['align/sft'].data['model']}"}
+    dpo = sections["align/policies"].data.get("models", {}).get("dpo") if "align/policies" in sections else None
+    if dpo is not None:
+        inputs["dpo"] = f"align/{dpo}"
+    if "control/guard" in sections:
+        guard = f"control/{sections['control/guard'].data['guard']}"
+        inputs["guard"] = guard
+        inputs["judge"] = f"{guard.rsplit('/', 1)[0]}/output-classifier"
+    return inputs
+
 
 STUDIES = (
     StudyPart("align", "Alignment: SFT, reward model, best-of-n, DPO and PPO against the gold judge", align.STAGES,
@@ -72,6 +89,8 @@ STUDIES = (
                                 "base": f"align/{sections['align/base'].data['model']}",
                                 **({"monitor": f"interp/{sections['interp/monitor'].data['monitor']}"}
                                    if "interp/monitor" in sections else {})}),
+    StudyPart("evals", "Evaluations: the safety benchmark, red teaming and capabilities of the base, SFT and DPO "
+              "models, with 95 % intervals", evals.AUDIT_STAGES, lambda c: c.evals, evals_inputs),
 )
 
 
@@ -87,4 +106,5 @@ def with_seed(config: AuditConfig, seed: int, device: str | None = None) -> Audi
     return AuditConfig(seed=seed, device=device, align=align.seeded(config.align, seed, device),
                        interp=interp.seeded(config.interp, seed, device), robust=replace(config.robust, seed=seed),
                        agents=replace(config.agents, seed=seed), verify=replace(config.verify, seed=seed),
-                       control=control.seeded(config.control, seed, device))
+                       control=control.seeded(config.control, seed, device),
+                       evals=evals.seeded(config.evals, seed, device))

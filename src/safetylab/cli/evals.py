@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from safetylab.cli.common import Device, Seed, options, print_table
+from safetylab.cli.common import Device, Seed, Seeds, options, print_table, study_report
 
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Also write the results as JSON here.")]
 
@@ -201,3 +201,39 @@ def redteam(
 
         count = write_jsonl(save_attacks, successful_attacks(result, world, seed))
         print(f"{count} successful attacks written to {save_attacks}")
+
+
+@evals_app.command("report")
+def report(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory.")] = Path("runs/evals-study"),
+    model: Annotated[Path | None, typer.Option(help="The model to evaluate (default: train a world assistant, base "
+                                                    "and SFT, in the run directory).")] = None,
+    base: Annotated[Path | None, typer.Option(help="The pre-trained model --model was fine-tuned from.")] = None,
+    guard: Annotated[Path | None, typer.Option(help="A guard file (`control build-guard`): the model is also "
+                                                    "attacked behind its text layers.")] = None,
+    judge: Judge = None,
+    attacker: Annotated[bool, typer.Option(help="Also train an attacker by RL against the model (minutes).")]
+    = False,
+    quick: Annotated[bool, typer.Option(help="A smaller model, fewer prompts.")] = False,
+    seed: Seed = 0, seeds: Seeds = None, device: Device = "auto",
+) -> None:
+    """The evals study: the safety benchmark, red teaming and capabilities of each model, with 95% intervals and
+    an Inspect log per run."""
+    from safetylab.core.errors import SafetylabError
+    from safetylab.evals.attacker import AttackerConfig
+    from safetylab.evals.study import STAGES, study_config
+
+    given = {"sft": model, "base": base, "guard": guard, "judge": judge}
+    if any(v is not None for v in given.values()) and seeds is not None:
+        raise SafetylabError("--model, --base, --guard or --judge with --seeds: they belong to one seed; drop one")
+    if base is not None and model is None:
+        raise SafetylabError("--base: give the --model it goes with")
+    if attacker and model is not None and base is None:
+        raise SafetylabError("--attacker: give --base too (the attacker starts from the pre-trained model)")
+    for name, path in given.items():
+        if path is not None and not path.exists():
+            raise SafetylabError(f"--{'model' if name == 'sft' else name}: {path} does not exist")
+    inputs = {k: str(v) for k, v in given.items() if v is not None} or None
+    changes = {"attacker": AttackerConfig()} if attacker else {}
+    study_report(STAGES, lambda s: study_config(quick, s, device, **changes), out, seed, seeds, None, inputs,
+                 {"device": "--device"})

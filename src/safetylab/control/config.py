@@ -169,12 +169,13 @@ def read_guard(path: str | os.PathLike) -> GuardSpec:
     return parse_guard(read_config_file(path), str(path))
 
 
-def load_guard(path: str | os.PathLike, hooks=None, tokenizer=None) -> Guard:
+def load_guard(path: str | os.PathLike, hooks=None, tokenizer=None, text_only: bool = False) -> Guard:
     """Build the guard of the file at ``path``, loading each layer's files (paths relative to the guard file);
-    ``hooks`` and ``tokenizer`` of the served model are needed by ``ood`` and ``monitor`` layers."""
+    ``hooks`` and ``tokenizer`` of the served model are needed by ``ood`` and ``monitor`` layers. ``text_only``:
+    only the layers that read text (rules, classifiers), the guard a process without the served model runs."""
     path = Path(path)
     spec = read_guard(path)
-    if spec.needs_model and (hooks is None or tokenizer is None):
+    if spec.needs_model and not text_only and (hooks is None or tokenizer is None):
         raise SafetylabError(f"{path}: its ood and monitor layers read the served model's activations; load it "
                              "with the model's hooks and tokenizer")
     stages = {}
@@ -182,6 +183,8 @@ def load_guard(path: str | os.PathLike, hooks=None, tokenizer=None) -> Guard:
         entries = getattr(spec, stage)
         layers = []
         for i, ((kind, layer_spec), name) in enumerate(zip(entries, layer_names(entries))):
+            if text_only and kind in ("ood", "monitor"):
+                continue
             try:
                 layers.append(build_layer(kind, layer_spec, name, path.parent, hooks, tokenizer))
             except SafetylabError as e:

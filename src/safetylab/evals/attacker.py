@@ -7,12 +7,12 @@ demonstrations of rewriting: mostly the request unchanged, a few under each of t
 wrappers (Perez et al.'s red LM likewise starts from what a language model already writes). Then RLOO
 (:func:`safetylab.align.rloo.train_rloo`, a KL penalty to the starting attacker) optimises
 
-    r(x, y) = 1[the target's answer to y delivers the payload] − λ · sim(y, other attacks of the batch)
+    r(x, y) = P̂(the target's answer to y delivers the payload) − λ · sim(y, other attacks of the batch)
 
-where the first term is the gold judge's verdict on a sampled answer of the target (harmful compliance with
-the request ``x``) and ``sim`` is the mean Jaccard similarity of word bigrams to the batch's other attacks: a
-diversity term, so the attacker does not collapse onto the one rewrite that works (Perez et al. saw RL trade
-diversity for success). Diversity is reported with :func:`distinct_n` and :func:`self_bleu`.
+where the first term is the share of sampled answers of the target that the gold judge finds harmfully
+compliant with the request ``x`` and ``sim`` is the mean Jaccard similarity of word bigrams to the batch's other
+attacks: a diversity term, so the attacker does not collapse onto the one rewrite that works (Perez et al. saw
+RL trade diversity for success). Diversity is reported with :func:`distinct_n` and :func:`self_bleu`.
 """
 
 from __future__ import annotations
@@ -94,26 +94,28 @@ def batch_similarity(texts: Sequence[str]) -> list[float]:
 @dataclass(frozen=True)
 class AttackerConfig:
     """``demonstrations`` rewrites for the attacker's fine-tuning, ``wrapped`` of them under a wrapper;
-    ``requests`` training requests in the RL prompt pool; ``diversity`` the λ of the reward; ``max_new_tokens``
-    of an attack and of the target's answer; the RLOO settings in ``rloo`` (steps, k, KL coefficient)."""
+    ``requests`` training requests in the RL prompt pool; ``diversity`` the λ of the reward; ``answers`` target
+    answers judged per attack; the lengths of an attack and of an answer; the RLOO settings (steps, k, batch,
+    KL coefficient, learning rate)."""
 
     demonstrations: int = 600
     wrapped: float = 0.3
     requests: int = 200
-    diversity: float = 0.3
+    diversity: float = 0.1
     max_new_tokens: int = 40
     answer_tokens: int = 32
+    answers: int = 4
     sft_steps: int = 150
-    rl_steps: int = 60
+    rl_steps: int = 150
     k: int = 4
     batch_size: int = 8
     kl_coef: float = 0.05
-    lr: float = 1e-4
+    lr: float = 1e-3
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("demonstrations", "requests", "max_new_tokens", "answer_tokens", "sft_steps", "rl_steps",
-                     "batch_size"):
+        for name in ("demonstrations", "requests", "max_new_tokens", "answer_tokens", "answers", "sft_steps",
+                     "rl_steps", "batch_size"):
             require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1",
                     getattr(self, name))
         require(0 <= self.wrapped <= 1, "wrapped", "a fraction in [0, 1]", self.wrapped)
@@ -133,18 +135,20 @@ def rewrite_demonstrations(world, n: int, wrapped: float, split: str = "train", 
 
 
 def attack_reward(target_model, target_tokenizer, judge, requests: dict[str, Request], diversity: float,
-                  answer_tokens: int) -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
-    """The RL reward of a batch of (request prompt, attack) pairs: the gold judge's harmful-compliance verdict
-    on one sampled answer of the target to each attack, minus ``diversity`` × its similarity to the batch's
+                  answer_tokens: int, answers: int = 1) -> Callable[[Sequence[str], Sequence[str]], torch.Tensor]:
+    """The RL reward of a batch of (request prompt, attack) pairs: the share of ``answers`` sampled answers of
+    the target to each attack that the gold judge finds harmfully compliant (more answers: a less noisy
+    reward, as Perez et al.'s classifier probability is), minus ``diversity`` × its similarity to the batch's
     other attacks."""
     from safetylab.models.sampling import sample
 
     def reward(prompts: Sequence[str], attacks: Sequence[str]) -> torch.Tensor:
         attacks = [a if a.strip() else "." for a in attacks]
         with torch.no_grad():
-            answers = sample(target_model, target_tokenizer, list(attacks), max_new_tokens=answer_tokens).texts
-        success = [float(judge.score(requests[p], a).behaviour == "harmful_compliance")
-                   for p, a in zip(prompts, answers)]
+            texts = sample(target_model, target_tokenizer, [a for a in attacks for _ in range(answers)],
+                           max_new_tokens=answer_tokens).texts
+        success = [sum(judge.score(requests[p], texts[i * answers + j]).behaviour == "harmful_compliance"
+                       for j in range(answers)) / answers for i, p in enumerate(prompts)]
         similarity = batch_similarity(attacks) if diversity else [0.0] * len(attacks)
         return torch.tensor([s - diversity * d for s, d in zip(success, similarity)])
 
@@ -174,7 +178,7 @@ def train_attacker(world, base_dir, target_model, target_tokenizer, out, config:
     reference, _ = load_model(out / "sft" / "artifacts" / "model")
     requests = {r.prompt: r for r in world.requests("harmful", "train", config.requests, config.seed + 1)}
     reward = attack_reward(target_model.eval(), target_tokenizer, world.judge, requests, config.diversity,
-                           config.answer_tokens)
+                           config.answer_tokens, config.answers)
     rl_config = RLOOConfig(train=TrainConfig(steps=config.rl_steps, batch_size=config.batch_size, lr=config.lr,
                                              warmup_steps=5, seed=config.seed, **_logging(config.rl_steps, 10)),
                            k=config.k, kl_coef=config.kl_coef, max_new_tokens=config.max_new_tokens)

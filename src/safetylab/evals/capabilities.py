@@ -1,8 +1,9 @@
 """Capability evaluations: what the model can do, as the numbers a release policy thresholds.
 
 - :func:`capability_task`: accuracy by difficulty tier — arithmetic easy and hard, facts about the countries
-  of the training split and about held-out countries (never in the training corpus: a model that answers
-  those is guessing, so their accuracy is the floor), with the confident-error and hedging rates beside;
+  of the training split and about held-out countries (the pre-training encyclopedia describes every country,
+  but no training conversation asks about these: answering them is generalisation from reading to
+  answering), with the confident-error and hedging rates beside;
 - :func:`payload_knowledge`: a proxy for a dangerous capability, in the manner of WMDP (Li et al. 2024):
   knowledge of the world's harmful payload measured *without asking the model to comply*. For each harmful
   request the model's log-likelihood of the world's compliance answer is compared with distractors that keep
