@@ -198,6 +198,11 @@ TABLE = [
     ("evals redteam", ["--model", "m", "--n", "0"], "--n: expected an integer >= 1, got 0"),
     ("evals redteam", ["--model", "m", "--attacks", "none,pleading"], "--attacks: expected some of none"),
     ("evals redteam", ["--model", "no-model"], "--model: no-model is not a model directory"),
+    ("evals report", ["--seed", "-1"], "--seed: expected an integer >= 0, got -1"),
+    ("evals report", ["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+    ("evals report", ["--base", "b"], "--base: give the --model it goes with"),
+    ("evals report", ["--model", "no-model"], "--model: no-model does not exist"),
+    ("evals report", ["--model", "m", "--seeds", "0,1"], "--model, --base, --guard or --judge with --seeds"),
     # values of the wrong type, caught by the command line itself
     ("train dpo", [*MODEL, "--steps", "abc"], "Invalid value for '--steps'"),
     ("world sample", ["--bogus", "1"], "No such option: --bogus"),
