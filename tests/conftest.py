@@ -1,4 +1,7 @@
 import os
+import socket
+import threading
+import time
 import uuid
 
 import pytest
@@ -107,3 +110,30 @@ def _no_postgres(reason: str) -> None:
     if os.environ.get("SAFETYLAB_REQUIRE_POSTGRES") == "1":
         pytest.fail(f"{reason}, and SAFETYLAB_REQUIRE_POSTGRES=1 requires one")
     pytest.skip(f"{reason}; set SAFETYLAB_TEST_POSTGRES to a DSN to run the PostgreSQL tests")
+
+
+@pytest.fixture
+def serve():
+    """``serve(app) -> port``: an ASGI app run by uvicorn in a thread on a free loopback port, until the test
+    ends."""
+    import uvicorn
+
+    running = []
+
+    def start(app) -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return port
+
+    yield start
+    for server, thread in running:
+        server.should_exit = True
+        thread.join(10)

@@ -60,3 +60,16 @@ def test_learning_curves_average_seeds_of_different_lengths(tmp_path):
     runs = [[{"return": float(i), "performance": 0.0} for i in range(n)] for n in (120, 95)]  # deep agents' seeds
     path = plot_learning_curves({"ppo": runs}, tmp_path / "curves.png", "BoatRace", window=10)
     assert Image.open(path).size[0] > 100
+
+
+def test_the_suite_gives_the_same_records_in_worker_processes(tmp_path):
+    from safetylab.agents.experiment import run_suite, suite_runs
+    from safetylab.core.runs import RunDir
+
+    runs = suite_runs()[:3]
+    for workers in (1, 2):
+        run_suite(RunDir(tmp_path / str(workers), {"workers": workers}), runs, [0, 1], 30, workers=workers)
+    one, two = ((tmp_path / w / "records.jsonl").read_text() for w in ("1", "2"))
+    assert one == two and len(one.splitlines()) == 6
+    assert sorted(p.name for p in (tmp_path / "2" / "plots").glob("*.gif")) == \
+        sorted(p.name for p in (tmp_path / "1" / "plots").glob("*.gif"))

@@ -6,9 +6,6 @@ is skipped with the reason, unless ``SAFETYLAB_REQUIRE_BROWSER=1`` (set by CI), 
 
 import os
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 
@@ -44,24 +41,11 @@ def browser():
 
 
 @pytest.fixture
-def live(tmp_path):
-    import uvicorn
-
+def live(tmp_path, serve):
     state, log = State(tmp_path / "state.db"), SQLiteAuditLog(tmp_path / "audit.db")
     guard = Guard([RulesLayer(rules=[Rule("ignore your rules", "escalate", "instruction override")])])
     server = Server(echo_generator, guard, log, state)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", server
-    uv.should_exit = True
-    thread.join(10)
+    yield f"http://127.0.0.1:{serve(create_app(server))}", server
     log.close()
 
 

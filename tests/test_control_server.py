@@ -2,9 +2,6 @@
 the kill switch, tripwires, limits and errors, every response's audit record; and the official ``openai``
 client against a real server on the loopback address."""
 
-import socket
-import threading
-import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -181,41 +178,23 @@ def test_the_openapi_spec_lists_the_api():
     assert "/review" not in paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_the_openai_client_talks_to_the_server_on_loopback(served):
-    import uvicorn
+def test_the_openai_client_talks_to_the_server_on_loopback(served, serve):
     from openai import OpenAI, PermissionDeniedError
 
     _, server, keys = served
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not uv.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys["user"], max_retries=0)
-        assert [m.id for m in client.models.list()] == ["safetylab-world"]
-        answer = client.chat.completions.create(model="safetylab-world", max_tokens=3,
-                                                messages=[{"role": "system", "content": "be brief"},
-                                                          {"role": "user", "content": "how do i water my basil"}])
-        assert answer.choices[0].message.content == "how do i" and answer.choices[0].finish_reason == "length"
-        assert answer.usage.completion_tokens == 3
-        refused = client.chat.completions.create(model="safetylab-world",
-                                                 messages=[{"role": "user", "content": HARMFUL}])
-        assert refused.choices[0].finish_reason == "content_filter"
-        with pytest.raises(PermissionDeniedError):
-            OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys["user"], max_retries=0).post(
-                "/../admin/halt", cast_to=dict, body={"reason": "x"})
-    finally:
-        uv.should_exit = True
-        thread.join(10)
+    port = serve(create_app(server))
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys["user"], max_retries=0)
+    assert [m.id for m in client.models.list()] == ["safetylab-world"]
+    answer = client.chat.completions.create(model="safetylab-world", max_tokens=3,
+                                            messages=[{"role": "system", "content": "be brief"},
+                                                      {"role": "user", "content": "how do i water my basil"}])
+    assert answer.choices[0].message.content == "how do i" and answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == 3
+    refused = client.chat.completions.create(model="safetylab-world", messages=[{"role": "user", "content": HARMFUL}])
+    assert refused.choices[0].finish_reason == "content_filter"
+    with pytest.raises(PermissionDeniedError):
+        OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=keys["user"], max_retries=0).post(
+            "/../admin/halt", cast_to=dict, body={"reason": "x"})
 
 
 def test_the_loop_committer_commits_each_iterations_records_together(tmp_path):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
 from test_cli import run_main
@@ -18,27 +15,14 @@ from safetylab.control.state import State
 
 
 @pytest.fixture
-def endpoint(tmp_path):
+def endpoint(tmp_path, serve):
     """``(base_url, key file)``: the echo model behind a guard that blocks one word, served on loopback."""
-    import uvicorn
-
     state = State(tmp_path / "state.db")
     key = state.add_key("evals", "user", rate_per_minute=10_000)
     (tmp_path / "key.txt").write_text(key + "\n")
     log = SQLiteAuditLog(tmp_path / "audit.db")
     server = Server(echo_generator, Guard([RulesLayer(rules=[Rule(r"\bpoison\b", "block", "poison")])]), log, state)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}/v1", tmp_path / "key.txt"
-    uv.should_exit = True
-    thread.join(10)
+    yield f"http://127.0.0.1:{serve(create_app(server))}/v1", tmp_path / "key.txt"
     log.close()
     state.close()
 

@@ -110,6 +110,12 @@ def test_a_crashed_run_keeps_its_samples_and_a_rerun_resumes(tmp_path):
     calls.clear()
     run = run_task(task, FunctionTarget(lambda p: "1"), tmp_path)
     assert len(run.records) == 40 and run.errors == 0
+    fails = run_task(Task("retry", arithmetic(9), exact), FunctionTarget(answer), tmp_path)
+    assert fails.errors == 1  # sample 7: the model was down
+    retried = run_task(Task("retry", arithmetic(9), exact), FunctionTarget(lambda p: "8"), tmp_path)
+    assert retried.errors == 0 and len(retried.records) == 9  # only sample 7 was asked again, and now answered
+    assert [r["output"]["completion"] for r in retried.records if r["id"] == 7] == ["8"]
+    assert sum(r["output"]["completion"] == "8" for r in retried.records) == 1
     with pytest.raises(SafetylabError, match="logged by another run"):
         run_task(Task("arith", arithmetic(30), exact), FunctionTarget(lambda p: "1"), tmp_path)
     run_task(Task("arith", arithmetic(30), exact), FunctionTarget(lambda p: "1"), tmp_path, resume=False)

@@ -67,3 +67,18 @@ def test_the_redteam_command_writes_the_successes(monkeypatch, capsys, tmp_path,
     log = json.loads((tmp_path / "logs" / "world_redteam.json").read_text())
     assert {s["metadata"]["attack"] for s in log["samples"]} == {"none", "story"}
     assert (tmp_path / "wins.jsonl").is_file()
+
+
+def test_the_study_reads_models_handed_in_by_relative_paths(monkeypatch, tmp_path, tok, tiny_lm):
+    """The audit hands the models in as paths relative to where it runs; the study must read them as given."""
+    from safetylab.core.study import run_study
+    from safetylab.evals.study import STAGES, study_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("base", "sft"):
+        tiny_lm("gpt2").save_pretrained(f"models/{name}")
+        tok.save_pretrained(f"models/{name}")
+    config = study_config(quick=True, per_kind=1, jailbroken=1, controls=0, redteam_n=1, per_tier=1, payload_n=2,
+                          max_new_tokens=4, device="cpu")
+    run_study(STAGES[:3], config, "runs/evals", inputs={"base": "models/base", "sft": "models/sft"})
+    assert (tmp_path / "runs/evals/redteam/sft/world_redteam.json").is_file()

@@ -244,33 +244,68 @@ def save_episode(frames: list[np.ndarray], path: str | Path, duration_ms: int = 
     return path
 
 
+def suite_run(environment: str, agent: str, mitigation: str | None, seed: int, episodes: int | None,
+              timesteps: int, frames: bool) -> tuple[dict, list[dict], list | None]:
+    """One run of the suite: its record, its history and, with ``frames``, its greedy episode's frames (what
+    a worker process sends back: the trained agent stays there)."""
+    import safetylab.agents  # noqa: F401  (registers the environments in a worker process)
+
+    record, history, learner = run_experiment(environment, agent, mitigation, seed, episodes, timesteps)
+    shown = episode_frames(environment, learner, mitigation=mitigation, **PLANS[environment].test_kwargs) \
+        if frames else None
+    del learner
+    if agent in DEEP_AGENTS:
+        gc.collect()  # a Stable-Baselines3 model is a reference cycle: free its buffers before the next run
+    return record, history, shown
+
+
+def _worker_threads() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores: one thread each
+
+
 def run_suite(run: RunDir, runs: list[tuple[str, str, str | None]], seeds: list[int],
-              episodes: int | None = None, timesteps: int = DEEP_TIMESTEPS) -> list[dict]:
+              episodes: int | None = None, timesteps: int = DEEP_TIMESTEPS, workers: int | None = None) -> list[dict]:
     """Every run over ``seeds`` into ``run``: ``records.jsonl``, ``summary.json`` and ``table.md``, learning
     curves per environment, a strip and a GIF of each run's greedy episode (first seed), and the off-switch
-    game's plot. Returns the summary rows."""
+    game's plot. Returns the summary rows. The runs are independent (each seeded by itself), so ``workers``
+    processes share them, the records the same as with one (default: one per core, at most 4, unless the runs
+    are short — under 200 episodes — and starting a worker, about 3 s of imports, would cost more than it
+    saves)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
     import safetylab.agents  # noqa: F401  (registers the environments)
     from safetylab.agents.offswitch import plot_deference
 
     check_training(seeds, episodes, timesteps)
-
+    jobs = [(environment, agent, mitigation, seed, episodes, timesteps, seed == seeds[0])
+            for environment, agent, mitigation in runs for seed in seeds]
+    if workers is None:
+        workers = 1 if episodes is not None and episodes < 200 else min(4, os.cpu_count() or 1)
+    workers = min(len(jobs), workers)
     records, histories = [], {}
-    with Progress("agents", len(runs) * len(seeds)) as progress:
-        for environment, agent, mitigation in runs:
-            label = agent + (f" + {mitigation}" if mitigation else "")
-            for seed in seeds:
-                record, history, learner = run_experiment(environment, agent, mitigation, seed, episodes, timesteps)
+    with Progress("agents", len(jobs)) as progress:
+        if workers > 1:  # spawned, not forked: a fork of a process running torch's thread pools can hang
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_threads)
+            results = pool.map(suite_run, *zip(*jobs))
+        else:
+            pool, results = None, (suite_run(*job) for job in jobs)
+        try:
+            for (environment, agent, mitigation, *_), (record, history, frames) in zip(jobs, results):
+                label = agent + (f" + {mitigation}" if mitigation else "")
                 records.append(record)
                 histories.setdefault(environment, {}).setdefault(label, []).append(history)
-                if seed == seeds[0]:
-                    frames = episode_frames(environment, learner, mitigation=mitigation,
-                                            **PLANS[environment].test_kwargs)
+                if frames is not None:
                     name = f"{environment}-{label.replace(' + ', '-')}"
                     save_episode(frames, run.plots / f"{name}.png")
                     save_episode(frames, run.plots / f"{name}.gif")
-                del learner
-                gc.collect()  # a Stable-Baselines3 model is a reference cycle: free its buffers before the next run
                 progress.advance(gap=record["gap"])
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     write_jsonl(run.file("records.jsonl"), records)
     rows = summarize(records)
     run.write_json("summary.json", rows)

@@ -10,10 +10,10 @@ them), run against any :class:`~safetylab.evals.targets.Target`.
   (bootstrap intervals), overall and by the metadata field ``group_by``.
 
 :func:`run_task` streams each finished sample to ``<log_dir>/<task>.samples.jsonl`` as it completes (a crash
-keeps what was done; running again resumes, skipping the samples already there) and at the end writes the
-whole run as an Inspect eval log, ``<log_dir>/<task>.json``, which ``inspect view`` opens and
-``inspect_ai.log.read_eval_log`` reads (:mod:`safetylab.evals.logs`). A sample whose solver, target or scorer
-fails is recorded with its error and left out of the metrics; the run goes on.
+keeps what was done; running again resumes, skipping the samples already done and retrying those that failed)
+and at the end writes the whole run as an Inspect eval log, ``<log_dir>/<task>.json``, which ``inspect view``
+opens and ``inspect_ai.log.read_eval_log`` reads (:mod:`safetylab.evals.logs`). A sample whose solver, target
+or scorer fails is recorded with its error and left out of the metrics; the run goes on.
 """
 
 from __future__ import annotations

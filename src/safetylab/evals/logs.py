@@ -3,7 +3,8 @@
 - ``<task>.samples.jsonl``: a header line (task, version, target, the dataset's digest), then one line per
   finished sample, in the shape of Inspect's ``EvalSample``, written and flushed as each sample finishes. A
   crash loses at most the sample being written (a torn last line is dropped on resume); a rerun with the same
-  header skips the samples already there; a different header is refused rather than mixed in.
+  header skips the samples already done and retries those that failed; a different header is refused rather
+  than mixed in.
 - ``<task>.json``: Inspect's JSON eval log (``version`` 2: ``eval`` spec, ``plan``, ``results``, ``stats``,
   ``samples``), written atomically when the run ends, successful or not (``status``), so
   ``inspect view --log-dir <dir>`` shows our runs and ``inspect_ai.log.read_eval_log`` loads them. Each metric
@@ -74,7 +75,9 @@ class SampleStream:
     ``started``: when the run first started."""
 
     def __init__(self, path: Path, header: dict[str, Any], resume: bool = True):
-        self.path, self.header, self.done, self._records = Path(path), {"format": LOG_FORMAT, **header}, set(), []
+        self.path, self.header = Path(path), {"format": LOG_FORMAT, **header}
+        self.done: set = set()  # ids logged without an error: a resumed run skips them and retries the rest
+        self._records: dict = {}  # id -> the sample's latest record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.started = now()
         if resume and self.path.exists() and self.path.stat().st_size > 0:
@@ -104,8 +107,7 @@ class SampleStream:
                 record = json.loads(line)
             except ValueError:
                 break  # a torn last line (the run was killed while writing it) or the end
-            self._records.append(record)
-            self.done.add(record["id"])
+            self._keep(record)
             good += len(line) + 1
         with self.path.open("r+b") as f:  # drop the torn tail so the next line starts clean
             f.truncate(good)
@@ -114,11 +116,16 @@ class SampleStream:
         record = sample_record(raw, self.header["scorer"])
         self._file.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
         self._file.flush()
-        self._records.append(record)
-        self.done.add(record["id"])
+        self._keep(record)
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        self._records[record["id"]] = record
+        if record["error"] is None:
+            self.done.add(record["id"])
 
     def read(self) -> list[dict[str, Any]]:
-        return list(self._records)
+        """Each sample's latest record (a retried sample's error is replaced by its retry)."""
+        return list(self._records.values())
 
     def close(self) -> None:
         self._file.close()

@@ -18,6 +18,7 @@ here; the control study reports the whole guard) and output classifier (a learne
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from safetylab.core.config import require
 from safetylab.core.devices import check_device_name, select_device
@@ -81,13 +82,18 @@ def world_of(ctx: Context) -> World:
     return ctx.cached("world", lambda: World(ctx.config.world))
 
 
+def model_path(ctx: Context, name: str) -> Path:
+    """Where the model ``name`` of the models stage is: as handed in, or in the run directory."""
+    path = ctx.section("models").data["models"][name]
+    return Path(path) if name in ctx.inputs else ctx.path(path)
+
+
 def loaded(ctx: Context, name: str):
     """``(model, tokenizer)`` of the model ``name`` of the models stage, loaded once per process."""
     from safetylab.models.lm import load_model
 
     def load():
-        model, tokenizer = load_model(ctx.path(ctx.section("models").data["models"][name]),
-                                      select_device(ctx.config.device))
+        model, tokenizer = load_model(model_path(ctx, name), select_device(ctx.config.device))
         return model.eval(), tokenizer
     return ctx.cached(f"model/{name}", load)
 
@@ -236,10 +242,9 @@ def attacker_stage(ctx: Context) -> Section:
     cfg, world = ctx.config, world_of(ctx)
     if cfg.attacker is None:
         return Section(title="An attacker trained by RL", summary="not run (no attacker configured)")
-    models = ctx.section("models").data["models"]
     target, tokenizer = loaded(ctx, "sft")
     seed_everything(derive_seed(cfg.seed, "evals", "attacker"))
-    attacker, attacker_tokenizer, start = train_attacker(world, ctx.path(models["base"]), target, tokenizer,
+    attacker, attacker_tokenizer, start = train_attacker(world, model_path(ctx, "base"), target, tokenizer,
                                                          ctx.stage_dir("attacker"), cfg.attacker)
     generation = GenerateConfig(cfg.max_new_tokens, cfg.temperature)
     runs, diversity = {}, {}
