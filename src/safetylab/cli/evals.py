@@ -110,12 +110,9 @@ def _model_target(model: Path, seed: int, device: str):
 
 
 def _learned_judge(judge: Path | None):
-    if judge is None:
-        return None
-    from safetylab.control.classifier import load_text_classifier
-    from safetylab.evals.suites import classifier_judge
+    from safetylab.evals.suites import load_classifier_judge
 
-    return classifier_judge(load_text_classifier(judge))
+    return None if judge is None else load_classifier_judge(judge)
 
 
 def _report(task, target, out: Path, concurrency: int, resume: bool):

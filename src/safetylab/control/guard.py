@@ -78,6 +78,18 @@ def most_severe(decisions: Sequence[str]) -> str:
     return max(decisions, key=SEVERITY.__getitem__, default="allow")
 
 
+def delivery(verdicts: Sequence[Verdict], refusal: str = REFUSAL, hold: bool = True) -> tuple[str, str | None]:
+    """An exchange's decision — the most severe of its ``verdicts`` (the input's, then the output's when the input
+    let the text through) — and what its user receives: ``refusal`` for a stopped request, nothing (None) for one
+    held for review (``hold``), else the last verdict's text (the answer, as the layers modified it)."""
+    decision = most_severe([v.decision for v in verdicts])
+    if decision in STOPS:
+        return decision, refusal
+    if decision == "escalate" and hold:
+        return decision, None
+    return decision, verdicts[-1].text
+
+
 class Layer:
     """A guard layer: :meth:`check` a text (for an output layer, ``prompt`` is the prompt it answers) and return
     a :class:`LayerResult`; the guard times it. ``name`` names it in results and logs."""
@@ -151,4 +163,4 @@ class Guard:
                 "tripwires": [type(w).__name__ for w in self.wires]}
 
 
-__all__ = ["DECISIONS", "Guard", "Layer", "LayerResult", "REFUSAL", "Verdict", "most_severe"]
+__all__ = ["DECISIONS", "Guard", "Layer", "LayerResult", "REFUSAL", "Verdict", "delivery", "most_severe"]

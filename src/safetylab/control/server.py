@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from safetylab.control.guard import REFUSAL, STOPS, Guard, most_severe
+from safetylab.control.guard import REFUSAL, STOPS, Guard, delivery
 from safetylab.control.state import Key, State
 from safetylab.control.tripwires import Tripwires
 from safetylab.core.config import require, require_choice
@@ -265,7 +265,9 @@ class Server:
             response, finish = self.generate(prompt, max_tokens, temperature)
             verdicts.append(self.guard.check_output(prompt, response))
             response = verdicts[-1].text
-        decision = most_severe([v.decision for v in verdicts])
+        decision, content = delivery(verdicts, self.config.refusal, self.config.escalation == "hold")
+        if decision in STOPS or content is None:
+            finish = "content_filter"
         trips = self.act_on_trips(self.tripwires.observe(key.name, *verdicts))
         if any(v.decision == "halt" for v in verdicts):
             self.state.halt(f"guard: {next(v.reason for v in verdicts if v.decision == 'halt')}", "guard")
@@ -273,9 +275,8 @@ class Server:
         if decision == "escalate":
             context = {"verdicts": layers, "model": request.model}
             review_id = self.state.enqueue(prompt, response, context, key.name)
-        content = self.answer(decision, response, review_id)
-        if decision in STOPS or (decision == "escalate" and self.config.escalation == "hold"):
-            finish = "content_filter"
+        if content is None:  # held for review
+            content = f"this request is waiting for a human review (review {review_id}) ."
         latency = (time.perf_counter() - start) * 1000
         created, rid = int(time.time()), f"chatcmpl-{self._ids}{next(self._count):x}"
         body = {"id": rid, "object": "chat.completion", "created": created, "model": request.model,
@@ -290,13 +291,6 @@ class Server:
         if self.config.log_text:
             record.update(prompt=prompt, response=response, answer=content)
         return body, record
-
-    def answer(self, decision: str, response: str | None, review_id: int | None) -> str:
-        if decision in STOPS:
-            return self.config.refusal
-        if decision == "escalate" and self.config.escalation == "hold":
-            return f"this request is waiting for a human review (review {review_id}) ."
-        return response or ""
 
     def act_on_trips(self, trips) -> list:
         for trip in trips:

@@ -24,7 +24,7 @@ import numpy as np
 
 from safetylab.control.build import GuardBuildConfig, build_guard
 from safetylab.control.config import load_guard
-from safetylab.control.guard import REFUSAL, STOPS, Guard, most_severe
+from safetylab.control.guard import STOPS, delivery
 from safetylab.core.config import require
 from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.seeding import derive_seed, torch_seed
@@ -167,8 +167,7 @@ def guarded(guard, pairs, answers) -> tuple[list[tuple], list[float]]:
         if verdicts[0].allowed:
             verdicts.append(guard.check_output(request.prompt, answer))
         latency.append(sum(r.latency_ms for v in verdicts for r in v.results))
-        decision = most_severe([v.decision for v in verdicts])
-        delivered = REFUSAL if decision in STOPS else None if decision == "escalate" else verdicts[-1].text
+        decision, delivered = delivery(verdicts)
         by = next((r.layer for v in verdicts for r in v.results if r.decision == decision), None)
         outcomes.append((group, request, answer, decision, delivered, by if decision != "allow" else None))
     return outcomes, latency
@@ -233,8 +232,7 @@ def evaluate_stage(ctx: Context) -> Section:
                f"{p50:.2f} ms a request (p50, {p99:.2f} p99)")
     if "base" in ctx.inputs:
         base, base_tokenizer = load_model(ctx.inputs["base"], select_device(cfg.device))
-        text = Guard([layer for layer in guard.input_layers if not layer.blocking],
-                     [layer for layer in guard.output_layers if not layer.blocking], guard.on_error)
+        text = load_guard(ctx.path(ctx.section("guard").data["guard"]), text_only=True)
         base_rows, data["base"] = by_group(world, guarded(text, pairs, answers_of(base.eval(), base_tokenizer, pairs,
                                                                                   cfg, "base"))[0])
         tables.insert(1, Table("The base model (pre-trained, not fine-tuned) on the same prompts, behind the guard's "

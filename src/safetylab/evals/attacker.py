@@ -198,7 +198,8 @@ def _logging(steps: int, every: int) -> dict[str, int]:
 
 
 def attacker_samples(attacker, tokenizer, world, n: int = 20, per_request: int = 4, split: str = "test",
-                     seed: int = 0, name: str = "rl_attacker") -> list:
+                     seed: int = 0, name: str = "rl_attacker",
+                     max_new_tokens: int = AttackerConfig.max_new_tokens) -> list:
     """Held-out harmful requests rewritten by ``attacker`` (``per_request`` samples each) as red-team samples
     (:func:`safetylab.evals.redteam.redteam_samples`' shape; the group is ``name``)."""
     from dataclasses import asdict
@@ -211,7 +212,7 @@ def attacker_samples(attacker, tokenizer, world, n: int = 20, per_request: int =
     requests = world.requests("harmful", split, n, seed)
     with torch.no_grad():
         attacks = sample(attacker, tokenizer, [r.prompt for r in requests for _ in range(per_request)],
-                         max_new_tokens=40).texts
+                         max_new_tokens=max_new_tokens).texts
     samples = []
     for i, attack in enumerate(attacks):
         request = requests[i // per_request]

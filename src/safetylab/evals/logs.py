@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -172,12 +171,4 @@ def write_eval_log(path: Path, task, header: Mapping[str, Any], records: list[di
     return path
 
 
-def read_eval_samples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The samples of an Inspect JSON eval log written here (for reports; Inspect's reader loads it too)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or data.get("version") != 2 or "samples" not in data:
-        raise SafetylabError(f"{path}: not an eval log (expected Inspect's JSON log, version 2)")
-    return data["samples"]
-
-
-__all__ = ["SampleStream", "dataset_digest", "read_eval_samples", "sample_record", "write_eval_log"]
+__all__ = ["SampleStream", "dataset_digest", "sample_record", "write_eval_log"]

@@ -99,12 +99,9 @@ def loaded(ctx: Context, name: str):
 
 
 def learned_judge(ctx: Context):
-    if "judge" not in ctx.inputs:
-        return None
-    from safetylab.control.classifier import load_text_classifier
-    from safetylab.evals.suites import classifier_judge
+    from safetylab.evals.suites import load_classifier_judge
 
-    return classifier_judge(load_text_classifier(ctx.inputs["judge"]))
+    return load_classifier_judge(ctx.inputs["judge"]) if "judge" in ctx.inputs else None
 
 
 def evaluate(ctx: Context, stage: str, task, name: str, guard=None) -> EvalRun:
@@ -142,9 +139,9 @@ def models_stage(ctx: Context) -> Section:
     if handed:
         models, origin = {name: str(path) for name, path in handed.items()}, "handed in"
     else:
-        sft = train_world_assistant(world_of(ctx), ctx.stage_dir("models"), ctx.config.assistant)
-        models = {"base": ctx.run.relative(sft.parent.parent.parent / "base" / "artifacts" / "model"),
-                  "sft": ctx.run.relative(sft)}
+        out = ctx.stage_dir("models")
+        sft = train_world_assistant(world_of(ctx), out, ctx.config.assistant)
+        models = {"base": ctx.run.relative(out / "base" / "artifacts" / "model"), "sft": ctx.run.relative(sft)}
         origin = "pre-trained on the world corpus and fine-tuned on demonstrations here"
     return Section(title="The models evaluated", summary=f"{', '.join(models)}; {origin}",
                    data={"models": models, "guard": "guard" in ctx.inputs, "judge": "judge" in ctx.inputs})

@@ -75,6 +75,14 @@ def classifier_judge(classifier, threshold: float = 0.0) -> LearnedJudge:
     return judge
 
 
+def load_classifier_judge(path, threshold: float = 0.0) -> LearnedJudge:
+    """:func:`classifier_judge` of the text classifier saved in directory ``path`` (``control build-guard``
+    writes them)."""
+    from safetylab.control.classifier import load_text_classifier
+
+    return classifier_judge(load_text_classifier(path), threshold)
+
+
 def safety_task(world, per_kind: int = 60, jailbroken: int = 12, controls: int = 12, split: str = "test",
                 seed: int = 0, learned: LearnedJudge | None = None, config: GenerateConfig = GenerateConfig(),
                 name: str = "world_safety") -> Task:
@@ -85,4 +93,4 @@ def safety_task(world, per_kind: int = 60, jailbroken: int = 12, controls: int =
                           "seed": seed, "learned_judge": learned is not None})
 
 
-__all__ = ["classifier_judge", "safety_task", "world_samples", "world_scorer"]
+__all__ = ["classifier_judge", "load_classifier_judge", "safety_task", "world_samples", "world_scorer"]

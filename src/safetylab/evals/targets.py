@@ -110,7 +110,7 @@ class GuardedTarget(Target):
         return await asyncio.to_thread(check, *args) if self.guard.blocking else check(*args)
 
     async def generate(self, messages, config=GenerateConfig()) -> Output:
-        from safetylab.control.guard import STOPS, most_severe
+        from safetylab.control.guard import STOPS, delivery
 
         prompt = last_user_message(messages, self.name)
         checked = await self._check(self.guard.check_input, prompt)
@@ -119,14 +119,12 @@ class GuardedTarget(Target):
         if checked.allowed:
             answer = await self.target.generate([*messages[:-1], {"role": "user", "content": checked.text}], config)
             verdicts.append(await self._check(self.guard.check_output, checked.text, answer.text))
-        decision = most_severe([v.decision for v in verdicts])
-        meta = {"guard": {"decision": decision, "reason": next(v.reason for v in verdicts if v.decision == decision)
-                          if decision != "allow" else ""}}
-        if decision in STOPS:
-            return Output(self.refusal, "content_filter", self.name, meta)
-        if decision == "escalate" and self.escalation == "hold":
-            return Output("", "content_filter", self.name, meta)
-        return Output(verdicts[-1].text, answer.stop_reason, self.name, meta)
+        decision, text = delivery(verdicts, self.refusal, self.escalation == "hold")
+        meta = {"guard": {"decision": decision, "reason": next((v.reason for v in verdicts if v.decision == decision),
+                                                               "")}}
+        if decision in STOPS or text is None:  # refused, or held for review: the user receives nothing yet
+            return Output(text or "", "content_filter", self.name, meta)
+        return Output(text, answer.stop_reason, self.name, meta)
 
     async def close(self) -> None:
         await self.target.close()
