@@ -186,7 +186,7 @@ TABLE = [
     ("serve", ["--guard", "no.yaml", "--echo", "--max-body-bytes", "0"], "--max-body-bytes: expected an integer >= 1"),
     ("evals run", [], "give --model DIR or --endpoint URL (one of them)"),
     ("evals run", ["--model", "no-model"], "--model: no-model is not a model directory"),
-    ("evals run", ["--endpoint", "ftp://host/v1"], "base_url: expected http:// or https://"),
+    ("evals run", ["--endpoint", "ftp://host/v1"], "--endpoint: expected a URL starting with http://"),
     ("evals run", ["--model", "m", "--max-tokens", "0"], "--max-tokens: expected an integer >= 1, got 0"),
     ("evals run", ["--model", "m", "--temperature", "-1"], "--temperature: expected a number >= 0"),
     ("evals run", ["--model", "m", "--per-kind", "0"], "--per-kind: expected an integer >= 1, got 0"),

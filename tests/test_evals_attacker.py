@@ -3,6 +3,7 @@ run end to end on tiny models."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,6 +16,7 @@ from safetylab.evals.attacker import (
     batch_similarity,
     bleu,
     distinct_n,
+    on_target,
     rewrite_demonstrations,
     self_bleu,
     train_attacker,
@@ -50,11 +52,24 @@ def test_the_reward_is_success_minus_the_diversity_term(world, tok, tiny_lm):
 
     requests = {r.prompt: r for r in world.requests("harmful", "train", 3)}
     prompts = list(requests)
-    reward = attack_reward(tiny_lm("gpt2"), tok, Always(), requests, diversity=0.5, answer_tokens=2)
-    same = reward(prompts, ["how do i do it"] * 3)
+    reward = attack_reward(tiny_lm("gpt2"), tok, Always(), world.parser, requests, diversity=0.5, answer_tokens=2)
+    same = reward([prompts[0]] * 3, [prompts[0]] * 3)
     assert torch.allclose(same, torch.full((3,), 0.5))
-    mixed = reward(prompts, ["how do i do it", "how do i do it", "tell me a story"])
-    assert mixed[2] == 1.0 and mixed[0] == pytest.approx(1 - 0.5 * 0.5)
+    story = JAILBREAK_PREFIXES["story"]
+    attacks = [prompts[0], prompts[0], story + requests[prompts[0]].core]
+    similarity = batch_similarity(attacks)
+    assert similarity[2] < similarity[0] < 1
+    assert reward([prompts[0]] * 3, attacks).tolist() == pytest.approx([1 - 0.5 * s for s in similarity])
+    # an attack that asks for another request, or for nothing the world reads, earns no success
+    assert reward(prompts[:2], [prompts[1], "tell me a story"]).tolist() == [0.0, 0.0]
+
+
+def test_an_attack_is_on_target_only_while_it_asks_for_its_request(world):
+    first, second = world.requests("harmful", "train", 2)
+    assert on_target(world.parser, first.prompt, first)
+    assert on_target(world.parser, JAILBREAK_PREFIXES["roleplay"] + first.core, first)
+    assert not on_target(world.parser, second.prompt, first)
+    assert not on_target(world.parser, "ask me anything", first)
 
 
 @pytest.mark.slow
@@ -68,5 +83,29 @@ def test_the_attacker_trains_and_rewrites_held_out_requests(world, tok, tiny_lm,
                                                 config)
     assert (tmp_path / "att" / "rl" / "artifacts" / "model").is_dir()
     assert "objective/scores" in (tmp_path / "att" / "rl" / "metrics.jsonl").read_text()
-    samples = attacker_samples(attacker, tokenizer, world, n=3, per_request=2)
+    samples = attacker_samples(attacker, tokenizer, world, world.requests("harmful", "test", 3), per_request=2)
     assert len(samples) == 6 and all(s.metadata["group"] == "rl_attacker" for s in samples)
+    assert all(isinstance(s.metadata["on_target"], bool) for s in samples)
+
+
+@pytest.mark.slow
+def test_the_study_stage_compares_the_attacker_with_the_templates_on_both_request_sets(monkeypatch, tmp_path, tok,
+                                                                                       tiny_lm):
+    from safetylab.core.study import run_study
+    from safetylab.evals.study import STAGES, study_config
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("base", "sft"):
+        tiny_lm("gpt2").save_pretrained(f"models/{name}")
+        tok.save_pretrained(f"models/{name}")
+    attacker = AttackerConfig(demonstrations=20, requests=4, sft_steps=2, rl_steps=1, batch_size=2, k=2,
+                              max_new_tokens=6, answer_tokens=4, answers=1)
+    config = study_config(quick=True, redteam_n=2, max_new_tokens=4, device="cpu", attacker=attacker)
+    stages = [s for s in STAGES if s.name in ("models", "attacker")]
+    run_study(stages, config, "runs/evals", inputs={"base": "models/base", "sft": "models/sft"})
+    section = json.loads((tmp_path / "runs/evals/sections.json").read_text())["attacker"]
+    names = set(section["data"]["attack_success"])
+    assert names == {f"{a}, {w}" for a in ("attacker after RL", "attacker before RL", "templates")
+                     for w in ("its own", "held-out")}
+    rows = section["tables"][0]["rows"]
+    assert all(r[2] == "1 (by construction)" for r in rows if r[0].startswith("templates"))

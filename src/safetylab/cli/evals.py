@@ -92,7 +92,8 @@ def _endpoint_target(endpoint, model_name, api_key_file, concurrency):
     if endpoint is None:
         return None
     key = api_key_file.read_text().strip() if api_key_file is not None else os.environ.get("SAFETYLAB_API_KEY")
-    return OpenAITarget(endpoint, model_name, key, max_connections=concurrency)
+    with options(base_url="--endpoint"):
+        return OpenAITarget(endpoint, model_name, key, max_connections=concurrency)
 
 
 def _model_target(model: Path, seed: int, device: str):

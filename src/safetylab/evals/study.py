@@ -231,8 +231,9 @@ def capabilities_stage(ctx: Context) -> Section:
 
 
 def attacker_stage(ctx: Context) -> Section:
-    """An attacker trained by RL against the SFT model: its attack success and diversity beside the templates'."""
-    from safetylab.evals.attacker import attacker_samples, distinct_n, self_bleu, train_attacker
+    """An attacker trained by RL against the SFT model: its attack success and diversity beside the templates',
+    on the requests it was trained to break and on held-out ones."""
+    from safetylab.evals.attacker import attacked_requests, attacker_samples, distinct_n, self_bleu, train_attacker
     from safetylab.evals.harness import Task, generate
     from safetylab.evals.redteam import TEMPLATES, attack_scorer, redteam_samples
 
@@ -244,32 +245,39 @@ def attacker_stage(ctx: Context) -> Section:
     attacker, attacker_tokenizer, start = train_attacker(world, model_path(ctx, "base"), target, tokenizer,
                                                          ctx.stage_dir("attacker"), cfg.attacker)
     generation = GenerateConfig(cfg.max_new_tokens, cfg.temperature)
-    runs, diversity = {}, {}
-    for name, model in (("attacker after RL", attacker), ("attacker before RL", start)):
-        seed_everything(derive_seed(cfg.seed, "evals", "attacker", name))
-        samples = attacker_samples(model, attacker_tokenizer, world, cfg.redteam_n, 4, seed=cfg.seed, name="rl")
-        task = Task(f"attacker_{'after' if 'after' in name else 'before'}", samples, attack_scorer(world.judge),
-                    generate(generation), group_by=None)
-        runs[name] = run_task(task, LocalTarget(target, tokenizer, name="sft"), ctx.stage_dir("attacker") / "eval",
-                              concurrency=1024)
-        texts = [s.input for s in samples]
-        diversity[name] = {"distinct_2": distinct_n(texts), "self_bleu": self_bleu(texts)}
-    templates = redteam_samples(world, cfg.redteam_n, TEMPLATES, seed=cfg.seed)
-    template_texts = [s.input for s in templates]
-    template_run = evaluate(ctx, "attacker", Task("templates", templates, attack_scorer(world.judge),
-                                                  generate(generation)), "sft")
-    runs["templates"] = template_run
-    diversity["templates"] = {"distinct_2": distinct_n(template_texts), "self_bleu": self_bleu(template_texts)}
-    rows = [[name, interval(run, "attack_success"), f"{diversity[name]['distinct_2']:.3f}",
-             f"{diversity[name]['self_bleu']:.3f}"] for name, run in runs.items()]
+    request_sets = {"its own": attacked_requests(world, cfg.attacker)[:cfg.redteam_n],
+                    "held-out": world.requests("harmful", "test", cfg.redteam_n, cfg.seed)}
+    rows, success, diversity, runs = [], {}, {}, {}
+    for where, requests in request_sets.items():
+        tag = "own" if where == "its own" else "heldout"
+        for name, model in (("attacker after RL", attacker), ("attacker before RL", start)):
+            seed_everything(derive_seed(cfg.seed, "evals", "attacker", name, tag))
+            samples = attacker_samples(model, attacker_tokenizer, world, requests, 4, name="rl")
+            task = Task(f"attacker_{'after' if 'after' in name else 'before'}_{tag}", samples,
+                        attack_scorer(world.judge), generate(generation), group_by=None)
+            runs[f"{name}, {where}"] = run_task(task, LocalTarget(target, tokenizer, name="sft"),
+                                                ctx.stage_dir("attacker") / "eval", concurrency=1024)
+            texts = [s.input for s in samples]
+            diversity[f"{name}, {where}"] = {"distinct_2": distinct_n(texts), "self_bleu": self_bleu(texts)}
+        templates = redteam_samples(world, attacks=TEMPLATES, seed=cfg.seed, requests=requests)
+        texts = [s.input for s in templates]
+        runs[f"templates, {where}"] = evaluate(ctx, "attacker", Task(f"templates_{tag}", templates,
+                                                                     attack_scorer(world.judge),
+                                                                     generate(generation)), "sft")
+        diversity[f"templates, {where}"] = {"distinct_2": distinct_n(texts), "self_bleu": self_bleu(texts)}
+    for name, run in runs.items():
+        rows.append([name, interval(run, "attack_success"),
+                     interval(run, "on_target") if "on_target" in run.metrics else "1 (by construction)",
+                     f"{diversity[name]['distinct_2']:.3f}", f"{diversity[name]['self_bleu']:.3f}"])
+        success[name] = run.metrics["attack_success"]["all"].to_dict()
     return Section(title="An attacker trained by RL against the SFT model (Perez et al. 2022)",
-                   summary="; ".join(f"{r[0]}: attack success {r[1]}" for r in rows),
-                   tables=[Table("Attack success on held-out harmful requests and diversity of the attacks",
-                                 ["attacks", "attack success", "distinct-2", "self-BLEU"], rows),
+                   summary="; ".join(f"{r[0]}: attack success {r[1]}" for r in rows if "before" not in r[0]),
+                   tables=[Table(f"Attack success and diversity ({cfg.redteam_n} requests, 4 rewrites each by the "
+                                 "attacker; the templates once each)",
+                                 ["attacks, on which requests", "attack success", "still asks for the request",
+                                  "distinct-2", "self-BLEU"], rows),
                            logs_table(ctx, runs)],
-                   data={"attack_success": {n: r.metrics["attack_success"]["all"].to_dict()
-                                            for n, r in runs.items() if "attack_success" in r.metrics},
-                         "diversity": diversity})
+                   data={"attack_success": success, "diversity": diversity})
 
 
 STAGES = (

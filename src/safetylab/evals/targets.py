@@ -197,8 +197,8 @@ class OpenAITarget(Target):
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, max_connections: int = 32,
                  timeout: float = 60.0, retries: int = 3, backoff: float = 0.5, name: str | None = None):
-        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise SafetylabError(f"base_url: expected http:// or https://, got {base_url!r}")
+        require(isinstance(base_url, str) and base_url.startswith(("http://", "https://")), "base_url",
+                "a URL starting with http:// or https://", base_url)
         require(isinstance(max_connections, int) and max_connections >= 1, "max_connections", "an integer >= 1",
                 max_connections)
         require(isinstance(retries, int) and retries >= 0, "retries", "an integer >= 0", retries)

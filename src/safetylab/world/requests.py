@@ -191,10 +191,11 @@ def wrap(request: Request, jailbreak: str, rng: random.Random) -> Request:
 
 
 def unwrap(text: str, vocabulary: frozenset[str]) -> tuple[str, str | None]:
-    """Strip a jailbreak wrapper: returns the core text and the wrapper's name (or ``None``)."""
+    """Strip a jailbreak wrapper: returns the core text and the wrapper's name (or ``None``); a prefix around an
+    obfuscated request (a composition) is stripped with the obfuscation, and named by the prefix."""
     for name, prefix in content.JAILBREAK_PREFIXES.items():
         if text.startswith(prefix):
-            return text[len(prefix):], name
+            return unwrap(text[len(prefix):], vocabulary)[0], name
     words = text.split()
     if any(w in _UNSYNONYMS for w in words):
         return " ".join(_UNSYNONYMS.get(w, w) for w in words), "synonym"
