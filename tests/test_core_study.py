@@ -119,12 +119,34 @@ def test_summarize_seeds_shows_a_per_seed_text_result_seed_by_seed():
 
 
 def test_summarize_seeds_refuses_tables_that_do_not_line_up():
-    with pytest.raises(SafetylabError, match=r"row 0, column 'model': the label differs"):
-        summarize_seeds({0: {"a": section([["standard", 0.1, 0.5]])}, 1: {"a": section([["pgd", 0.1, 0.5]])}})
+    twice = [["standard", 0.1, 0.5], ["standard", 0.2, 0.4]]  # the first column does not name the rows
+    with pytest.raises(SafetylabError, match=r"row 1, column 'model': the label differs"):
+        summarize_seeds({0: {"a": section(twice)}, 1: {"a": section([twice[0], ["pgd", 0.2, 0.4]])}})
     with pytest.raises(SafetylabError, match="number of rows differ"):
-        summarize_seeds({0: {"a": section([["standard", 0.1, 0.5]])}, 1: {"a": section([])}})
+        summarize_seeds({0: {"a": section(twice)}, 1: {"a": section(twice[:1])}})
     with pytest.raises(SafetylabError, match="has sections"):
         summarize_seeds({0: {"a": section([])}, 1: {"b": section([])}})
+    with pytest.raises(SafetylabError, match="columns differ"):
+        summarize_seeds({0: {"a": section([])}, 1: {"a": Section("R", "x", [Table("accuracy", ["m"], [])])}})
+
+
+def test_summarize_seeds_matches_rows_by_name_when_seeds_have_different_rows():
+    """The layers that decided something differ between seeds: rows are matched by name, and a row some seeds
+    lack says so."""
+    runs = {0: {"a": section([["rules", 0.1, 2], ["classifier", 0.1, 4]])},
+            1: {"a": section([["classifier", 0.1, 6]])},
+            2: {"a": section([["classifier", 0.1, 8], ["monitor", 0.1, 1]])}}
+    rows = summarize_seeds(runs)["a"].tables[0].rows
+    assert rows == [["rules (seeds 0 only)", 0.1, 2], ["classifier", 0.1, "6.000 ± 2.000"],
+                    ["monitor (seeds 2 only)", 0.1, 1]]
+
+    def named(rows):  # two text columns name a row
+        return Section("Guard", "x", [Table("decided", ["group", "layer", "prompts"], rows)])
+
+    runs = {0: {"g": named([["benign", "ood", 4], ["harmful", "rules", 2]])},
+            1: {"g": named([["benign", "ood", 2]])}}
+    assert summarize_seeds(runs)["g"].tables[0].rows == [["benign", "ood", "3.000 ± 1.414"],
+                                                          ["harmful (seeds 0 only)", "rules", 2]]
 
 
 def test_run_seeds_writes_one_study_per_seed_and_the_summary(tmp_path):
