@@ -94,3 +94,56 @@ def test_bad_input_is_refused():
         fit_rl([0, 1, float("nan")], [0, 1, 2])
     with pytest.raises(SafetylabError, match=">= 0"):
         fit_rl([-1, 1, 2], [0, 1, 2])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_shallower_reward_model_keeps_the_first_blocks_and_reloads_at_that_depth(arch, tok, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from safetylab.align.reward import RewardConfig, build_reward_model, load_reward_model, save_reward_model, score
+
+    ids = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(0)
+    model = (GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=3, n_head=2, n_embd=32, n_positions=128,
+                                        **ids)) if arch == "gpt2" else
+             LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **ids)))
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    reward, rtok = build_reward_model(tmp_path / "base", RewardConfig(layers=2), seed=0)
+    blocks = reward.backbone.h if arch == "gpt2" else reward.backbone.layers
+    assert len(blocks) == 2 and reward.backbone.config.num_hidden_layers == 2
+    save_reward_model(reward, rtok, tmp_path / "rm")
+    again, _ = load_reward_model(tmp_path / "rm")
+    prompts, responses = ["what is 2 plus 2 ?"] * 2, ["4", "i can not help"]
+    assert torch.allclose(score(reward.eval(), rtok, prompts, responses), score(again, rtok, prompts, responses))
+    with pytest.raises(SafetylabError, match="has 3 blocks, asked to keep 4"):
+        build_reward_model(tmp_path / "base", RewardConfig(layers=4), seed=0)
+    with pytest.raises(Exception, match="layers"):
+        RewardConfig(layers=0)
+
+
+@pytest.mark.slow
+def test_the_overoptimization_stage_fits_a_curve_per_proxy(tmp_path, tok, tiny_lm):
+    import json
+    from dataclasses import replace
+
+    from safetylab.align.study import OVEROPT_STAGES, study_config
+    from safetylab.core.study import run_study
+
+    tiny_lm("gpt2").save_pretrained(tmp_path / "sft")
+    tok.save_pretrained(tmp_path / "sft")
+    config = study_config("quick", 0, "cpu")
+    config = replace(config, overopt=replace(config.overopt, prompts_per_kind=1, samples=8, max_new_tokens=6,
+                                             labelers=("typical", "ideal"), depths=(1,)))
+    run_study(OVEROPT_STAGES, config, tmp_path / "run", only=("overoptimization",), inputs={"sft": str(tmp_path / "sft")})
+    section = json.loads((tmp_path / "run" / "sections.json").read_text())["overoptimization"]
+    results = section["data"]["results"]
+    assert [(r["labeler"], r["depth"]) for r in results] == [("typical", 1), ("ideal", 1)]
+    for r in results:
+        assert [row["n"] for row in r["curve"]] == [1, 2, 4, 8]
+        assert all(a["proxy"] <= b["proxy"] + 1e-9 for a, b in zip(r["curve"], r["curve"][1:]))
+        assert set(r["fit"]) >= {"alpha", "beta", "r2", "peak_d"}
+    oracle = section["data"]["oracle"]
+    assert all(a["gold"] <= b["gold"] + 1e-9 for a, b in zip(oracle, oracle[1:]))  # best-of-n by gold never loses
+    assert (tmp_path / "run" / "overoptimization" / "overoptimization.png").is_file()

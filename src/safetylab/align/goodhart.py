@@ -6,10 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from safetylab.align.best_of_n import RewardFn, best_of_n
 from safetylab.align.evaluate import summarize
+from safetylab.align.overopt import GoodhartFit
 from safetylab.core.io import save_figure
 from safetylab.core.seeding import seed_everything
 from safetylab.world.judge import GoldJudge
@@ -43,5 +45,28 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path, title: str = "Best-of
     ax.axhline(0, color="black", linewidth=0.5)
     ax.set(xlabel="√KL (bound)", title=title)
     ax.legend()
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_overoptimization(results: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Gold change against √KL, one panel per labeler and amount of comparisons, one colour per reward-model
+    depth: the measured best-of-n points and the fitted d(α − βd) (the overoptimization stage's results)."""
+    panels = list(dict.fromkeys((r["labeler"], r["pairs"]) for r in results))
+    fig = Figure(figsize=(4 * len(panels), 3.5))
+    axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+    depths = sorted({r["depth"] for r in results})
+    colours = {d: f"C{i}" for i, d in enumerate(depths)}
+    for ax, (labeler, pairs) in zip(axes, panels):
+        for r in (r for r in results if (r["labeler"], r["pairs"]) == (labeler, pairs)):
+            d = np.array([row["d"] for row in r["curve"]])
+            gold = np.array([row["gold"] - r["curve"][0]["gold"] for row in r["curve"]])
+            smooth = np.linspace(0, d.max(), 50)
+            ax.plot(d, gold, "o", color=colours[r["depth"]], label=f"{r['depth']} block(s)")
+            ax.plot(smooth, GoodhartFit(**r["fit"]).predict(smooth), "-", color=colours[r["depth"]], alpha=0.7)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set(xlabel="√KL", title=f"{labeler} labels, {pairs} comparisons")
+    axes[0].set_ylabel("gold utility (change)")
+    axes[0].legend(title="proxy reward model")
     fig.tight_layout()
     return save_figure(fig, path)

@@ -161,6 +161,8 @@ class RewardConfig:
     # a causal LM with last-token pooling reads each pair's prompt once, chosen and rejected after it
     # (safetylab.models.packing); other backbones and poolings run padded rows
     layout: str = "packed"
+    # keep the backbone's first `layers` blocks: a smaller reward model from the same pre-training (None: all)
+    layers: int | None = None
 
     def __post_init__(self):
         require(self.margin >= 0 and math.isfinite(self.margin), "margin", "a finite number >= 0", self.margin)
@@ -169,6 +171,8 @@ class RewardConfig:
         require_choice(self.pooling, "pooling", ("auto", *POOLINGS))
         require(self.members >= 1, "members", "an integer >= 1", self.members)
         require_choice(self.layout, "layout", LAYOUTS)
+        require(self.layers is None or (isinstance(self.layers, int) and self.layers >= 1), "layers",
+                "an integer >= 1 or None (every layer)", self.layers)
 
 
 # ---------------------------------------------------------------------------- encoding
@@ -478,12 +482,29 @@ def load_reward_model(path: str | os.PathLike, device: torch.device | str = "cpu
     return model.to(device).eval(), tokenizer
 
 
+def keep_first_blocks(backbone: nn.Module, layers: int) -> nn.Module:
+    """``backbone`` with only its first ``layers`` transformer blocks (GPT-2's ``h``, Llama's ``layers``, BERT's
+    ``encoder.layer``) and its config saying so, so that it saves and loads at that depth."""
+    places = ((backbone, "h"), (backbone, "layers"), (getattr(backbone, "encoder", None), "layer"))
+    owner, name = next(((m, n) for m, n in places if isinstance(getattr(m, n, None), nn.ModuleList)), (None, None))
+    if owner is None:
+        raise SafetylabError(f"layers: cannot find the transformer blocks of a {type(backbone).__name__}")
+    blocks = getattr(owner, name)
+    if layers > len(blocks):
+        raise SafetylabError(f"layers: the backbone has {len(blocks)} blocks, asked to keep {layers}")
+    setattr(owner, name, blocks[:layers])
+    backbone.config.num_hidden_layers = layers
+    return backbone
+
+
 def build_reward_model(base: str | os.PathLike, config: RewardConfig, seed: int,
                        device: torch.device | str = "cpu") -> tuple[RewardModel, object]:
     """A reward model on the backbone saved at ``base`` (a directory, or ``minilm``), its head
     initialised from ``seed`` (torch's generator seeded for the head alone, then restored: no global
-    state changes), pooling as :func:`resolve_pooling` says."""
+    state changes), pooling as :func:`resolve_pooling` says, its first ``config.layers`` blocks only if set."""
     backbone, tokenizer = backbone_from(base, device)
+    if config.layers is not None:
+        backbone = keep_first_blocks(backbone, config.layers)
     pooling = resolve_pooling(config.pooling, tokenizer)
     with torch_seed(seed):
         model = RewardModel(backbone, pooling)

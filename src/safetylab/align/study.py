@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import torch
 from matplotlib.figure import Figure
 
 from safetylab.align.data import preferences_from_records, read_preferences
 from safetylab.align.dpo import DPOConfig, policy_preferences, train_dpo
 from safetylab.align.evaluate import METRICS, EvalConfig, evaluate_policy, gold_tracker
-from safetylab.align.goodhart import best_of_n_curve, plot_curve
+from safetylab.align.goodhart import best_of_n_curve, plot_curve, plot_overoptimization
+from safetylab.align.overopt import best_of_n_scaling, fit_bon
 from safetylab.align.ppo import PPOConfig, train_ppo
 from safetylab.align.reward import (
     RewardConfig,
@@ -43,9 +45,10 @@ from safetylab.core.config import require, require_choice
 from safetylab.core.devices import check_device_name, select_device
 from safetylab.core.io import atomic_write_text, save_figure, write_jsonl
 from safetylab.core.runs import RunDir
-from safetylab.core.seeding import seed_everything
+from safetylab.core.seeding import derive_seed, seed_everything
 from safetylab.core.study import Context, Section, Stage, Table
 from safetylab.models.lm import ModelConfig, load_model, save_model
+from safetylab.models.sampling import sample
 from safetylab.models.train import TrainConfig, finetune, pretrain
 from safetylab.world.labelers import PRESETS, measure_labeler
 from safetylab.world.probe import probe_judge, probe_summary
@@ -53,6 +56,34 @@ from safetylab.world.requests import KINDS
 from safetylab.world.world import World, WorldConfig
 
 METHODS = ("dpo", "rpo", "ppo", "rloo")
+
+
+@dataclass(frozen=True)
+class OveroptConfig:
+    """Gao et al. (2022)'s best-of-n experiment on the SFT model: ``samples`` responses to each of
+    ``prompts_per_kind`` held-out prompts of every kind, best-of-n for n = 1 … ``samples`` by the unbiased
+    estimator, against a proxy reward model for each labeler × comparisons × depth (the SFT model's first
+    ``depth`` blocks with a reward head, trained on that many of the labeler's comparisons of written styles)."""
+
+    prompts_per_kind: int = 6
+    samples: int = 512
+    max_new_tokens: int = 48
+    labelers: tuple[str, ...] = ("typical", "ideal")
+    pairs: tuple[int, ...] = (750, 3000)
+    depths: tuple[int, ...] = (1, 2, 4)
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(
+        train=TrainConfig(steps=200, batch_size=32, lr=5e-4, warmup_steps=20, log_every=50, checkpoint_every=200)))
+
+    def __post_init__(self):
+        for name in ("prompts_per_kind", "samples", "max_new_tokens"):
+            require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1",
+                    getattr(self, name))
+        require(len(self.labelers) > 0 and set(self.labelers) <= set(PRESETS), "labelers",
+                f"one or more of {', '.join(PRESETS)}", self.labelers)
+        for name in ("pairs", "depths"):
+            values = getattr(self, name)
+            require(len(values) > 0 and all(isinstance(v, int) and v >= 1 for v in values), name,
+                    "one or more integers >= 1", values)
 
 
 @dataclass(frozen=True)
@@ -96,6 +127,7 @@ class AlignStudyConfig:
         train=TrainConfig(steps=80, batch_size=32, lr=1e-4, warmup_steps=8, log_every=8, checkpoint_every=40)))
     rloo: RLOOConfig = field(default_factory=lambda: RLOOConfig(
         train=TrainConfig(steps=100, batch_size=16, lr=1e-4, warmup_steps=5, log_every=10, checkpoint_every=50)))
+    overopt: OveroptConfig = field(default_factory=OveroptConfig)  # `safetylab align overopt`
 
     def __post_init__(self):
         require(self.seed >= 0, "seed", "an integer >= 0", self.seed)
@@ -116,6 +148,8 @@ class AlignStudyConfig:
                 and len(set(self.methods)) == len(self.methods), "methods",
                 f"one or more of {', '.join(METHODS)}, each once", self.methods)
         require(self.rpo_alpha > 0, "rpo_alpha", "a number > 0", self.rpo_alpha)
+        require(max(self.overopt.depths) <= self.model.n_layer, "depths",
+                f"reward-model depths of at most the model's {self.model.n_layer} layers", self.overopt.depths)
 
 
 QUICK = AlignStudyConfig(
@@ -136,6 +170,9 @@ QUICK = AlignStudyConfig(
                                     checkpoint_every=8), max_new_tokens=32),
     rloo=RLOOConfig(train=TrainConfig(steps=10, batch_size=8, lr=3e-5, warmup_steps=2, log_every=5,
                                       checkpoint_every=5), max_new_tokens=32),
+    overopt=OveroptConfig(prompts_per_kind=2, samples=32, max_new_tokens=32, labelers=("typical",), pairs=(300,),
+                          depths=(1, 2), reward=RewardConfig(train=TrainConfig(
+                              steps=30, batch_size=32, lr=1e-3, warmup_steps=3, log_every=10, checkpoint_every=30))),
 )
 
 # The `ideal` labeler, on-policy comparisons (four SFT samples for each of 200 train prompts per kind), and
@@ -417,6 +454,62 @@ def policies_stage(ctx: Context) -> Section:
     )
 
 
+def overoptimization_stage(ctx: Context) -> Section:
+    """Gold and proxy of best-of-n against √KL for proxy reward models of several depths, data amounts and
+    labelers, with Gao et al.'s fitted form for each (:mod:`safetylab.align.overopt`)."""
+    cfg, world, out = ctx.config, world_of(ctx), ctx.stage_dir("overoptimization")
+    o, device, sft_path = cfg.overopt, select_device(cfg.device), model_path(ctx, "sft")
+    sft, tokenizer = load_model(sft_path, device)
+    requests = world.evaluation_set(o.prompts_per_kind, 0, seed=derive_seed(cfg.seed, "overopt", "prompts"))
+    prompts = [r.prompt for r in requests for _ in range(o.samples)]
+    seed_everything(derive_seed(cfg.seed, "overopt", "samples"))
+    texts = sample(sft.eval(), tokenizer, prompts, o.max_new_tokens).texts
+    gold = torch.tensor([world.judge.score(requests[i // o.samples], t).utility for i, t in enumerate(texts)])
+    gold = gold.view(len(requests), o.samples)
+    oracle = best_of_n_scaling(gold, gold, seed=cfg.seed)
+    results = []
+    for labeler in o.labelers:
+        rows, held_out, _, _ = preference_split(world, None, labeler, max(o.pairs))
+        for pairs in o.pairs:
+            for depth in o.depths:
+                train = replace(o.reward.train, seed=cfg.seed, device=cfg.device)
+                reward = replace(o.reward, layers=depth, train=train)
+                run = RunDir(out / f"{labeler}-{pairs}-pairs-{depth}-blocks",
+                             {"base": str(sft_path), "reward": asdict(reward), "pairs": pairs})
+                (model,), rtok = fit_reward_models(sft_path, rows[:pairs], reward, run, device)
+                proxy = score(model, rtok, prompts, texts).view_as(gold)
+                curve = best_of_n_scaling(proxy, gold, seed=cfg.seed)
+                fit = fit_bon([r["d"] for r in curve], [r["gold"] - curve[0]["gold"] for r in curve])
+                results.append({"labeler": labeler, "pairs": pairs, "depth": depth,
+                                "held_out": evaluate_reward_model(model, rtok, held_out), "curve": curve,
+                                "fit": fit.to_dict()})
+    table_rows = []
+    for r in results:
+        best = max(r["curve"], key=lambda row: row["gold"])
+        fit, curve = r["fit"], r["curve"]
+        table_rows.append([r["labeler"], r["pairs"], r["depth"], r["held_out"]["accuracy"], best["n"],
+                           round(best["gold"] - curve[0]["gold"], 4), round(curve[-1]["gold"] - curve[0]["gold"], 4),
+                           round(curve[-1]["proxy"] - curve[0]["proxy"], 3), round(fit["alpha"], 4),
+                           round(fit["beta"], 4), round(fit["r2"], 3),
+                           None if fit["peak_d"] is None else round(fit["peak_d"], 3),
+                           None if fit["peak"] is None else round(fit["peak"], 4)])
+    falls = sum(r["curve"][-1]["gold"] < max(row["gold"] for row in r["curve"]) for r in results)
+    n = o.samples
+    return Section(
+        title="Reward-model overoptimization: best-of-n against proxies of several sizes (Gao et al. 2022)",
+        summary=f"gold falls after its peak for {falls} of {len(results)} proxy reward models by best-of-{n}; "
+                f"best-of-{n} by gold itself gains {oracle[-1]['gold'] - oracle[0]['gold']:+.3f}",
+        tables=[Table(f"Best-of-n to n = {n} ({len(requests)} held-out prompts, {n} samples each; gold and proxy as "
+                      "change from n = 1; the fit R_bon(d) = d(α − βd) of the gold change, d = √KL)",
+                      ["labeler", "comparisons", "RM blocks", "RM held-out accuracy", "best n", "best gold",
+                       f"gold at n = {n}", f"proxy at n = {n}", "α", "β", "R²", "d*", "gold at d*"], table_rows),
+                Table("Best-of-n by the gold judge itself (the most a perfect proxy could gain)", ["n", "√KL", "gold"],
+                      [[r["n"], round(r["d"], 3), round(r["gold"] - oracle[0]["gold"], 4)] for r in oracle])],
+        plots=[ctx.run.relative(plot_overoptimization(results, out / "overoptimization.png"))],
+        data={"results": results, "oracle": oracle, "prompts": len(requests), "samples": n},
+    )
+
+
 STAGES = (
     Stage("world", "build the world, its data sets and labelers", world_stage),
     Stage("base", "pre-train the base model", base_stage),
@@ -427,6 +520,9 @@ STAGES = (
     Stage("policies", "DPO, RPO, PPO and RLOO from SFT against the gold judge", policies_stage),
 )
 FROM_SFT = ("reward", "best-of-n", "policies")  # the stages that run from a given SFT model
+# `safetylab align overopt`: the world, base and SFT models, then the overoptimization experiment
+OVEROPT_STAGES = (*STAGES[:3], Stage("overoptimization", "best-of-n against proxy reward models of several sizes: "
+                                     "Gao et al.'s scaling", overoptimization_stage))
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -65,6 +65,41 @@ def report(
                         "per_kind": "--eval-per-kind"})
 
 
+@align_app.command("overopt")
+def overopt(
+    out: RunOut = Path("runs/overopt"),
+    quick: Annotated[bool, typer.Option(help="A smaller model, fewer samples and proxies (about a minute).")] = False,
+    samples: Annotated[int | None, typer.Option(help="Samples per prompt: best-of-n up to this n (default 512).")]
+    = None,
+    labelers: Annotated[str | None, typer.Option(help="Comma-separated labelers whose comparisons train the "
+                                                      "proxies (default: typical,ideal).")] = None,
+    sft: Annotated[Path | None, typer.Option(help="Start from this SFT model (e.g. an audit's align/sft/artifacts/"
+                                                  "model) instead of training one.")] = None,
+    seed: Seed = 0,
+    seeds: Seeds = None,
+    device: Device = "auto",
+) -> None:
+    """Reward-model overoptimization (Gao et al. 2022): best-of-n from the SFT model against proxy reward models
+    of several depths, data amounts and labelers; gold and proxy against √KL, and the fitted d(α − βd)."""
+    from dataclasses import replace
+
+    from safetylab.align.study import OVEROPT_STAGES, study_config
+
+    def make_config(s: int):
+        config = study_config("quick" if quick else "default", s, device)
+        changes = {"samples": samples} if samples is not None else {}
+        if labelers is not None:
+            changes["labelers"] = tuple(x.strip() for x in labelers.split(",") if x.strip())
+        return replace(config, overopt=replace(config.overopt, **changes))
+
+    with options("sft"):
+        require(sft is None or (sft / "config.json").is_file(), "sft", "a saved model directory (with config.json)",
+                str(sft))
+    study_report(OVEROPT_STAGES, make_config, out, seed, seeds, only=("overoptimization",) if sft else None,
+                 inputs={"sft": str(sft)} if sft else None,
+                 names={"samples": "--samples", "labelers": "--labelers", "device": "--device"})
+
+
 @sample_app.command("best-of-n")
 def sample_best_of_n(
     policy: Annotated[Path, typer.Option(help="Policy model directory (e.g. the SFT model).")],
