@@ -136,7 +136,8 @@ def test_the_overoptimization_stage_fits_a_curve_per_proxy(tmp_path, tok, tiny_l
     config = study_config("quick", 0, "cpu")
     config = replace(config, overopt=replace(config.overopt, prompts_per_kind=1, samples=8, max_new_tokens=6,
                                              labelers=("typical", "ideal"), depths=(1,)))
-    run_study(OVEROPT_STAGES, config, tmp_path / "run", only=("overoptimization",), inputs={"sft": str(tmp_path / "sft")})
+    run_study(OVEROPT_STAGES, config, tmp_path / "run", only=("overoptimization",),
+              inputs={"sft": str(tmp_path / "sft")})
     section = json.loads((tmp_path / "run" / "sections.json").read_text())["overoptimization"]
     results = section["data"]["results"]
     assert [(r["labeler"], r["depth"]) for r in results] == [("typical", 1), ("ideal", 1)]
@@ -147,3 +148,5 @@ def test_the_overoptimization_stage_fits_a_curve_per_proxy(tmp_path, tok, tiny_l
     oracle = section["data"]["oracle"]
     assert all(a["gold"] <= b["gold"] + 1e-9 for a, b in zip(oracle, oracle[1:]))  # best-of-n by gold never loses
     assert (tmp_path / "run" / "overoptimization" / "overoptimization.png").is_file()
+    kinds = section["tables"][1]["rows"]  # one row per request kind, one column per labeler's largest proxy
+    assert len(kinds) == len(results[0]["by_kind"]) >= 6 and all(len(row) == 3 for row in kinds)

@@ -467,6 +467,8 @@ def overoptimization_stage(ctx: Context) -> Section:
     gold = torch.tensor([world.judge.score(requests[i // o.samples], t).utility for i, t in enumerate(texts)])
     gold = gold.view(len(requests), o.samples)
     oracle = best_of_n_scaling(gold, gold, seed=cfg.seed)
+    kinds = {k: torch.tensor([i for i, r in enumerate(requests) if r.kind == k])
+             for k in dict.fromkeys(r.kind for r in requests)}
     results = []
     for labeler in o.labelers:
         rows, held_out, _, _ = preference_split(world, None, labeler, max(o.pairs))
@@ -480,9 +482,11 @@ def overoptimization_stage(ctx: Context) -> Section:
                 proxy = score(model, rtok, prompts, texts).view_as(gold)
                 curve = best_of_n_scaling(proxy, gold, seed=cfg.seed)
                 fit = fit_bon([r["d"] for r in curve], [r["gold"] - curve[0]["gold"] for r in curve])
+                by_kind = {kind: best_of_n_scaling(proxy[rows_of], gold[rows_of], seed=cfg.seed)
+                           for kind, rows_of in kinds.items()}
                 results.append({"labeler": labeler, "pairs": pairs, "depth": depth,
                                 "held_out": evaluate_reward_model(model, rtok, held_out), "curve": curve,
-                                "fit": fit.to_dict()})
+                                "fit": fit.to_dict(), "by_kind": by_kind})
     table_rows = []
     for r in results:
         best = max(r["curve"], key=lambda row: row["gold"])
@@ -493,6 +497,8 @@ def overoptimization_stage(ctx: Context) -> Section:
                            round(fit["beta"], 4), round(fit["r2"], 3),
                            None if fit["peak_d"] is None else round(fit["peak_d"], 3),
                            None if fit["peak"] is None else round(fit["peak"], 4)])
+    largest = [r for r in results if r["pairs"] == max(o.pairs) and r["depth"] == max(o.depths)]
+    kind_rows = [[kind, *(_rise_and_fall(r["by_kind"][kind]) for r in largest)] for kind in kinds]
     falls = sum(r["curve"][-1]["gold"] < max(row["gold"] for row in r["curve"]) for r in results)
     n = o.samples
     return Section(
@@ -503,11 +509,20 @@ def overoptimization_stage(ctx: Context) -> Section:
                       "change from n = 1; the fit R_bon(d) = d(α − βd) of the gold change, d = √KL)",
                       ["labeler", "comparisons", "RM blocks", "RM held-out accuracy", "best n", "best gold",
                        f"gold at n = {n}", f"proxy at n = {n}", "α", "β", "R²", "d*", "gold at d*"], table_rows),
+                Table(f"By request kind, the largest proxies ({max(o.pairs)} comparisons, {max(o.depths)} blocks): the "
+                      f"gold change at its best n, and at n = {n}",
+                      ["kind", *(f"{r['labeler']} labels" for r in largest)], kind_rows),
                 Table("Best-of-n by the gold judge itself (the most a perfect proxy could gain)", ["n", "√KL", "gold"],
                       [[r["n"], round(r["d"], 3), round(r["gold"] - oracle[0]["gold"], 4)] for r in oracle])],
         plots=[ctx.run.relative(plot_overoptimization(results, out / "overoptimization.png"))],
         data={"results": results, "oracle": oracle, "prompts": len(requests), "samples": n},
     )
+
+
+def _rise_and_fall(curve: list[dict]) -> str:
+    """``+best (n = …) → at the last n`` of a best-of-n curve's gold, as change from n = 1."""
+    start, best = curve[0]["gold"], max(curve, key=lambda row: row["gold"])
+    return f"{best['gold'] - start:+.3f} (n = {best['n']}) → {curve[-1]['gold'] - start:+.3f}"
 
 
 STAGES = (
