@@ -148,8 +148,6 @@ class AlignStudyConfig:
                 and len(set(self.methods)) == len(self.methods), "methods",
                 f"one or more of {', '.join(METHODS)}, each once", self.methods)
         require(self.rpo_alpha > 0, "rpo_alpha", "a number > 0", self.rpo_alpha)
-        require(max(self.overopt.depths) <= self.model.n_layer, "depths",
-                f"reward-model depths of at most the model's {self.model.n_layer} layers", self.overopt.depths)
 
 
 QUICK = AlignStudyConfig(

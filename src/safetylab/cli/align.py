@@ -90,7 +90,10 @@ def overopt(
         changes = {"samples": samples} if samples is not None else {}
         if labelers is not None:
             changes["labelers"] = tuple(x.strip() for x in labelers.split(",") if x.strip())
-        return replace(config, overopt=replace(config.overopt, **changes))
+        config = replace(config, overopt=replace(config.overopt, **changes))
+        require(sft is not None or max(config.overopt.depths) <= config.model.n_layer, "depths",
+                f"reward-model depths of at most the model's {config.model.n_layer} layers", config.overopt.depths)
+        return config
 
     with options("sft"):
         require(sft is None or (sft / "config.json").is_file(), "sft", "a saved model directory (with config.json)",
