@@ -60,7 +60,8 @@ ModelName = Annotated[str, typer.Option(help="The model's name at --endpoint.")]
 KeyFile = Annotated[Path | None, typer.Option(help="A file holding the endpoint's API key (default: the "
                                                    "SAFETYLAB_API_KEY environment variable).")]
 Judge = Annotated[Path | None, typer.Option(help="A text classifier directory (`control build-guard` writes them) "
-                                                 "judging harmful answers beside the gold judge.")]
+                                                 "judging harmful answers beside the gold judge, or `keywords` for "
+                                                 "GCG's refusal-phrase check.")]
 MaxTokens = Annotated[int, typer.Option(help="Tokens per answer.")]
 Temperature = Annotated[float, typer.Option(help="Sampling temperature (0: greedy).")]
 Concurrency = Annotated[int, typer.Option(help="Samples in flight.")]
@@ -111,9 +112,9 @@ def _model_target(model: Path, seed: int, device: str):
 
 
 def _learned_judge(judge: Path | None):
-    from safetylab.evals.suites import load_classifier_judge
+    from safetylab.evals.suites import load_judge
 
-    return None if judge is None else load_classifier_judge(judge)
+    return None if judge is None else load_judge(judge)
 
 
 def _report(task, target, out: Path, concurrency: int, resume: bool):
@@ -229,7 +230,7 @@ def report(
     if attacker and model is not None and base is None:
         raise SafetylabError("--attacker: give --base too (the attacker starts from the pre-trained model)")
     for name, path in given.items():
-        if path is not None and not path.exists():
+        if path is not None and not path.exists() and not (name == "judge" and str(path) == "keywords"):
             raise SafetylabError(f"--{'model' if name == 'sft' else name}: {path} does not exist")
     inputs = {k: str(v) for k, v in given.items() if v is not None} or None
     changes = {"attacker": AttackerConfig()} if attacker else {}

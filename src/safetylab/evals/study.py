@@ -99,9 +99,9 @@ def loaded(ctx: Context, name: str):
 
 
 def learned_judge(ctx: Context):
-    from safetylab.evals.suites import load_classifier_judge
+    from safetylab.evals.suites import load_judge
 
-    return load_classifier_judge(ctx.inputs["judge"]) if "judge" in ctx.inputs else None
+    return load_judge(ctx.inputs["judge"]) if "judge" in ctx.inputs else None
 
 
 def evaluate(ctx: Context, stage: str, task, name: str, guard=None) -> EvalRun:
