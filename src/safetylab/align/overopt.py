@@ -45,16 +45,23 @@ def rank_by(scores: torch.Tensor, generator: torch.Generator | None = None) -> t
     return permutation[torch.argsort(scores[:, permutation], dim=1, stable=True)]
 
 
+def sorted_by(scores: torch.Tensor, values: Sequence[torch.Tensor],
+              generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Each of ``values`` (``[P, N]`` like ``scores``) with every row in the order of :func:`rank_by`."""
+    if scores.dim() != 2 or any(v.shape != scores.shape for v in values):
+        raise SafetylabError(f"best-of-n: scores and values must be [prompts, samples] alike, got "
+                             f"{tuple(scores.shape)} and {[tuple(v.shape) for v in values]}")
+    order = rank_by(scores, generator)
+    return [v.double().gather(1, order.expand_as(scores)) for v in values]
+
+
 def best_of_n_expectation(scores: torch.Tensor, values: torch.Tensor, n: int,
                           generator: torch.Generator | None = None) -> torch.Tensor:
     """E[value of the sample best-of-n keeps] per prompt, without bias from N ≥ n samples a prompt (Gao et al.
     2022, appendix; Nakano et al. 2021): with the samples sorted by ``scores``, Σ_i C(i−1, n−1)/C(N, n) ·
     value_(i). ``scores`` (what best-of-n maximises: the proxy) and ``values`` (what is measured: the gold or
     the proxy itself) are ``[P, N]``."""
-    if scores.shape != values.shape or scores.dim() != 2:
-        raise SafetylabError(f"best-of-n: scores and values must be [prompts, samples] alike, got "
-                             f"{tuple(scores.shape)} and {tuple(values.shape)}")
-    ordered = values.double().gather(1, rank_by(scores, generator).expand_as(scores))
+    (ordered,) = sorted_by(scores, [values], generator)
     return ordered @ best_of_n_weights(scores.shape[1], n)
 
 
@@ -68,13 +75,12 @@ def best_of_n_scaling(proxy: torch.Tensor, gold: torch.Tensor, sizes: Sequence[i
                       seed: int = 0) -> list[dict[str, float]]:
     """The best-of-n curve from one set of samples (``[P, N]`` proxy and gold scores): for each n, the mean
     proxy and gold of the kept sample (:func:`best_of_n_expectation`), KL = log n − (n − 1)/n and d = √KL."""
+    proxy_sorted, gold_sorted = sorted_by(proxy, [proxy, gold], torch.Generator().manual_seed(seed))
     rows = []
     for n in sizes or best_of_n_sizes(proxy.shape[1]):
-        kl = best_of_n_kl_bound(n)
-        generator = torch.Generator().manual_seed(seed)
-        rows.append({"n": n, "kl": kl, "d": math.sqrt(kl),
-                     "proxy": best_of_n_expectation(proxy, proxy, n, generator).mean().item(),
-                     "gold": best_of_n_expectation(proxy, gold, n, generator.manual_seed(seed)).mean().item()})
+        kl, weights = best_of_n_kl_bound(n), best_of_n_weights(proxy.shape[1], n)
+        rows.append({"n": n, "kl": kl, "d": math.sqrt(kl), "proxy": (proxy_sorted @ weights).mean().item(),
+                     "gold": (gold_sorted @ weights).mean().item()})
     return rows
 
 
@@ -132,4 +138,4 @@ def fit_rl(d: Sequence[float], r: Sequence[float]) -> GoodhartFit:
 
 
 __all__ = ["GoodhartFit", "best_of_n_expectation", "best_of_n_scaling", "best_of_n_sizes", "best_of_n_weights",
-           "fit_bon", "fit_rl", "rank_by"]
+           "fit_bon", "fit_rl", "rank_by", "sorted_by"]

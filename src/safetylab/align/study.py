@@ -485,10 +485,11 @@ def overoptimization_stage(ctx: Context) -> Section:
                 results.append({"labeler": labeler, "pairs": pairs, "depth": depth,
                                 "held_out": evaluate_reward_model(model, rtok, held_out), "curve": curve,
                                 "fit": fit.to_dict(), "by_kind": by_kind})
-    table_rows = []
+    table_rows, falls = [], 0
     for r in results:
         best = max(r["curve"], key=lambda row: row["gold"])
         fit, curve = r["fit"], r["curve"]
+        falls += curve[-1]["gold"] < best["gold"]
         table_rows.append([r["labeler"], r["pairs"], r["depth"], r["held_out"]["accuracy"], best["n"],
                            round(best["gold"] - curve[0]["gold"], 4), round(curve[-1]["gold"] - curve[0]["gold"], 4),
                            round(curve[-1]["proxy"] - curve[0]["proxy"], 3), round(fit["alpha"], 4),
@@ -497,7 +498,6 @@ def overoptimization_stage(ctx: Context) -> Section:
                            None if fit["peak"] is None else round(fit["peak"], 4)])
     largest = [r for r in results if r["pairs"] == max(o.pairs) and r["depth"] == max(o.depths)]
     kind_rows = [[kind, *(_rise_and_fall(r["by_kind"][kind]) for r in largest)] for kind in kinds]
-    falls = sum(r["curve"][-1]["gold"] < max(row["gold"] for row in r["curve"]) for r in results)
     n = o.samples
     return Section(
         title="Reward-model overoptimization: best-of-n against proxies of several sizes (Gao et al. 2022)",

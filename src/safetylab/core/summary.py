@@ -66,10 +66,10 @@ def _matched_rows(table: Table, versions: list[Table], seeds: list[int]) -> list
     rows with the same first cells (``key`` None: every cell summarised), else by the leading text columns (the
     row's name: "group", "layer"), when they name each seed's rows uniquely; the key's first cell then says
     which seeds lack the row, if any."""
-    width = _key_width(versions)
-    keys = [[tuple(row[:width]) for row in v.rows] for v in versions]
     firsts = [[row[0] if row else None for row in v.rows] for v in versions]
     same = all(len(v.rows) == len(table.rows) for v in versions) and all(f == firsts[0] for f in firsts)
+    width = _key_width(versions)
+    keys = [[tuple(row[:width]) for row in v.rows] for v in versions]
     if same or width == 0 or not all(len(set(k)) == len(k) for k in keys):
         if any(len(v.rows) != len(table.rows) for v in versions):
             raise SafetylabError(f"table {table.title!r}: its number of rows differ between seeds, and its leading "
@@ -96,7 +96,7 @@ def _key_width(versions: list[Table]) -> int:
 def _summarize_cell(values: list[Any], table: Table, row: int, column: int) -> tuple[Any, Any, Any]:
     """(shown, mean, sd) of one cell over seeds."""
     present = [v for v in values if v is not None]
-    if all(v == values[0] for v in values) or (present and all(v == present[0] for v in present)):
+    if not present or all(v == present[0] for v in present):  # equal wherever given: kept as it is
         kept = present[0] if present else None
         return kept, kept, 0.0 if _is_number(kept) else None
     if not all(_is_number(v) for v in present):
@@ -104,8 +104,6 @@ def _summarize_cell(values: list[Any], table: Table, row: int, column: int) -> t
             raise SafetylabError(f"table {table.title!r}, row {row}, column {table.columns[column]!r}: the label "
                                  f"differs between seeds ({', '.join(map(repr, values))}), so the rows do not line up")
         return " / ".join("–" if v is None else str(v) for v in values), None, None
-    if not present:
-        return None, None, None
     mean = fmean(present)
     sd = stdev(present) if len(present) > 1 else 0.0
     return f"{mean:.3f} ± {sd:.3f}", mean, sd
